@@ -1,0 +1,145 @@
+"""The Backend protocol: one boundary between the pipeline and whatever runs the network.
+
+A backend is a context manager. Runtime resources (sessions, CUDA streams, device buffers) are created in
+``__enter__`` on the thread that will call ``infer`` and released in ``__exit__`` — never in ``__del__``.
+``infer`` checks the batch against the input spec in one place, then calls the backend's ``_infer``.
+Heavy imports (onnxruntime, torch, tensorrt) happen inside the backend modules, only when chosen.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from engine.package import ModelPackage
+
+BACKENDS: dict[str, str] = {
+    "onnxruntime": "engine.backends.onnxruntime:OnnxRuntimeBackend",
+    "tensorrt": "engine.backends.tensorrt:TensorRTBackend",
+    "torch": "engine.backends.torch:TorchBackend",
+}
+
+
+class BackendError(RuntimeError):
+    """The backend failed (or cannot be created); the pipeline turns it into REJECT ``engine_error``."""
+
+
+class InputError(ValueError):
+    """A batch that does not match the backend's input spec: a caller bug, reported clearly."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, int, int]  # (C, H, W); the batch dimension is dynamic, 1..max_batch
+    dtype: str = "float32"
+
+
+class Backend(abc.ABC):
+    """Base class of every backend. Subclasses implement ``_open``, ``_close`` and ``_infer``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, package: ModelPackage, *, max_batch: int = 32, **options: Any) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+        self.package = package
+        self.max_batch = max_batch
+        self.options = options
+        h, w = package.meta.preprocess.input_size
+        self.input_spec = InputSpec(name=package.meta.input_name, shape=(1, h, w))
+        self._active = False
+
+    @property
+    def precision(self) -> str:
+        return "fp32"
+
+    def describe(self) -> dict[str, str]:
+        """Labels for ``inspectd_model_info`` and logs."""
+        return {"backend": self.name, "precision": self.precision, "model": self.package.meta.model_id}
+
+    def __enter__(self) -> Backend:
+        self._open()
+        self._active = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._active = False
+        self._close()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, C, H, W), 1 ≤ N ≤ max_batch → NG logits, float32 (N,)."""
+        if not self._active:
+            raise BackendError(f"{self.name} backend used outside its context (enter it first)")
+        if not isinstance(batch, np.ndarray):
+            raise InputError(f"batch must be a numpy array, got {type(batch).__name__}")
+        if batch.dtype != np.float32:
+            raise InputError(f"batch dtype must be float32, got {batch.dtype}")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_spec.shape:
+            raise InputError(
+                f"batch shape must be (N, {', '.join(map(str, self.input_spec.shape))}), got {batch.shape}"
+            )
+        n = batch.shape[0]
+        if not 1 <= n <= self.max_batch:
+            raise InputError(f"batch size {n} outside 1..{self.max_batch}")
+        out = self._infer(np.ascontiguousarray(batch))
+        if out.shape != (n,):
+            raise BackendError(f"{self.name} returned shape {out.shape}, expected ({n},)")
+        return out
+
+    def warmup(self, batch_sizes: tuple[int, ...] | None = None) -> None:
+        """Run every batch size once so the first real frame does not pay for lazy initialisation."""
+        sizes = batch_sizes or tuple(sorted({1, self.max_batch}))
+        for n in sizes:
+            self.infer(np.zeros((n, *self.input_spec.shape), dtype=np.float32))
+
+    @abc.abstractmethod
+    def _open(self) -> None: ...
+
+    @abc.abstractmethod
+    def _close(self) -> None: ...
+
+    @abc.abstractmethod
+    def _infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """NG probability from the NG logit, numerically safe for large |logit|."""
+    return (0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))).astype(np.float32)
+
+
+def tensorrt_available() -> bool:
+    """True when both tensorrt and a CUDA runtime binding are importable (no import side effects)."""
+    return importlib.util.find_spec("tensorrt") is not None and (
+        importlib.util.find_spec("cuda") is not None or importlib.util.find_spec("torch") is not None
+    )
+
+
+def resolve_kind(kind: str) -> str:
+    """``auto`` → TensorRT where it can run, else ONNX Runtime (the embedded default)."""
+    if kind == "auto":
+        return "tensorrt" if tensorrt_available() else "onnxruntime"
+    if kind not in BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {kind!r}")
+    return kind
+
+
+def create_backend(kind: str, package: ModelPackage, **options: Any) -> Backend:
+    """Instantiate (but do not enter) the backend named by configuration; imports it lazily."""
+    kind = resolve_kind(kind)
+    module_name, cls_name = BACKENDS[kind].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendError(f"backend {kind!r} is not available here: {exc}") from None
+    cls = getattr(module, cls_name)
+    backend: Backend = cls(package, **options)
+    return backend

@@ -1,0 +1,1 @@
+"""Backend implementations; each module imports its runtime lazily (only when chosen)."""

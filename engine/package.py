@@ -1,0 +1,207 @@
+"""The model package: ``model.onnx`` + ``model.json`` in one directory.
+
+``model.json`` is the contract between training and serving: preprocessing parameters, the decision
+threshold(s), class order, provenance and the sha256 of the ONNX file. The daemon derives everything from it
+and refuses a package it does not understand or whose ONNX file does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from engine.preprocess import PreprocessParams
+
+SCHEMA_VERSION = 1
+ONNX_NAME = "model.onnx"
+META_NAME = "model.json"
+CLASS_ORDER = ("OK", "NG")  # the single logit is the NG (defect) logit
+
+
+class PackageError(ValueError):
+    """A model package that cannot be served; the message says which file/field and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Operating point on the NG probability: score ≥ threshold → REJECT.
+
+    With a grey zone (low, high): score < low → PASS, score ≥ high → REJECT (model),
+    in between → REJECT ``grey_zone`` so a person can re-inspect.
+    """
+
+    threshold: float = 0.5
+    grey_zone: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0 or math.isnan(self.threshold):
+            raise PackageError(f"decision.threshold must be within [0, 1], got {self.threshold}")
+        if self.grey_zone is not None:
+            lo, hi = self.grey_zone
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise PackageError(f"decision.grey_zone must be 0 ≤ low ≤ high ≤ 1, got {self.grey_zone}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "grey_zone": list(self.grey_zone) if self.grey_zone else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Decision:
+        unknown = sorted(set(d) - {"threshold", "grey_zone"})
+        if unknown:
+            raise PackageError(f"unknown decision field(s) {unknown}")
+        gz = d.get("grey_zone")
+        return cls(threshold=float(d["threshold"]), grey_zone=(float(gz[0]), float(gz[1])) if gz else None)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMeta:
+    """What ``model.json`` holds. Informational sections (training, metrics, calibration) are free-form dicts."""
+
+    name: str
+    preprocess: PreprocessParams
+    decision: Decision = field(default_factory=Decision)
+    input_name: str = "input"
+    output_name: str = "logit"
+    heatmap_output: str | None = None  # optional second ONNX output: CAM heatmap (N, h, w)
+    class_order: tuple[str, ...] = CLASS_ORDER
+    opset: int | None = None
+    onnx_sha256: str = ""
+    gauges: dict[str, Any] | None = None  # tolerance bands from engine.pose measurements
+    calibration: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_by: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def model_id(self) -> str:
+        """Short, stable id for verdicts and metrics: name + first 12 hex of the ONNX sha256."""
+        return f"{self.name}@{self.onnx_sha256[:12]}" if self.onnx_sha256 else self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "heatmap_output": self.heatmap_output,
+            "class_order": list(self.class_order),
+            "preprocess": self.preprocess.to_dict(),
+            "decision": self.decision.to_dict(),
+            "gauges": self.gauges,
+            "opset": self.opset,
+            "onnx_sha256": self.onnx_sha256,
+            "calibration": self.calibration,
+            "training": self.training,
+            "metrics": self.metrics,
+            "created_by": self.created_by,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PackageError(
+                f"model.json schema_version {version!r} is not understood by this inspectd "
+                f"(expects {SCHEMA_VERSION}); re-export the model with a matching inspectd"
+            )
+        known = {
+            "schema_version", "name", "input_name", "output_name", "heatmap_output", "class_order",
+            "preprocess", "decision", "gauges", "opset", "onnx_sha256", "calibration", "training",
+            "metrics", "created_by",
+        }  # fmt: skip
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PackageError(f"model.json has unknown field(s) {unknown}")
+        for required in ("name", "preprocess", "decision"):
+            if required not in d:
+                raise PackageError(f"model.json is missing the field {required!r}")
+        class_order = tuple(d.get("class_order", CLASS_ORDER))
+        if class_order != CLASS_ORDER:
+            raise PackageError(f"model.json class_order {list(class_order)} is not {list(CLASS_ORDER)}")
+        try:
+            preprocess = PreprocessParams.from_dict(d["preprocess"])
+        except (TypeError, ValueError) as exc:
+            raise PackageError(f"model.json preprocess: {exc}") from None
+        return cls(
+            name=str(d["name"]),
+            preprocess=preprocess,
+            decision=Decision.from_dict(d["decision"]),
+            input_name=str(d.get("input_name", "input")),
+            output_name=str(d.get("output_name", "logit")),
+            heatmap_output=d.get("heatmap_output"),
+            class_order=class_order,
+            opset=d.get("opset"),
+            onnx_sha256=str(d.get("onnx_sha256", "")),
+            gauges=d.get("gauges"),
+            calibration=dict(d.get("calibration") or {}),
+            training=dict(d.get("training") or {}),
+            metrics=dict(d.get("metrics") or {}),
+            created_by=dict(d.get("created_by") or {}),
+        )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPackage:
+    directory: Path
+    meta: ModelMeta
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / ONNX_NAME
+
+    @property
+    def engine_cache_dir(self) -> Path:
+        return self.directory / "engines"
+
+
+def load_package(directory: str | Path, *, verify: bool = True) -> ModelPackage:
+    """Read and check a package. ``verify`` recomputes the ONNX sha256 (integrity: refuse a swapped file)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise PackageError(f"model package {d} is not a directory")
+    meta_path, onnx_path = d / META_NAME, d / ONNX_NAME
+    for p in (meta_path, onnx_path):
+        if not p.is_file():
+            raise PackageError(f"model package {d} has no {p.name}")
+    if (d / f"{ONNX_NAME}.data").exists():
+        raise PackageError(f"{d} has external ONNX weights ({ONNX_NAME}.data); the package must be one file")
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"{meta_path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PackageError(f"{meta_path} must hold a JSON object")
+    meta = ModelMeta.from_dict(raw)
+    if verify:
+        actual = sha256_file(onnx_path)
+        if not meta.onnx_sha256:
+            raise PackageError(f"{meta_path} has no onnx_sha256; refusing an unverifiable package")
+        if actual != meta.onnx_sha256:
+            raise PackageError(
+                f"{onnx_path} sha256 {actual[:16]}… does not match model.json onnx_sha256 "
+                f"{meta.onnx_sha256[:16]}…; the package was modified or is incomplete"
+            )
+    return ModelPackage(directory=d, meta=meta)
+
+
+def write_meta(directory: str | Path, meta: ModelMeta) -> ModelMeta:
+    """Write ``model.json`` with the sha256 of the ``model.onnx`` already in ``directory``."""
+    d = Path(directory)
+    meta = replace(meta, onnx_sha256=sha256_file(d / ONNX_NAME))
+    tmp = d / f".{META_NAME}.tmp"
+    tmp.write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(d / META_NAME)  # atomic: a reader never sees half a model.json
+    return meta

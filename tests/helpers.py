@@ -1,0 +1,79 @@
+"""Test helpers importable from any test module."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def drawn_image(size: int = 1024, seed: int = 7) -> np.ndarray:
+    """A fixed, library-independent test picture: gradient + dark bar + noise (not a screw)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    img = (150 + 30 * x / size + 10 * np.sin(y / 37.0)).astype(np.float32)
+    img += rng.normal(0, 4, img.shape).astype(np.float32)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    c = size // 2
+    cv2.line(img, (c - size // 3, c - size // 5), (c + size // 3, c + size // 5), 70, max(2, size // 12))
+    cv2.circle(img, (c + size // 3, c + size // 5), size // 9, 60, -1)
+    return img
+
+
+def tiny_package(directory, input_size=(64, 64), seed=0, threshold=0.5, name="tiny"):  # type: ignore[no-untyped-def]
+    """A small but real ONNX model package (conv → relu → GAP → linear → NG logit), built with onnx.helper.
+
+    Fast to create and to run, so daemon and engine tests use a real ONNX Runtime session without torch.
+    The logit depends on image content, so verdicts differ between images.
+    """
+    from pathlib import Path
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.package import ModelMeta, write_meta
+    from engine.preprocess import PreprocessParams
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (4,)).astype(np.float32)
+    w2 = rng.normal(0, 1.0, (4, 1)).astype(np.float32)
+    b2 = np.array([0.0], np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["y"]),
+        helper.make_node("Reshape", ["y", "shape"], ["logit"]),
+    ]
+    h, w = input_size
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, h, w])],
+        [helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["N"])],
+        initializer=[
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(b1, "b1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(b2, "b2"),
+            numpy_helper.from_array(np.array([-1], np.int64), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(d / "model.onnx"))
+    from engine.package import Decision
+
+    meta = ModelMeta(
+        name=name,
+        preprocess=PreprocessParams(input_size=input_size),
+        decision=Decision(threshold=threshold),
+        opset=17,
+        created_by={"tool": "tests.helpers.tiny_package"},
+    )
+    return write_meta(d, meta)
