@@ -1,0 +1,267 @@
+"""Prometheus metrics on a registry passed in, and the HTTP endpoint that serves them with health probes.
+
+Naming follows Prometheus conventions: ``inspectd_`` prefix, base units (seconds), ``_total`` counters,
+histograms for latency. Every label value that can occur is created at start, so rates and ratios exist
+(as 0) before the first event and dashboards never show "no data" for a healthy idle line. No per-part
+labels: a frame id never becomes a label value. NG rate over any window is derivable in PromQL:
+``sum(rate(inspectd_verdicts_total{verdict="REJECT"}[5m])) / sum(rate(inspectd_verdicts_total[5m]))``.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+from daemon.types import Outcome, Reason, Verdict
+
+STAGES = ("decode", "preprocess", "queue", "infer", "publish")
+# Arrival → verdict published. The line budget is tens to hundreds of ms; 1 ms … 2 s brackets it.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.0,
+)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+MESSAGE_ERROR_KINDS = ("multipart", "header", "oversize", "unattributed")
+
+
+def _verdict_label_pairs() -> list[tuple[str, str]]:
+    # A PASS is only ever the model's (or the gauges') decision; anything else is a REJECT.
+    return [(Outcome.PASS.value, Reason.MODEL.value)] + [(Outcome.REJECT.value, r.value) for r in Reason]
+
+
+class Metrics:
+    """All of inspectd's metrics for one line. Thread-safe (prometheus-client metrics are)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        line: str,
+        *,
+        sources: Iterable[str] = ("camera",),
+        queues: Iterable[str] = ("intake", "batch", "publish"),
+        ng_window: int = 500,
+        process_collector: bool = True,
+    ) -> None:
+        if ng_window < 1:
+            raise ValueError(f"ng_window must be ≥ 1, got {ng_window}")
+        self.registry = registry
+        self.line = line
+        r = registry
+        self.frames_received = Counter(
+            "inspectd_frames_received", "Frames received, per source.", ["line", "source"], registry=r
+        )
+        self.verdicts = Counter(
+            "inspectd_verdicts",
+            "Verdicts published, by verdict and reason.",
+            ["line", "verdict", "reason"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "inspectd_latency_seconds",
+            "Frame arrival to verdict published.",
+            ["line"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "inspectd_stage_seconds", "Time per pipeline stage, per frame.", ["line", "stage"], buckets=STAGE_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "inspectd_batch_size", "Frames per inference batch.", ["line"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "inspectd_queue_depth", "Frames waiting, per queue.", ["line", "queue"], registry=r
+        )
+        self.ng_ratio = Gauge(
+            "inspectd_ng_ratio",
+            "Fraction of REJECT among the last N verdicts (N = ng_window).",
+            ["line"],
+            registry=r,
+        )
+        self.model_info = Info(
+            "inspectd_model", "The model package and backend being served.", ["line"], registry=r
+        )
+        self.ready = Gauge("inspectd_ready", "1 when the backend is warmed up and the pipeline progresses.", ["line"],
+                           registry=r)  # fmt: skip
+        self.last_verdict = Gauge(
+            "inspectd_last_verdict_timestamp_seconds", "Wall-clock time of the last verdict published.", ["line"],
+            registry=r,
+        )  # fmt: skip
+        self.deadline_misses = Counter(
+            "inspectd_deadline_misses", "Frames not decided by their deadline (published as REJECT deadline).",
+            ["line"], registry=r,
+        )  # fmt: skip
+        self.late_results = Counter(
+            "inspectd_late_results", "Model results that arrived after their frame's deadline verdict; discarded.",
+            ["line"], registry=r,
+        )  # fmt: skip
+        self.message_errors = Counter(
+            "inspectd_message_errors", "Malformed messages that could not be attributed to a part.", ["line", "kind"],
+            registry=r,
+        )  # fmt: skip
+        if process_collector:
+            ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
+
+        for source in sources:
+            self.frames_received.labels(line, source)
+        for verdict, reason in _verdict_label_pairs():
+            self.verdicts.labels(line, verdict, reason)
+        for stage in STAGES:
+            self.stage.labels(line, stage)
+        for queue in queues:
+            self.queue_depth.labels(line, queue).set(0)
+        for kind in MESSAGE_ERROR_KINDS:
+            self.message_errors.labels(line, kind)
+        self.latency.labels(line)
+        self.batch_size.labels(line)
+        self.deadline_misses.labels(line)
+        self.late_results.labels(line)
+        self.ready.labels(line).set(0)
+        self.ng_ratio.labels(line).set(0)
+        self.last_verdict.labels(line).set(0)
+
+        self._window: collections.deque[bool] = collections.deque(maxlen=ng_window)
+        self._rejects_in_window = 0
+        self._lock = threading.Lock()
+
+    def frame_received(self, source: str) -> None:
+        self.frames_received.labels(self.line, source).inc()
+
+    def observe_verdict(self, v: Verdict, latency_s: float) -> None:
+        self.verdicts.labels(self.line, v.outcome.value, v.reason.value).inc()
+        self.latency.labels(self.line).observe(latency_s)
+        self.last_verdict.labels(self.line).set(time.time())
+        if v.reason is Reason.DEADLINE:
+            self.deadline_misses.labels(self.line).inc()
+        rejected = v.outcome is Outcome.REJECT
+        with self._lock:  # the window is a running count, O(1) per verdict
+            if len(self._window) == self._window.maxlen:
+                self._rejects_in_window -= self._window[0]
+            self._window.append(rejected)
+            self._rejects_in_window += rejected
+            ratio = self._rejects_in_window / len(self._window)
+        self.ng_ratio.labels(self.line).set(ratio)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage.labels(self.line, stage).observe(seconds)
+
+    def observe_batch(self, size: int) -> None:
+        self.batch_size.labels(self.line).observe(size)
+
+    def set_queue_depth(self, queue: str, depth: int) -> None:
+        self.queue_depth.labels(self.line, queue).set(depth)
+
+    def late_result(self, n: int = 1) -> None:
+        self.late_results.labels(self.line).inc(n)
+
+    def message_error(self, kind: str) -> None:
+        self.message_errors.labels(self.line, kind).inc()
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready.labels(self.line).set(1 if ready else 0)
+
+    def set_model_info(self, labels: dict[str, str]) -> None:
+        self.model_info.labels(self.line).info({k: str(v) for k, v in labels.items()})
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text), ``/healthz`` (process alive) and ``/readyz`` (ready to inspect).
+
+    A small ThreadingHTTPServer in its own thread: scrapes never touch the pipeline threads.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 9108,
+        *,
+        ready: Callable[[], bool],
+    ) -> None:
+        self._registry = registry
+        self._ready = ready
+        handler = self._handler_class()
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return str(self._server.server_address[0])
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        registry, ready = self._registry, self._ready
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "inspectd"
+            sys_version = ""
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(HTTPStatus.OK, b"ok\n")
+                elif path == "/readyz":
+                    ok = bool(ready())
+                    self._send(
+                        HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
+                        b"ready\n" if ok else b"not ready\n",
+                    )
+                else:
+                    self._send(HTTPStatus.NOT_FOUND, b"not found\n")
+
+            def _send(
+                self, status: HTTPStatus, body: bytes, ctype: str = "text/plain; charset=utf-8"
+            ) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(
+                self, format: str, *args: Any
+            ) -> None:  # scrapes every 15 s: not worth a log line
+                return
+
+        return Handler
