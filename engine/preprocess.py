@@ -156,9 +156,9 @@ class Preprocessor:
         self._scale = np.float32(1.0 / (255.0 * params.std))
         self._offset = np.float32(params.mean / params.std)
         self._local = threading.local()
-        self._pose = None
+        self._pose: Any = None
         if params.pose is not None:
-            from engine import pose as pose_mod  # numpy + OpenCV only
+            import engine.pose as pose_mod  # numpy + OpenCV only; imported only when a model asks for it
 
             self._pose = (pose_mod, pose_mod.PoseParams.from_dict(params.pose))
 
