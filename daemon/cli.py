@@ -14,7 +14,33 @@ from collections.abc import Sequence
 
 # name → (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("daemon.commands.serve", "run the inspection daemon"),
+    "check-config": ("daemon.commands.check_config", "validate the configuration and print it"),
+    "camera": ("daemon.commands.camera", "simulated camera: push frames to the daemon"),
+    "watch": ("daemon.commands.watch", "print verdicts live and report gaps"),
     "synth": ("engine.commands.synth", "generate labelled synthetic screw images"),
+    "train": ("training.commands.train", "train the screw classifier into a run directory"),
+    "evaluate": ("training.commands.evaluate", "evaluate a run or model package: report.html + metrics.json"),
+    "export": (
+        "training.commands.export",
+        "export a run as a verified model package (model.onnx + model.json)",
+    ),
+    "build-engine": (
+        "engine.commands.build_engine",
+        "build + parity-gate the TensorRT engine for this station",
+    ),
+    "check-backends": (
+        "engine.commands.check_backends",
+        "compare every available backend on the same images",
+    ),
+    "quantize": (
+        "engine.commands.quantize",
+        "INT8-quantise a model package for the CPU (refused on verdict flips)",
+    ),
+    "calibrate-gauges": (
+        "training.commands.calibrate_gauges",
+        "learn tolerance bands on pose measurements from OK images into model.json",
+    ),
 }
 
 

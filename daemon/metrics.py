@@ -17,11 +17,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 from daemon.types import Outcome, Reason, Verdict
+
+# The *_created series serve no dashboard or alert here; they only add scrape volume.
+disable_created_metrics()
 
 STAGES = ("decode", "preprocess", "queue", "infer", "publish")
 # Arrival → verdict published. The line budget is tens to hundreds of ms; 1 ms … 2 s brackets it.

@@ -1,0 +1,351 @@
+"""The one place that wires the daemon together. ``start()`` is a flat list of steps; ``stop()`` undoes them
+in reverse, draining as it goes, so that every frame admitted before the stop gets exactly one verdict.
+
+Collaborators can be injected (a Backend instance, sources, a registry, a clock, a notifier, in-process
+verdict listeners), so tests run the real wiring with a slow or failing backend, replay feeds a folder through
+the same pipeline, and the benchmark measures exactly what production runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+from prometheus_client import CollectorRegistry
+
+from daemon.audit import AuditArchive
+from daemon.clock import SYSTEM_CLOCK, Clock
+from daemon.decision import Decider
+from daemon.logs import get_logger
+from daemon.metrics import Metrics, MetricsServer
+from daemon.pipeline import Pipeline
+from daemon.publisher import AfterPublish, VerdictPublisher
+from daemon.settings import Settings
+from daemon.sinks import AfterPublishWorker
+from daemon.sources import Source, VerdictListener
+from daemon.sources.camera import CameraSource
+from daemon.sources.folder import FolderSource
+from daemon.systemd_notify import SystemdNotifier
+from engine.backend import Backend, create_backend, resolve_kind
+from engine.package import ModelPackage, load_package
+from engine.preprocess import Preprocessor
+
+log = get_logger(__name__)
+
+_SUPERVISE_S = 0.25
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (model, endpoints, folder); the message says what to fix."""
+
+
+class App:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backend: Backend | None = None,
+        sources: Sequence[Source] | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        notifier: SystemdNotifier | None = None,
+        listeners: Sequence[AfterPublish] = (),
+        boot_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.boot_id = boot_id or uuid.uuid4().hex[:16]
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.notifier = notifier if notifier is not None else SystemdNotifier()
+        self.stop_requested = threading.Event()
+        self.exit_code = 0
+        self._backend = backend
+        self._sources_in = sources
+        self._listeners = list(listeners)
+        self._stopping = False
+        self._stopped = False
+        self._ready_state = False
+        self.package: ModelPackage | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.ctx: zmq.Context[Any] | None = None
+        self.pipeline: Pipeline | None = None
+        self.publisher: VerdictPublisher | None = None
+        self.after_publish: AfterPublishWorker | None = None
+        self.audit: AuditArchive | None = None
+        self.sources: list[Source] = []
+        self._supervisor: threading.Thread | None = None
+
+    # -- start: one flat list of steps --------------------------------------------------------------------
+    def start(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.init_package()
+            self.init_zmq()
+            self.init_sources()
+            self.init_metrics()
+            self.start_metrics_server()
+            self.init_pipeline()
+            self.start_after_publish()
+            self.start_publisher()
+            self.start_pipeline()
+            self.start_sources()
+            self.start_supervisor()
+            self.notify_ready(time.monotonic() - t0)
+        except BaseException:
+            self.stop()
+            raise
+
+    def init_package(self) -> None:
+        if self._backend is not None:
+            self.package = self._backend.package
+            return
+        path = self.settings.model.path
+        if path is None:
+            raise StartupError("no model package: set model.path in the config or pass --model DIR")
+        self.package = load_package(path, verify=self.settings.model.verify_sha256)
+
+    def init_sources(self) -> None:
+        if self._sources_in is not None:
+            self.sources = list(self._sources_in)
+        else:
+            cfg = self.settings.sources
+            if cfg.folder.enabled:
+                self.sources.append(FolderSource(cfg.folder, clock=self.clock))
+            if cfg.camera.enabled:
+                assert self.ctx is not None
+                self.sources.append(
+                    CameraSource(
+                        cfg.camera, self.ctx, max_pixels=self.settings.decode.max_pixels, clock=self.clock
+                    )
+                )
+        if not self.sources:
+            raise StartupError("no source enabled: enable sources.camera and/or sources.folder")
+
+    def init_metrics(self) -> None:
+        m = self.settings.metrics
+        names = [s.name for s in self.sources]
+        self.metrics = Metrics(self.registry, self.settings.line, sources=names, ng_window=m.ng_window)
+
+    def init_zmq(self) -> None:
+        self.ctx = zmq.Context()
+
+    def start_metrics_server(self) -> None:
+        m = self.settings.metrics
+        if m.enabled:
+            self.metrics_server = MetricsServer(self.registry, m.host, m.port, ready=self.is_ready)
+            self.metrics_server.start()
+
+    def init_pipeline(self) -> None:
+        assert self.package is not None and self.metrics is not None
+        meta = self.package.meta
+        backend = self._backend
+        if backend is None:
+            kind = resolve_kind(self.settings.model.backend)
+            opts: dict[str, Any] = dict(self.settings.model.options)
+            if kind == "onnxruntime":
+                opts.setdefault("intra_op_threads", self.settings.model.intra_op_threads)
+            backend = create_backend(kind, self.package, max_batch=self.settings.batching.max_batch, **opts)
+        if backend.max_batch < self.settings.batching.max_batch:
+            raise StartupError(
+                f"backend max_batch {backend.max_batch} < batching.max_batch {self.settings.batching.max_batch}"
+            )
+        self._backend = backend
+        self.pipeline = Pipeline(
+            self.settings,
+            backend=backend,
+            preprocessor=Preprocessor(meta.preprocess),
+            decider=Decider(meta.decision, meta.model_id),
+            metrics=self.metrics,
+            clock=self.clock,
+        )
+        h, w = meta.preprocess.input_size
+        self.metrics.set_model_info({**backend.describe(), "input": f"{h}x{w}"})
+
+    def start_after_publish(self) -> None:
+        handlers: list[AfterPublish] = []
+        if self.settings.audit.enabled:
+            self.audit = AuditArchive(self.settings.audit)
+            self.audit.open()
+            handlers.append(self.audit.on_verdict)
+        handlers.extend(s.on_verdict for s in self.sources if isinstance(s, VerdictListener))
+        handlers.extend(self._listeners)
+        if handlers:
+            self.after_publish = AfterPublishWorker(handlers, queue_size=self.settings.audit.queue_size)
+            self.after_publish.start()
+
+    def start_publisher(self) -> None:
+        assert self.ctx is not None and self.pipeline is not None
+        self.publisher = VerdictPublisher(
+            self.settings.publisher,
+            self.ctx,
+            self.pipeline.settled,
+            line=self.settings.line,
+            boot_id=self.boot_id,
+            metrics=self.metrics,
+            ready=self.is_ready,
+            after_publish=self.after_publish.offer if self.after_publish is not None else None,
+            clock=self.clock,
+        )
+        self.publisher.start()
+
+    def start_pipeline(self) -> None:
+        assert self.pipeline is not None
+        self.pipeline.start()
+
+    def start_sources(self) -> None:
+        assert self.pipeline is not None
+        for source in self.sources:
+            source.start(self.pipeline)
+
+    def start_supervisor(self) -> None:
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
+
+    def notify_ready(self, startup_s: float) -> None:
+        self._update_ready()
+        self.notifier.ready()
+        log.info(
+            "ready",
+            boot_id=self.boot_id,
+            pid=os.getpid(),
+            startup_s=round(startup_s, 2),
+            publisher=self.publisher_endpoint,
+            metrics_port=self.metrics_port,
+            sources=[s.describe() for s in self.sources],
+            **(self._backend.describe() if self._backend else {}),
+        )
+
+    # -- stop: the same steps in reverse ------------------------------------------------------------------
+    def request_stop(self, exit_code: int = 0) -> None:
+        """Safe from a signal handler: only records the request."""
+        if exit_code:
+            self.exit_code = exit_code
+        self.stop_requested.set()
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping = True
+        self.stop_requested.set()
+        t0 = time.monotonic()
+        budget = self.settings.deadlines.shutdown_timeout_s
+        self.notifier.stopping()
+        self._update_ready()
+        log.info("stopping", pending=self.pipeline.ledger.pending_count if self.pipeline else 0)
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=2 * _SUPERVISE_S + 1)
+        for source in reversed(self.sources):
+            try:
+                source.stop()
+            except Exception:
+                log.exception("source stop failed", source=source.name)
+        shutdown_rejects = 0
+        if self.pipeline is not None:
+            shutdown_rejects = self.pipeline.drain(max(0.5, budget - (time.monotonic() - t0)))
+        clean = True
+        if self.publisher is not None:
+            linger = self.settings.publisher.linger_ms / 1000.0
+            clean = self.publisher.join(max(0.5, budget - (time.monotonic() - t0)) + linger)
+            if not clean:
+                log.error("publisher did not finish in time")
+        if self.after_publish is not None:
+            self.after_publish.stop(max(0.5, budget - (time.monotonic() - t0)))
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        if self.ctx is not None:
+            sockets_closed = clean and not any(getattr(s, "alive", False) for s in self.sources)
+            if sockets_closed:
+                self.ctx.term()  # last: every socket is closed (with linger) by the thread that owned it
+            else:
+                self.ctx.destroy(linger=0)
+        log.info(
+            "stopped",
+            admitted=self.pipeline.ledger.admitted if self.pipeline else 0,
+            verdicts=self.publisher.seq_last if self.publisher else 0,
+            shutdown_rejects=shutdown_rejects,
+            seconds=round(time.monotonic() - t0, 3),
+            exit_code=self.exit_code,
+        )
+
+    def run_until_stopped(self) -> int:
+        """Block until a stop is requested (signal, fatal stage failure), then stop. Returns the exit code."""
+        while not self.stop_requested.wait(0.5):
+            pass
+        self.stop()
+        return self.exit_code
+
+    # -- health --------------------------------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        return self._ready_state
+
+    def _compute_ready(self) -> bool:
+        p = self.pipeline
+        return (
+            not self._stopping
+            and p is not None
+            and p.worker.healthy
+            and p.progressing(self.settings.deadlines.stall_s)
+            and self.publisher is not None
+            and self.publisher.alive
+        )
+
+    def _update_ready(self) -> None:
+        ready = self._compute_ready()
+        if ready != self._ready_state:
+            self._ready_state = ready
+            if self.metrics is not None:
+                self.metrics.set_ready(ready)
+            log.info("readiness changed", ready=ready)
+
+    def _supervise(self) -> None:
+        assert self.pipeline is not None and self.metrics is not None
+        stall_s = self.settings.deadlines.stall_s
+        while not self.stop_requested.wait(_SUPERVISE_S):
+            self._update_ready()
+            for name, depth in self.pipeline.queue_depths().items():
+                self.metrics.set_queue_depth(name, depth)
+            progressing = (
+                self.pipeline.progressing(stall_s) and self.publisher is not None and self.publisher.alive
+            )
+            if progressing and self.notifier.watchdog_interval_s is not None:
+                self.notifier.watchdog()  # withheld while wedged: systemd's WatchdogSec then restarts us
+            dead = [n for n, alive in self._critical_threads().items() if not alive]
+            if dead:
+                log.error("a pipeline stage died; stopping", stages=dead)
+                self.request_stop(exit_code=1)
+
+    def _critical_threads(self) -> dict[str, bool]:
+        p = self.pipeline
+        assert p is not None
+        alive = {
+            "batcher": p.batcher.alive,
+            "inference": p.worker.alive,
+            "deadline-watchdog": p.ledger.alive,
+            "publisher": self.publisher is not None and self.publisher.alive,
+        }
+        for s in self.sources:
+            alive[f"source-{s.name}"] = bool(getattr(s, "alive", True))
+        return alive
+
+    # -- where things listen (ephemeral ports resolved) ----------------------------------------------------
+    @property
+    def publisher_endpoint(self) -> str | None:
+        return self.publisher.endpoint if self.publisher else None
+
+    @property
+    def camera_endpoint(self) -> str | None:
+        for s in self.sources:
+            if isinstance(s, CameraSource):
+                return s.endpoint
+        return None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server else None

@@ -1,0 +1,161 @@
+"""Micro-batching: frames from the intake queue into preallocated batch buffers, preprocessed as they arrive.
+
+A batch closes at ``max_batch`` frames, ``max_wait`` after its first frame, or early enough that its most
+urgent frame can still be inferred before its deadline — whichever comes first. Each frame's preprocessing is
+handed to the pool the moment it joins the batch (writing straight into its row), so waiting for company and
+preprocessing overlap. The batcher takes a free buffer *before* it takes frames: while every buffer is busy,
+frames wait in the intake queue, where the backpressure policy sees them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+
+import numpy as np
+
+from daemon.intake import IntakeQueue
+from daemon.ledger import Job, Ledger
+from daemon.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class BufferPool:
+    """A fixed set of float32 (max_batch, 1, H, W) arrays, reused for the life of the process."""
+
+    def __init__(self, count: int, max_batch: int, input_size: tuple[int, int]) -> None:
+        self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self.count = count
+        for _ in range(count):
+            self._free.put(np.zeros((max_batch, 1, *input_size), dtype=np.float32))
+
+    def acquire(self, timeout: float) -> np.ndarray | None:
+        try:
+            return self._free.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def release(self, buf: np.ndarray) -> None:
+        self._free.put(buf)
+
+
+class Batch:
+    __slots__ = ("buffer", "futures", "jobs", "t_closed")
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self.buffer = buffer
+        self.jobs: list[Job] = []
+        self.futures: list[Future[None]] = []
+        self.t_closed = 0.0
+
+    def wait_preprocessed(self) -> None:
+        for f in self.futures:
+            f.result()  # preprocessing tasks settle their own failures and never raise
+
+
+Preprocess = Callable[[Job, np.ndarray], None]  # (job, its batch row (1, H, W)) → fills the row, sets job.ok
+END = None  # end-of-stream marker on the batch queue
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        intake: IntakeQueue,
+        pool: BufferPool,
+        ledger: Ledger,
+        preprocess: Preprocess,
+        executor: Executor | None,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        monotonic: Callable[[], float],
+        est_infer_s: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.intake = intake
+        self.pool = pool
+        self.ledger = ledger
+        self.out: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._preprocess = preprocess
+        self._executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._now = monotonic
+        self._est_infer_s = est_infer_s
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self) -> None:
+        try:
+            while True:
+                buf = self.pool.acquire(timeout=0.5)
+                if buf is None:
+                    if self.intake.drain_closed():
+                        return
+                    continue
+                batch = self._fill(Batch(buf))
+                if batch.jobs:
+                    self.batches += 1
+                    self.out.put(batch)
+                else:
+                    self.pool.release(buf)
+                if self.intake.drain_closed():
+                    return
+        except Exception:
+            log.exception("batcher failed")
+            raise
+        finally:
+            self.out.put(END)  # the inference stage always learns that the stream ended
+
+    def _fill(self, batch: Batch) -> Batch:
+        # Wait (without a deadline) for the first frame; the batch's clock starts when it arrives.
+        first = self._next(timeout=0.2)
+        if first is None:
+            return batch
+        self._add(batch, first)
+        flush_at = self._flush_at(first)
+        while len(batch.jobs) < self.max_batch:
+            # Past flush time, frames already queued still join (no waiting): the batch is going anyway.
+            job = self._next(timeout=max(0.0, flush_at - self._now()))
+            if job is None:
+                break
+            self._add(batch, job)
+            flush_at = min(flush_at, job.deadline - self._est_infer_s())
+        batch.t_closed = self._now()
+        return batch
+
+    def _flush_at(self, first: Job) -> float:
+        # Never hold a frame past the point where inference could still finish before its deadline.
+        return min(self._now() + self.max_wait_s, first.deadline - self._est_infer_s())
+
+    def _next(self, timeout: float) -> Job | None:
+        while True:
+            job = self.intake.get(timeout=timeout)
+            if job is None:
+                return None
+            if self.ledger.is_pending(job):  # already settled (deadline, overload): don't spend work on it
+                return job
+
+    def _add(self, batch: Batch, job: Job) -> None:
+        row = batch.buffer[len(batch.jobs)]
+        batch.jobs.append(job)
+        if self._executor is None:
+            self._preprocess(job, row)
+        else:
+            batch.futures.append(self._executor.submit(self._preprocess, job, row))

@@ -1,0 +1,96 @@
+"""Print verdicts live from the daemon's PUB socket and report sequence gaps and restarts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+
+class GapDetector:
+    """What a PLC gateway does with the stream: follow ``seq`` per ``boot_id`` and notice holes.
+
+    Heartbeats carry ``seq_last``, so a verdict lost right before a quiet period is still noticed.
+    """
+
+    def __init__(self) -> None:
+        self.boot_id: str | None = None
+        self.seq_last: int | None = None  # None: joined mid-stream, nothing to compare with yet
+        self.gaps: list[tuple[int, int]] = []  # (first missing, last missing)
+        self.restarts = 0
+
+    def feed(self, msg: dict[str, Any]) -> list[str]:
+        notes = []
+        if msg["boot_id"] != self.boot_id:
+            if self.boot_id is not None:
+                self.restarts += 1
+                notes.append(f"daemon restarted: boot_id {self.boot_id} -> {msg['boot_id']}")
+                self.seq_last = 0  # a new boot starts at seq 1: anything before what we see is missed
+            self.boot_id = msg["boot_id"]
+        is_verdict = msg["type"] == "verdict"
+        seq = int(msg["seq"] if is_verdict else msg["seq_last"])
+        last_before = seq - 1 if is_verdict else seq  # what must already have been seen
+        if self.seq_last is not None and last_before > self.seq_last:
+            self.gaps.append((self.seq_last + 1, last_before))
+            notes.append(f"GAP: missed seq {self.seq_last + 1}..{last_before}")
+        self.seq_last = max(seq, self.seq_last or 0)
+        return notes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connect", default="tcp://127.0.0.1:5556", help="the daemon's verdict endpoint")
+    parser.add_argument("--line", default="", help="line id to subscribe to (default: all)")
+    parser.add_argument("--count", type=int, default=None, help="exit after this many verdicts")
+    parser.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON messages")
+    parser.add_argument("--heartbeats", action="store_true", help="print heartbeats too")
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    import zmq
+
+    out = out or sys.stdout
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, args.line.encode())
+    sock.connect(args.connect)
+    gaps = GapDetector()
+    n = 0
+    silence_warned = False
+    t_end = time.monotonic() + args.timeout if args.timeout else None
+    t_last = time.monotonic()
+    try:
+        while (args.count is None or n < args.count) and (t_end is None or time.monotonic() < t_end):
+            if not sock.poll(200):
+                if time.monotonic() - t_last > 5.0 and not silence_warned:
+                    print("no message for 5 s: daemon down or wrong endpoint/line?", file=out, flush=True)
+                    silence_warned = True
+                continue
+            _, payload = sock.recv_multipart()
+            t_last, silence_warned = time.monotonic(), False
+            msg = json.loads(payload)
+            for note in gaps.feed(msg):
+                print(note, file=out, flush=True)
+            if msg["type"] == "verdict":
+                n += 1
+            if args.json and (msg["type"] == "verdict" or args.heartbeats):
+                print(json.dumps(msg), file=out, flush=True)
+            elif msg["type"] == "verdict":
+                score = "   -  " if msg["score"] is None else f"{msg['score']:.4f}"
+                print(
+                    f"{msg['seq']:>8} {msg['verdict']:<6} {msg['reason']:<13} {score} "
+                    f"{msg['latency_ms']:>8.1f} ms  {msg['frame_id']}",
+                    file=out,
+                    flush=True,
+                )
+            elif args.heartbeats:
+                print(f"heartbeat seq_last={msg['seq_last']} ready={msg['ready']}", file=out, flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    print(f"{n} verdicts, {len(gaps.gaps)} gap(s), {gaps.restarts} restart(s)", file=out, flush=True)
+    return 0

@@ -1,0 +1,72 @@
+"""Score → verdict, and the fail-safe verdicts for frames the model did not decide.
+
+The operating point comes from the model package (``model.json`` ``decision``), never from daemon config, so a
+threshold always travels with the model it was calibrated for. Anything that is not a finite score in [0, 1]
+is an engine error: a NaN compares false against every threshold and would otherwise PASS.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from daemon.types import Frame, Outcome, Reason, Verdict
+from engine.package import Decision
+
+
+class Decider:
+    def __init__(self, decision: Decision, model_id: str) -> None:
+        self.decision = decision
+        self.model_id = model_id
+        self.threshold = float(decision.threshold)
+        # With a grey zone: < low PASS, ≥ high REJECT, in between REJECT grey_zone (a person re-inspects).
+        lo, hi = decision.grey_zone if decision.grey_zone is not None else (self.threshold, self.threshold)
+        self._low, self._high = float(lo), float(hi)
+
+    def decide(self, frame: Frame, score: float, timings_ms: dict[str, float]) -> Verdict:
+        if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+            return self.reject(
+                frame, Reason.ENGINE_ERROR, {"error": f"model returned score {score!r}"}, timings_ms
+            )
+        if score < self._low:
+            outcome, reason = Outcome.PASS, Reason.MODEL
+        elif score >= self._high:
+            outcome, reason = Outcome.REJECT, Reason.MODEL
+        else:
+            outcome, reason = Outcome.REJECT, Reason.GREY_ZONE
+        return Verdict(
+            frame_id=frame.frame_id,
+            source=frame.source,
+            outcome=outcome,
+            reason=reason,
+            score=score,
+            threshold=self.threshold,
+            model=self.model_id,
+            t_capture=frame.t_capture,
+            t_arrival=frame.t_arrival,
+            label=frame.label,
+            timings_ms=timings_ms,
+        )
+
+    def reject(
+        self,
+        frame: Frame,
+        reason: Reason,
+        detail: dict[str, Any] | None = None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> Verdict:
+        """A REJECT for a part that was not (or could not be) inspected: no score."""
+        return Verdict(
+            frame_id=frame.frame_id,
+            source=frame.source,
+            outcome=Outcome.REJECT,
+            reason=reason,
+            score=None,
+            threshold=self.threshold,
+            model=self.model_id,
+            t_capture=frame.t_capture,
+            t_arrival=frame.t_arrival,
+            label=frame.label,
+            detail=detail,
+            timings_ms=timings_ms or {},
+        )

@@ -1,0 +1,217 @@
+"""The inference stage: one thread that owns the Backend, turns batches into scores and scores into verdicts.
+
+The backend is entered (and warmed up) on this thread, because GPU backends bind their context/stream to the
+thread that creates them. A failing batch becomes REJECT ``engine_error`` for each of its frames; the backend
+is then re-created (exit + enter) and the stage goes on. ``failures_not_ready`` consecutive failures make the
+daemon report not ready until a batch succeeds again.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from daemon.batcher import END, Batch, BufferPool
+from daemon.decision import Decider
+from daemon.ledger import Ledger
+from daemon.logs import get_logger
+from daemon.types import Outcome, Reason
+from engine.backend import Backend, sigmoid
+
+log = get_logger(__name__)
+
+_EWMA = 0.2  # weight of the newest batch in the inference-time estimate the batcher plans with
+
+
+class InferenceWorker:
+    def __init__(
+        self,
+        backend: Backend,
+        batches: queue.SimpleQueue[Batch | None],
+        pool: BufferPool,
+        ledger: Ledger,
+        decider: Decider,
+        metrics: Any,
+        *,
+        monotonic: Callable[[], float],
+        failures_not_ready: int = 3,
+        warmup: bool = True,
+        batch_lines: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.batches = batches
+        self.pool = pool
+        self.ledger = ledger
+        self.decider = decider
+        self.metrics = metrics
+        self._now = monotonic
+        self.failures_not_ready = failures_not_ready
+        self._warmup = warmup
+        self._batch_lines = batch_lines
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self.start_error: BaseException | None = None
+        self.warmed = False
+        self.consecutive_failures = 0
+        self.last_progress = monotonic()
+        self.est_infer_s = 0.0
+        self.frames_inferred = 0
+        self.batches_done = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self, timeout: float) -> None:
+        """Start the thread; returns once the backend is entered and warmed up (raises what went wrong)."""
+        self._thread = threading.Thread(target=self.run, name="inference", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"backend warm-up did not finish within {timeout:.0f} s")
+        if self.start_error is not None:
+            raise self.start_error
+
+    def join(self, timeout: float) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        return self.warmed and self.consecutive_failures < self.failures_not_ready
+
+    def progressing(self, stall_s: float) -> bool:
+        """False when the stage has been stuck (one batch, or waiting on preprocessing) longer than stall_s."""
+        return self.alive and self._now() - self.last_progress < stall_s
+
+    def run(self) -> None:
+        try:
+            self.backend.__enter__()
+            if self._warmup:
+                t0 = self._now()
+                self.backend.warmup()
+                log.info(
+                    "backend warmed up", ms=round((self._now() - t0) * 1000, 1), **self.backend.describe()
+                )
+            self.warmed = True
+        except BaseException as exc:
+            self.start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            while True:
+                try:
+                    batch = self.batches.get(timeout=0.5)
+                except queue.Empty:
+                    self.last_progress = self._now()  # idle is progress: nothing is waiting on us
+                    continue
+                if batch is END:
+                    return
+                try:
+                    self._process(batch)
+                finally:
+                    self.pool.release(batch.buffer)
+                self.last_progress = self._now()
+        except Exception:
+            log.exception("inference stage failed")
+            raise
+        finally:
+            try:
+                self.backend.__exit__(None, None, None)
+            except Exception:
+                log.exception("backend exit failed")
+
+    # -- one batch ---------------------------------------------------------------------------------------
+    def _process(self, batch: Batch) -> None:
+        batch.wait_preprocessed()
+        jobs = batch.jobs
+        rows = [i for i, j in enumerate(jobs) if j.ok and self.ledger.is_pending(j)]
+        if not rows:
+            return
+        # The common case infers the buffer view as is; holes (failed or expired frames) cost one copy.
+        x = batch.buffer[: len(jobs)] if len(rows) == len(jobs) else batch.buffer[rows]
+        t0 = self._now()
+        try:
+            logits = self.backend.infer(x)
+        except Exception as exc:
+            self._failed(batch, rows, exc, t0)
+            return
+        t1 = self._now()
+        infer_s = t1 - t0
+        self.est_infer_s = (
+            infer_s if self.batches_done == 0 else (1 - _EWMA) * self.est_infer_s + _EWMA * infer_s
+        )
+        self.consecutive_failures = 0
+        self.batches_done += 1
+        self.frames_inferred += len(rows)
+        scores = sigmoid(logits).tolist()
+        infer_ms = infer_s * 1000.0
+        passed = rejected = late = 0
+        observe = self.metrics.observe_stage
+        for i, score in zip(rows, scores, strict=True):
+            job = jobs[i]
+            queue_ms = max(0.0, (t0 - job.frame.t_arrival) * 1000.0 - job.t_decode_ms - job.t_pre_ms)
+            timings = {
+                "decode": job.t_decode_ms,
+                "preprocess": job.t_pre_ms,
+                "queue": queue_ms,
+                "infer": infer_ms,
+            }
+            verdict = self.decider.decide(job.frame, score, timings)
+            if self.ledger.settle(job, verdict):
+                if verdict.outcome is Outcome.PASS:
+                    passed += 1
+                else:
+                    rejected += 1
+            else:
+                late += 1  # its deadline verdict went out first; this result is discarded
+            observe("queue", queue_ms / 1000.0)
+            observe("infer", infer_s)
+        self.metrics.observe_batch(len(rows))
+        if late:
+            self.metrics.late_result(late)
+            log.warning("late results discarded", n=late, infer_ms=round(infer_ms, 2))
+        if self._batch_lines:
+            log.info(
+                "batch",
+                n=len(rows),
+                passed=passed,
+                rejected=rejected,
+                late=late,
+                infer_ms=round(infer_ms, 2),
+                wait_ms=round((t0 - jobs[rows[0]].frame.t_arrival) * 1000.0, 2),
+                first=jobs[rows[0]].frame.frame_id,
+                last=jobs[rows[-1]].frame.frame_id,
+            )
+
+    def _failed(self, batch: Batch, rows: list[int], exc: Exception, t0: float) -> None:
+        self.consecutive_failures += 1
+        message = f"{type(exc).__name__}: {exc}"
+        ids = []
+        for i in rows:
+            job = batch.jobs[i]
+            ids.append(job.frame.frame_id)
+            self.ledger.settle(job, self.decider.reject(job.frame, Reason.ENGINE_ERROR, {"error": message}))
+        log.error(
+            "inference failed; batch rejected, backend re-created",
+            error=message,
+            frame_ids=ids,
+            consecutive_failures=self.consecutive_failures,
+            ready=self.healthy,
+        )
+        self._reset_backend()
+
+    def _reset_backend(self) -> None:
+        try:
+            self.backend.__exit__(None, None, None)
+        except Exception as exc:
+            log.warning("backend exit failed during reset", error=str(exc))
+        try:
+            self.backend.__enter__()
+        except Exception as exc:  # stays inactive: the next batch fails fast and we try again
+            log.error("backend re-create failed", error=str(exc))

@@ -1,0 +1,148 @@
+"""The settle-once table: the one place that guarantees exactly one verdict per admitted frame.
+
+Every frame is *admitted* here first (it gets an internal key and a deadline). After that, any stage may try
+to *settle* it — the model result, a decode error, the backpressure policy, the deadline watchdog, shutdown —
+but only the first attempt wins: ``settle`` pops the key under a lock and, still under that lock, puts the
+verdict on the publish queue. A losing attempt gets ``False`` (a late model result is counted, not sent).
+So two verdicts are impossible (one pop per key) and zero verdicts are impossible (every key has a deadline,
+and shutdown settles whatever is left). The publisher thread is the only consumer of the queue and assigns
+``seq`` there, so sequence order = settlement order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+
+from daemon.types import Frame, Reason, Verdict
+
+
+class Job:
+    """A frame in flight: the immutable frame plus what the pipeline learns about it on the way."""
+
+    __slots__ = ("deadline", "frame", "key", "ok", "t_decode_ms", "t_pre_ms")
+
+    def __init__(self, key: int, frame: Frame, deadline: float) -> None:
+        self.key = key
+        self.frame = frame
+        self.deadline = deadline
+        self.ok = False  # preprocessed into its batch row
+        self.t_decode_ms = 0.0
+        self.t_pre_ms = 0.0
+
+
+class Settled:
+    """One item of the publish queue: the verdict, its job, and when it was settled (publish-stage timing)."""
+
+    __slots__ = ("job", "t_settled", "verdict")
+
+    def __init__(self, verdict: Verdict, job: Job, t_settled: float) -> None:
+        self.verdict = verdict
+        self.job = job
+        self.t_settled = t_settled
+
+
+class Ledger:
+    """Admission, settle-once, and the deadline watchdog (a thread that settles expired frames)."""
+
+    def __init__(
+        self,
+        *,
+        max_latency_s: float,
+        expire: Callable[[Job, Reason], Verdict],
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.max_latency_s = max_latency_s
+        self.out: queue.SimpleQueue[Settled | None] = queue.SimpleQueue()  # None = end of stream
+        self._expire = expire
+        self._now = monotonic
+        self._keys = itertools.count(1)
+        self._pending: dict[int, Job] = {}
+        self._admitted = 0
+        self._heap: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- admission and settlement ------------------------------------------------------------------------
+    def admit(self, frame: Frame) -> Job:
+        job = Job(next(self._keys), frame, frame.t_arrival + self.max_latency_s)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("frame admitted after the ledger closed (a source outlived shutdown)")
+            self._admitted += 1
+            self._pending[job.key] = job
+            heapq.heappush(self._heap, (job.deadline, job.key))
+            if self._heap[0][1] == job.key:  # a new earliest deadline: the watchdog must re-arm
+                self._wake.notify()
+        return job
+
+    def settle(self, job: Job, verdict: Verdict) -> bool:
+        """Publish ``verdict`` for ``job`` unless the job already has one. True when this call won."""
+        with self._lock:
+            if self._pending.pop(job.key, None) is None:
+                return False
+            self.out.put(Settled(verdict, job, self._now()))
+            return True
+
+    def is_pending(self, job: Job) -> bool:
+        return job.key in self._pending  # a dict lookup is atomic under the GIL; used to skip settled work
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def settle_all(self, reason: Reason) -> int:
+        """Settle everything still pending (shutdown). Returns how many frames that was."""
+        with self._lock:
+            jobs = sorted(self._pending.values(), key=lambda j: j.key)
+            self._pending.clear()
+            now = self._now()
+            for job in jobs:
+                self.out.put(Settled(self._expire(job, reason), job, now))
+        return len(jobs)
+
+    def close(self) -> None:
+        """No more admissions; ends the publish stream after everything already settled."""
+        with self._lock:
+            self._closed = True
+            self.out.put(None)
+
+    # -- deadline watchdog -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="deadline-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _watch(self) -> None:
+        with self._lock:
+            while not self._stopping:
+                now = self._now()
+                heap, pending = self._heap, self._pending
+                # Entries whose frame already settled are dropped without sleeping until their deadline,
+                # so the thread wakes only for the oldest frame still pending (a few times a second).
+                while heap and (heap[0][1] not in pending or heap[0][0] <= now):
+                    _, key = heapq.heappop(heap)
+                    job = pending.pop(key, None)
+                    if job is not None:
+                        self.out.put(Settled(self._expire(job, Reason.DEADLINE), job, now))
+                self._wake.wait(heap[0][0] - now if heap else None)

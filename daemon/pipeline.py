@@ -1,0 +1,175 @@
+"""The frame path from admission to settled verdict: ledger → intake queue → batcher (+ preprocessing pool) →
+inference. Sources call :meth:`Pipeline.submit`; the publisher consumes :attr:`Pipeline.settled`.
+
+Threads: ``batcher``, ``inference``, ``deadline-watchdog`` and ``preprocess_threads`` pool workers.
+Everything is passed in, so replay (a folder source fed as fast as the pipeline takes it) and the benchmark
+reuse exactly this path, and tests hand in slow or failing backends.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from daemon.batcher import BufferPool, MicroBatcher
+from daemon.clock import SYSTEM_CLOCK, Clock
+from daemon.decision import Decider
+from daemon.inference import InferenceWorker
+from daemon.intake import IntakeQueue
+from daemon.ledger import Job, Ledger, Settled
+from daemon.logs import get_logger
+from daemon.prep import FramePreprocessor
+from daemon.settings import Backpressure, Settings
+from daemon.types import Frame, Reason, Verdict
+from engine.backend import Backend
+from engine.preprocess import Preprocessor
+
+log = get_logger(__name__)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backend: Backend,
+        preprocessor: Preprocessor,
+        decider: Decider,
+        metrics: Any,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        b, d = settings.batching, settings.deadlines
+        self.settings = settings
+        self.decider = decider
+        self.metrics = metrics
+        self.clock = clock
+        self.max_latency_s = d.max_latency_ms / 1000.0
+        self.ledger = Ledger(max_latency_s=self.max_latency_s, expire=self._expire, monotonic=clock.monotonic)
+        self.intake = IntakeQueue(b.queue_size)
+        self.pool = BufferPool(b.buffers, b.max_batch, preprocessor.params.input_size)
+        self.executor = (
+            ThreadPoolExecutor(b.preprocess_threads, thread_name_prefix="preprocess")
+            if b.preprocess_threads > 0
+            else None
+        )
+        self._preprocessor = preprocessor
+        prep = FramePreprocessor(
+            preprocessor,
+            decider,
+            self.ledger,
+            max_pixels=settings.decode.max_pixels,
+            monotonic=clock.monotonic,
+            observe_stage=metrics.observe_stage,
+        )
+        self.worker = InferenceWorker(
+            backend,
+            queue.SimpleQueue(),
+            self.pool,
+            self.ledger,
+            decider,
+            metrics,
+            monotonic=clock.monotonic,
+            failures_not_ready=d.engine_failures_not_ready,
+            warmup=settings.model.warmup,
+            batch_lines=settings.logging.batch_lines,
+        )
+        self.batcher = MicroBatcher(
+            self.intake,
+            self.pool,
+            self.ledger,
+            prep,
+            self.executor,
+            max_batch=b.max_batch,
+            max_wait_s=b.max_wait_ms / 1000.0,
+            monotonic=clock.monotonic,
+            est_infer_s=lambda: self.worker.est_infer_s,
+        )
+        self.worker.batches = self.batcher.out
+        self._deadline_detail = {"max_latency_ms": d.max_latency_ms}
+
+    @property
+    def settled(self) -> queue.SimpleQueue[Settled | None]:
+        return self.ledger.out
+
+    # -- the Intake protocol sources use -------------------------------------------------------------------
+    def submit(self, frame: Frame, policy: Backpressure) -> None:
+        """Admit a frame: from here on it gets exactly one verdict, whatever happens."""
+        self.metrics.frame_received(frame.source)
+        job = self.ledger.admit(frame)
+        if frame.error is not None:
+            self.ledger.settle(job, self.decider.reject(frame, Reason.DECODE_ERROR, {"error": frame.error}))
+            return
+        refused = self.intake.put(job, policy)
+        if refused is not None:
+            reason = Reason.SHUTDOWN if self.intake.closed else Reason.OVERLOAD
+            detail = {"policy": policy.value, "queue_size": self.intake.maxsize}
+            # Not logged per frame (an overload refuses thousands): the publisher logs a summary per heartbeat.
+            self.ledger.settle(refused, self.decider.reject(refused.frame, reason, detail))
+
+    def wait_for_room(self, timeout: float) -> bool:
+        return self.intake.wait_for_room(timeout)
+
+    def message_error(self, kind: str) -> None:
+        self.metrics.message_error(kind)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self, warmup_timeout_s: float = 300.0) -> None:
+        self.ledger.start()
+        self._warm_preprocessing()
+        self.worker.start(warmup_timeout_s)  # enters + warms the backend on its own thread
+        self.batcher.start()
+
+    def _warm_preprocessing(self) -> None:
+        """Start every pool thread and build its CLAHE object now, not on the first parts of the shift."""
+        if self.executor is None:
+            return
+        n = self.settings.batching.preprocess_threads
+        barrier = threading.Barrier(n)  # n tasks that wait for each other must run on n distinct threads
+        gray = np.zeros((64, 64), np.uint8)
+        rows = np.zeros((n, 1, *self._preprocessor.params.input_size), np.float32)
+
+        def warm(i: int) -> None:
+            barrier.wait(timeout=10)
+            self._preprocessor(gray, rows[i])
+
+        for f in [self.executor.submit(warm, i) for i in range(n)]:
+            f.result()
+
+    def drain(self, timeout: float) -> int:
+        """Stop taking frames, finish what is queued (the deadlines keep running), then settle anything left
+        as REJECT ``shutdown``. Ends the publish stream. Returns the number of shutdown rejects."""
+        end = self.clock.monotonic() + timeout
+        self.intake.close()
+        finished = self.batcher.join(max(0.0, end - self.clock.monotonic()))
+        finished = self.worker.join(max(0.0, end - self.clock.monotonic())) and finished
+        if not finished:
+            log.error(
+                "pipeline did not drain in time; remaining frames get REJECT shutdown", timeout_s=timeout
+            )
+        left = self.ledger.settle_all(Reason.SHUTDOWN)
+        self.ledger.stop()
+        self.ledger.close()
+        if self.executor is not None:
+            self.executor.shutdown(wait=finished, cancel_futures=True)
+        return left
+
+    def threads_alive(self) -> bool:
+        return self.batcher.alive and self.worker.alive and self.ledger.alive
+
+    def progressing(self, stall_s: float) -> bool:
+        return self.threads_alive() and self.worker.progressing(stall_s)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {
+            "intake": len(self.intake),
+            "batch": self.batcher.out.qsize(),
+            "publish": self.ledger.out.qsize(),
+        }
+
+    def _expire(self, job: Job, reason: Reason) -> Verdict:
+        detail = self._deadline_detail if reason is Reason.DEADLINE else None
+        return self.decider.reject(job.frame, reason, detail)

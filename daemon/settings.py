@@ -1,0 +1,309 @@
+"""Configuration: one root ``Settings`` with a nested section per concern, read once at start.
+
+Sources, highest priority first: explicit overrides (CLI flags) → ``INSPECTD_*`` environment variables (nested
+with ``__``, e.g. ``INSPECTD_BATCHING__MAX_BATCH=16``) → the TOML file → defaults. Every section forbids
+unknown keys, so a typo is an error that names the key instead of a silently ignored setting. Validators only
+validate: they never read files, bind sockets or touch the network (``check-config`` does those checks
+explicitly, outside the model).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG = Path("/etc/inspectd/inspectd.toml")
+MiB = 1024 * 1024
+
+# tcp://host:port (port may be * or 0 = ephemeral), ipc://path, inproc://name. Checked textually only.
+_ENDPOINT = re.compile(r"^(tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(\*|\d{1,5})|ipc://.+|inproc://.+)$")
+_LINE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file/key and why."""
+
+
+class Backpressure(enum.StrEnum):
+    """What a source does when the intake queue is full. Explicit configuration, never a queue-size accident."""
+
+    BLOCK = "block"  # wait for room (folder: the file simply waits on disk; it has no deadline pressure)
+    REJECT_NEWEST = "reject_newest"  # the arriving frame gets REJECT overload
+    REJECT_OLDEST = "reject_oldest"  # the oldest queued frame gets REJECT overload, the new one is queued
+
+
+def _check_endpoint(value: str) -> str:
+    if not _ENDPOINT.match(value):
+        raise ValueError(f"{value!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH)")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraSettings(_Section):
+    enabled: bool = True
+    name: str = "camera"  # source id in verdict records and metrics labels
+    endpoint: str = "tcp://127.0.0.1:5555"  # the daemon binds a PULL socket here
+    backpressure: Backpressure = Backpressure.REJECT_NEWEST
+    max_message_bytes: int = Field(default=64 * MiB, ge=1024)  # per message part; larger → peer dropped
+    rcvhwm: int = Field(default=1000, ge=1)  # frames ZeroMQ may hold before the camera's send blocks
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class FolderSettings(_Section):
+    enabled: bool = False
+    name: str = "folder"
+    path: Path | None = None  # the watched directory (not recursive)
+    process_existing: bool = True  # inspect files already there at start
+    stable_ms: float = Field(default=500.0, gt=0)  # no close event: size+mtime unchanged this long = complete
+    poll_ms: float = Field(default=20.0, gt=0)  # how often pending files are re-checked
+    use_polling: bool = False  # stat-polling observer for filesystems without inotify (NFS, SMB)
+    ignore_patterns: list[str] = Field(default_factory=lambda: [".*", "*.tmp", "*.part", "*.partial", "*~"])
+    move_after_verdict: bool = False  # move to done/ (PASS) or rejected/ (REJECT) once published
+    max_file_bytes: int = Field(default=64 * MiB, ge=1)
+    backpressure: Backpressure = Backpressure.BLOCK
+
+    @model_validator(mode="after")
+    def _path_when_enabled(self) -> FolderSettings:
+        if self.enabled and self.path is None:
+            raise ValueError("sources.folder.path is required when sources.folder.enabled is true")
+        return self
+
+
+class SourcesSettings(_Section):
+    camera: CameraSettings = CameraSettings()
+    folder: FolderSettings = FolderSettings()
+
+
+class ModelSettings(_Section):
+    path: Path | None = None  # the model package directory (model.onnx + model.json)
+    backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    intra_op_threads: int = Field(default=1, ge=0)  # ONNX Runtime threads; 0 = its choice (all cores)
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)  # passed to the backend
+    warmup: bool = True  # run every batch size once before READY
+    verify_sha256: bool = True  # refuse a package whose model.onnx does not match model.json
+
+
+class BatchingSettings(_Section):
+    max_batch: int = Field(default=8, ge=1, le=256)
+    max_wait_ms: float = Field(default=2.0, ge=0)  # a batch closes this long after its first frame at most
+    queue_size: int = Field(default=64, ge=1)  # intake queue: where backpressure applies
+    preprocess_threads: int = Field(default=2, ge=0)  # 0 = preprocess on the batcher thread
+    buffers: int = Field(default=3, ge=2)  # preallocated batch buffers: filling / waiting / in inference
+
+
+class DeadlineSettings(_Section):
+    max_latency_ms: float = Field(default=250.0, gt=0)  # deadline = arrival + this; then REJECT deadline
+    engine_failures_not_ready: int = Field(default=3, ge=1)  # consecutive failed batches → not ready
+    stall_s: float = Field(
+        default=5.0, gt=0
+    )  # work waiting and no batch finished this long → not progressing
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)  # drain budget; then REJECT shutdown
+
+
+class DecodeSettings(_Section):
+    max_pixels: int = Field(default=64 * MiB, ge=64)  # refuses decompression bombs before allocating
+
+
+class PublisherSettings(_Section):
+    endpoint: str = "tcp://127.0.0.1:5556"  # the daemon binds a PUB socket here
+    heartbeat_ms: float = Field(default=1000.0, gt=0)
+    sndhwm: int = Field(default=100_000, ge=1)  # per subscriber; beyond it ZeroMQ drops (seq shows the gap)
+    linger_ms: int = Field(default=2000, ge=0)  # at close: time to flush queued verdicts
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class AuditSettings(_Section):
+    enabled: bool = False
+    path: Path | None = None
+    max_bytes: int = Field(default=1024 * MiB, ge=MiB)  # oldest entries deleted first beyond this
+    pass_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)  # fraction of PASS images kept too
+    queue_size: int = Field(
+        default=256, ge=1
+    )  # beyond it an entry is skipped (logged), never blocking verdicts
+
+    @model_validator(mode="after")
+    def _path_when_enabled(self) -> AuditSettings:
+        if self.enabled and self.path is None:
+            raise ValueError("audit.path is required when audit.enabled is true")
+        return self
+
+
+class MetricsSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535)  # 0 = ephemeral (tests)
+    ng_window: int = Field(default=500, ge=1)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, JSON otherwise
+    batch_lines: bool = True  # one canonical line per inference batch
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+# The TOML file of the current load_settings() call; a ContextVar so concurrent loads (tests) don't mix.
+_TOML_FILE: ContextVar[Path | None] = ContextVar("_TOML_FILE", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INSPECTD_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
+    )
+
+    line: str = "line-1"  # line id: verdict topic, metrics label
+    sources: SourcesSettings = SourcesSettings()
+    model: ModelSettings = ModelSettings()
+    batching: BatchingSettings = BatchingSettings()
+    deadlines: DeadlineSettings = DeadlineSettings()
+    decode: DecodeSettings = DecodeSettings()
+    publisher: PublisherSettings = PublisherSettings()
+    audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("line")
+    @classmethod
+    def _line_id(cls, v: str) -> str:
+        if not _LINE_ID.match(v):
+            raise ValueError(f"line id {v!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_endpoints(self) -> Settings:
+        cam = self.sources.camera
+        if cam.enabled and cam.endpoint == self.publisher.endpoint and not cam.endpoint.endswith(":*"):
+            raise ValueError(f"sources.camera.endpoint and publisher.endpoint are both {cam.endpoint}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE.get())
+
+
+def _deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(path: Path | None) -> Path | None:
+    """An explicit path must exist; without one, the system default is used when present."""
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(config: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build the effective settings; raises :class:`ConfigError` with every problem listed by key."""
+    path = resolve_config_path(config)
+    if path is not None:
+        try:  # parse once here so a syntax error names the file, not a pydantic internals stack
+            tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    token = _TOML_FILE.set(path)
+    try:
+        return Settings(**_deep_update({}, overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, path)) from None
+    finally:
+        _TOML_FILE.reset(token)
+
+
+def format_errors(exc: ValidationError, path: Path | None) -> str:
+    where = f" ({path} + INSPECTD_* environment)" if path else " (INSPECTD_* environment)"
+    lines = [f"invalid configuration{where}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def to_toml(settings: Settings) -> str:
+    """The effective configuration as a TOML file that ``--config`` accepts (None values are commented)."""
+    data = settings.model_dump(mode="json")
+    lines: list[str] = []
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    lines.extend(_toml_items(top))
+    for name, table in _tables(data, ()):
+        lines.append("")
+        lines.append(f"[{'.'.join(name)}]")
+        lines.extend(_toml_items(table))
+    return "\n".join(lines) + "\n"
+
+
+def _tables(
+    data: dict[str, Any], prefix: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            name = (*prefix, key)
+            scalars = {
+                k: v for k, v in value.items() if not isinstance(v, dict) or not v or _is_option_map(k)
+            }
+            if scalars or not value:
+                yield name, scalars
+            yield from _tables({k: v for k, v in value.items() if k not in scalars}, name)
+
+
+def _is_option_map(key: str) -> bool:
+    return key == "options"  # model.options is a free map, written inline
+
+
+def _toml_items(table: dict[str, Any]) -> Iterator[str]:
+    for key, value in table.items():
+        if value is None:
+            yield f"# {key} = (not set)"
+        else:
+            yield f"{key} = {_toml_value(value)}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

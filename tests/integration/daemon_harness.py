@@ -1,0 +1,255 @@
+"""Shared helpers for daemon integration tests (and later issues): the real App in-process on ephemeral ports,
+a real ZeroMQ SUB collector, a camera pusher, offline ONNX Runtime scores, and Backend test doubles.
+
+Everything binds ``127.0.0.1`` with port ``*``/``0`` so tests run in parallel with anyone else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from prometheus_client import CollectorRegistry
+
+from daemon.app import App
+from daemon.settings import Settings
+from daemon.wire import camera_message
+from engine.backend import Backend, BackendError, create_backend, sigmoid
+from engine.package import Decision, ModelPackage, load_package, write_meta
+from engine.preprocess import Preprocessor, decode, to_gray8
+from tests.helpers import tiny_package
+
+EPHEMERAL = "tcp://127.0.0.1:*"
+
+
+# -- model and images -----------------------------------------------------------------------------------
+def synth_images(n: int, size: int = 128, seed: int = 0, ng_every: int = 3) -> list[tuple[np.ndarray, str]]:
+    """n synthetic screws (uint8 gray) with labels; every ``ng_every``-th is NG with a cycling defect."""
+    from engine.synth import DEFECT_TYPES, render_screw
+
+    out = []
+    for i in range(n):
+        ng = ng_every > 0 and i % ng_every == ng_every - 1
+        defect = DEFECT_TYPES[(i // max(ng_every, 1)) % len(DEFECT_TYPES)] if ng else None
+        img, _ = render_screw(seed * 100_003 + i, defect, size=size)
+        out.append((img, "NG" if ng else "OK"))
+    return out
+
+
+def offline_scores(package: ModelPackage, images: Sequence[np.ndarray | bytes]) -> np.ndarray:
+    """Reference NG probabilities: the same preprocessing and ONNX Runtime, one image at a time."""
+    pre = Preprocessor(package.meta.preprocess)
+    with create_backend("onnxruntime", package, max_batch=1, intra_op_threads=1) as backend:
+        scores = []
+        for img in images:
+            gray = decode(img) if isinstance(img, bytes) else to_gray8(img)
+            scores.append(float(sigmoid(backend.infer(pre(gray)[None]))[0]))
+    return np.asarray(scores)
+
+
+def calibrated_package(
+    directory: Path, images: Sequence[np.ndarray], input_size: tuple[int, int] = (64, 64)
+) -> ModelPackage:
+    """The tiny ONNX package with its threshold at the median offline score, so verdicts are mixed."""
+    tiny_package(directory, input_size=input_size, seed=3)
+    pkg = load_package(directory)
+    median = float(np.median(offline_scores(pkg, images)))
+    write_meta(directory, dataclasses.replace(pkg.meta, decision=Decision(threshold=median)))
+    return load_package(directory)
+
+
+# -- settings and the app ---------------------------------------------------------------------------------
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def daemon_settings(model_dir: Path | None, **overrides: Any) -> Settings:
+    """Settings for a test daemon: ephemeral ports everywhere, fast heartbeats; nested dict overrides."""
+    base: dict[str, Any] = {
+        "line": "test-line",
+        "model": {"path": str(model_dir) if model_dir else None, "intra_op_threads": 1},
+        "sources": {"camera": {"endpoint": EPHEMERAL}},
+        "publisher": {"endpoint": EPHEMERAL, "heartbeat_ms": 50, "linger_ms": 1000},
+        "metrics": {"port": 0},
+        "batching": {"preprocess_threads": 1},
+        # Generous by default: a shared, loaded CI machine must not turn a slow moment into deadline rejects.
+        # Tests about deadlines set their own.
+        "deadlines": {"max_latency_ms": 1000},
+        "logging": {"format": "json", "batch_lines": False},
+    }
+    return Settings(**_merge(base, overrides))
+
+
+@contextlib.contextmanager
+def running_app(settings: Settings, **kwargs: Any) -> Iterator[App]:
+    """The real App started in-process; always stopped (drained) on exit."""
+    kwargs.setdefault("registry", CollectorRegistry())
+    app = App(settings, **kwargs)
+    app.start()
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+# -- the line controller's side -------------------------------------------------------------------------
+class VerdictCollector:
+    """A real SUB socket on its own thread, collecting verdicts and heartbeats of one line."""
+
+    def __init__(self, endpoint: str | None, line: str, ctx: zmq.Context[Any] | None = None) -> None:
+        if endpoint is None:
+            raise ValueError("no publisher endpoint (is the app started?)")
+        self._ctx = ctx or zmq.Context.instance()
+        self.endpoint = endpoint
+        self.line = line
+        self.verdicts: list[dict[str, Any]] = []
+        self.heartbeats: list[dict[str, Any]] = []
+        self.arrivals: list[float] = []  # time.monotonic() at receipt of each verdict
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-collector", daemon=True)
+
+    def __enter__(self) -> VerdictCollector:
+        self._thread.start()
+        self.wait_heartbeat()  # the subscription is live: nothing sent from now on is lost (slow joiner)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, self.line.encode())
+        sock.connect(self.endpoint)
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(50):
+                    continue
+                topic, payload = sock.recv_multipart()
+                t = time.monotonic()
+                msg = json.loads(payload)
+                assert topic.decode() == msg["line"] == self.line
+                with self._cv:
+                    if msg["type"] == "verdict":
+                        self.verdicts.append(msg)
+                        self.arrivals.append(t)
+                    else:
+                        self.heartbeats.append(msg)
+                    self._cv.notify_all()
+        finally:
+            sock.close()
+
+    def wait_heartbeat(self, timeout: float = 10.0, ready: bool | None = None) -> dict[str, Any]:
+        n0 = len(self.heartbeats)
+        end = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for hb in self.heartbeats[n0:]:
+                    if ready is None or hb["ready"] is ready:
+                        return hb
+                n0 = len(self.heartbeats)
+                if not self._cv.wait(end - time.monotonic()) and time.monotonic() >= end:
+                    raise TimeoutError(f"no heartbeat (ready={ready}) within {timeout} s")
+
+    def wait_verdicts(self, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        end = time.monotonic() + timeout
+        with self._cv:
+            while len(self.verdicts) < n:
+                if not self._cv.wait(max(0.0, end - time.monotonic())) and time.monotonic() >= end:
+                    raise TimeoutError(f"{len(self.verdicts)} of {n} verdicts within {timeout} s")
+            return list(self.verdicts)
+
+    def by_frame_id(self) -> dict[str, dict[str, Any]]:
+        with self._cv:
+            return {v["frame_id"]: v for v in self.verdicts}
+
+
+class CameraPusher:
+    """The camera's side: a PUSH socket that connects to the daemon's PULL endpoint."""
+
+    def __init__(self, endpoint: str | None, ctx: zmq.Context[Any] | None = None) -> None:
+        if endpoint is None:
+            raise ValueError("no camera endpoint (is the camera source enabled?)")
+        self._sock = (ctx or zmq.Context.instance()).socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.setsockopt(zmq.SNDTIMEO, 5000)
+        self._sock.connect(endpoint)
+
+    def __enter__(self) -> CameraPusher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def send(
+        self, frame_id: str, image: np.ndarray | bytes, *, encoding: str = "raw", label: str | None = None
+    ) -> None:
+        self._sock.send_multipart(
+            camera_message(frame_id, image, encoding=encoding, label=label, t_capture=time.time()), copy=False
+        )
+
+    def send_parts(self, parts: Sequence[bytes]) -> None:
+        self._sock.send_multipart(list(parts))
+
+    def stream(self, items: Sequence[tuple[str, np.ndarray]], fps: float, **kw: Any) -> None:
+        """Send at a steady rate on an absolute schedule (no drift)."""
+        t0 = time.monotonic()
+        for i, (fid, img) in enumerate(items):
+            delay = t0 + i / fps - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.send(fid, img, **kw)
+
+
+# -- Backend test doubles --------------------------------------------------------------------------------
+class ScriptedBackend(Backend):
+    """A Backend whose timing and failures a test controls. Logit = mean of the batch row (deterministic).
+
+    ``delay_s`` sleeps inside every infer; ``fail_batches`` makes that many next calls raise BackendError;
+    ``gate`` (an Event), when set up, blocks infer until the test releases it.
+    """
+
+    name = "scripted"
+
+    def __init__(
+        self, package: ModelPackage, *, max_batch: int = 8, delay_s: float = 0.0, **options: Any
+    ) -> None:
+        super().__init__(package, max_batch=max_batch, **options)
+        self.delay_s = delay_s
+        self.fail_batches = 0
+        self.gate: threading.Event | None = None
+        self.calls = 0
+        self.entered = 0
+        self.exited = 0
+        self.batch_sizes: list[int] = []
+
+    def _open(self) -> None:
+        self.entered += 1
+
+    def _close(self) -> None:
+        self.exited += 1
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        self.batch_sizes.append(batch.shape[0])
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_batches > 0:
+            self.fail_batches -= 1
+            raise BackendError("scripted failure")
+        return batch.reshape(batch.shape[0], -1).mean(axis=1).astype(np.float32)

@@ -1,0 +1,139 @@
+"""The camera feed end to end: real PULL/PUB sockets, real ONNX Runtime, verdicts checked against offline."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from daemon.types import Reason
+from engine.package import ModelPackage
+from tests.integration.daemon_harness import (
+    CameraPusher,
+    VerdictCollector,
+    calibrated_package,
+    daemon_settings,
+    offline_scores,
+    running_app,
+    synth_images,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    return [img for img, _ in synth_images(200, size=128, seed=1)]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory, images: list[np.ndarray]) -> ModelPackage:
+    return calibrated_package(tmp_path_factory.mktemp("pkg") / "tiny", images[:50])
+
+
+@pytest.mark.timeout(90)
+def test_200_frames_at_a_steady_rate(package: ModelPackage, images: list[np.ndarray]) -> None:
+    settings = daemon_settings(package.directory, batching={"max_batch": 8, "max_wait_ms": 2})
+    with (
+        running_app(settings) as app,
+        VerdictCollector(app.publisher_endpoint, settings.line) as sub,
+        CameraPusher(app.camera_endpoint) as cam,
+    ):
+        cam.stream([(f"part-{i:04d}", img) for i, img in enumerate(images)], fps=150, label="OK")
+        verdicts = sub.wait_verdicts(200, timeout=30)
+        registry = app.registry
+    assert [v["seq"] for v in verdicts] == list(range(1, 201))
+    assert len({v["boot_id"] for v in verdicts}) == 1
+    ids = [v["frame_id"] for v in verdicts]
+    assert sorted(ids) == sorted(f"part-{i:04d}" for i in range(200))  # each exactly once
+    assert {v["reason"] for v in verdicts} == {Reason.MODEL.value}
+    by_id = {v["frame_id"]: v for v in verdicts}
+    offline = offline_scores(package, images)
+    threshold = package.meta.decision.threshold
+    for i, expected in enumerate(offline):
+        v = by_id[f"part-{i:04d}"]
+        assert v["score"] == pytest.approx(expected, abs=1e-5)
+        if abs(expected - threshold) > 1e-5:
+            assert v["verdict"] == ("REJECT" if expected >= threshold else "PASS")
+        assert v["threshold"] == threshold and v["model"] == package.meta.model_id
+        assert v["t_capture"] is not None and 0 <= v["latency_ms"] < settings.deadlines.max_latency_ms
+    assert {v["verdict"] for v in verdicts} == {"PASS", "REJECT"}  # the calibrated threshold splits them
+    total = sum(
+        registry.get_sample_value(
+            "inspectd_verdicts_total", {"line": settings.line, "verdict": o, "reason": "model"}
+        )
+        or 0
+        for o in ("PASS", "REJECT")
+    )
+    assert total == 200
+    assert (
+        registry.get_sample_value(
+            "inspectd_frames_received_total", {"line": settings.line, "source": "camera"}
+        )
+        == 200
+    )
+
+
+@pytest.mark.timeout(60)
+def test_malformed_messages_then_the_next_good_frame(package: ModelPackage, images: list[np.ndarray]) -> None:
+    settings = daemon_settings(package.directory)
+    good = images[0]
+    ok, png = cv2.imencode(".png", good)
+    assert ok
+    with (
+        running_app(settings) as app,
+        VerdictCollector(app.publisher_endpoint, settings.line) as sub,
+        CameraPusher(app.camera_endpoint) as cam,
+    ):
+        cam.send_parts([b"{not json", b"x"])  # no frame id: counted, logged, no verdict
+        cam.send_parts([b'{"frame_id": "bad-shape", "encoding": "raw", "shape": [128, 128]}', b"short"])
+        cam.send_parts([b'{"frame_id": "bad-png", "encoding": "png"}', b"\x89PNG\r\n\x1a\n truncated"])
+        cam.send_parts([b'{"frame_id": "three", "encoding": "png"}', b"a", b"b"])
+        cam.send("good-raw", good)
+        cam.send("good-png", png.tobytes(), encoding="png")
+        cam.send("uint16", good.astype(np.uint16) * 257)  # 16-bit camera: same picture, scaled
+        verdicts = sub.wait_verdicts(6, timeout=20)
+        assert app.pipeline is not None and app.pipeline.threads_alive()
+        errors = app.registry.get_sample_value(
+            "inspectd_message_errors_total", {"line": settings.line, "kind": "header"}
+        )
+    by_id = {v["frame_id"]: v for v in verdicts}
+    assert sorted(by_id) == ["bad-png", "bad-shape", "good-png", "good-raw", "three", "uint16"]
+    for fid in ("bad-shape", "bad-png", "three"):
+        assert (by_id[fid]["verdict"], by_id[fid]["reason"], by_id[fid]["score"]) == (
+            "REJECT",
+            "decode_error",
+            None,
+        )
+        assert by_id[fid]["detail"]["error"]
+    expected = offline_scores(package, [good])[0]
+    for fid in ("good-raw", "good-png", "uint16"):
+        assert by_id[fid]["reason"] == "model"
+        assert by_id[fid]["score"] == pytest.approx(expected, abs=1e-5)
+    assert errors == 1
+
+
+@pytest.mark.timeout(60)
+def test_rejects_are_archived_with_their_verdict(
+    package: ModelPackage, images: list[np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import json
+
+    archive = tmp_path_factory.mktemp("audit")
+    settings = daemon_settings(package.directory, audit={"enabled": True, "path": str(archive)})
+    with (
+        running_app(settings) as app,
+        VerdictCollector(app.publisher_endpoint, settings.line) as sub,
+        CameraPusher(app.camera_endpoint) as cam,
+    ):
+        for i, img in enumerate(images[:12]):
+            cam.send(f"../a{i}", img)  # a hostile id must not leave the archive
+        cam.send_parts([b'{"frame_id": "torn", "encoding": "raw", "shape": [4, 4]}', b"123"])
+        verdicts = sub.wait_verdicts(13, timeout=20)
+    rejects = {v["seq"] for v in verdicts if v["verdict"] == "REJECT"}
+    assert 0 < len(rejects) < 13
+    sidecars = [json.loads(p.read_text()) for p in archive.glob("*.json")]
+    assert {s["seq"] for s in sidecars} == rejects  # after stop() the after-publish stage has drained
+    assert all(p.parent == archive for p in archive.rglob("*"))
+    images_written = [p for p in archive.iterdir() if p.suffix == ".png"]
+    assert len(images_written) == len(rejects) - 1  # the torn message had no image to keep

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from daemon.batcher import END, Batch, BufferPool, MicroBatcher
+from daemon.decision import Decider
+from daemon.intake import IntakeQueue
+from daemon.ledger import Job, Ledger
+from daemon.settings import Backpressure
+from daemon.types import Frame, Reason
+from engine.package import Decision
+
+DECIDER = Decider(Decision(), "m")
+
+
+def fill(job: Job, row: np.ndarray) -> None:
+    row[...] = job.key
+    job.ok = True
+
+
+def setup(
+    max_batch: int, max_wait_s: float, latency_s: float = 10.0, executor: bool = False
+) -> tuple[Ledger, IntakeQueue, BufferPool, MicroBatcher]:
+    ledger = Ledger(
+        max_latency_s=latency_s, expire=lambda j, r: DECIDER.reject(j.frame, r), monotonic=time.monotonic
+    )
+    intake = IntakeQueue(64)
+    pool = BufferPool(3, max_batch, (4, 4))
+    ex = ThreadPoolExecutor(2) if executor else None
+    batcher = MicroBatcher(
+        intake, pool, ledger, fill, ex, max_batch=max_batch, max_wait_s=max_wait_s, monotonic=time.monotonic
+    )
+    return ledger, intake, pool, batcher
+
+
+def submit(ledger: Ledger, intake: IntakeQueue, n: int, start: int = 0) -> list[Job]:
+    jobs = []
+    for i in range(start, start + n):
+        job = ledger.admit(Frame("cam", i, f"f{i}", time.monotonic(), time.time()))
+        intake.put(job, Backpressure.BLOCK)
+        jobs.append(job)
+    return jobs
+
+
+def take(batcher: MicroBatcher, timeout: float = 5.0) -> Batch:
+    b = batcher.out.get(timeout=timeout)
+    assert b is not None
+    b.wait_preprocessed()
+    return b
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("executor", [False, True])
+def test_flushes_at_max_batch_in_arrival_order(executor: bool) -> None:
+    ledger, intake, pool, batcher = setup(max_batch=4, max_wait_s=5.0, executor=executor)
+    jobs = submit(ledger, intake, 8)
+    batcher.start()
+    t0 = time.monotonic()
+    b1, b2 = take(batcher), take(batcher)
+    assert time.monotonic() - t0 < 1.0, "full batches must not wait for max_wait"
+    assert [j.key for j in b1.jobs + b2.jobs] == [j.key for j in jobs]
+    assert b1.buffer[:4, 0, 0, 0].tolist() == [j.key for j in jobs[:4]]  # each row holds its own frame
+    pool.release(b1.buffer)
+    pool.release(b2.buffer)
+    intake.close()
+    assert batcher.out.get(timeout=5) is END
+    assert batcher.join(5)
+
+
+@pytest.mark.timeout(20)
+def test_partial_batch_flushes_after_max_wait() -> None:
+    ledger, intake, _, batcher = setup(max_batch=8, max_wait_s=0.05)
+    batcher.start()
+    submit(ledger, intake, 2)
+    t0 = time.monotonic()
+    b = take(batcher)
+    waited = time.monotonic() - t0
+    assert len(b.jobs) == 2
+    assert 0.03 <= waited < 0.5, waited
+    intake.close()
+    batcher.join(5)
+
+
+@pytest.mark.timeout(20)
+def test_never_holds_a_frame_past_its_deadline_for_company() -> None:
+    ledger, intake, _, batcher = setup(max_batch=8, max_wait_s=5.0, latency_s=0.08)
+    batcher.start()
+    (job,) = submit(ledger, intake, 1)
+    b = take(batcher)
+    assert b.jobs == [job]
+    assert b.t_closed <= job.deadline + 0.1  # not max_wait (5 s); slack for a loaded CI machine
+    intake.close()
+    batcher.join(5)
+
+
+@pytest.mark.timeout(20)
+def test_settled_frames_are_skipped() -> None:
+    ledger, intake, _, batcher = setup(max_batch=4, max_wait_s=0.01)
+    jobs = submit(ledger, intake, 3)
+    ledger.settle(jobs[1], DECIDER.reject(jobs[1].frame, Reason.DEADLINE))
+    batcher.start()
+    b = take(batcher)
+    assert [j.key for j in b.jobs] == [jobs[0].key, jobs[2].key]
+    intake.close()
+    batcher.join(5)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from daemon.decision import Decider
+from daemon.types import Frame, Outcome, Reason
+from engine.package import Decision
+
+FRAME = Frame("cam", 1, "part-1", time.monotonic(), time.time(), t_capture=123.0, label="NG")
+
+
+@pytest.mark.parametrize(
+    "score, outcome, reason",
+    [
+        (0.0, Outcome.PASS, Reason.MODEL),
+        (0.49, Outcome.PASS, Reason.MODEL),
+        (0.5, Outcome.REJECT, Reason.MODEL),
+    ],
+)
+def test_threshold(score: float, outcome: Outcome, reason: Reason) -> None:
+    v = Decider(Decision(threshold=0.5), "m").decide(FRAME, score, {"infer": 1.0})
+    assert (v.outcome, v.reason, v.score, v.threshold) == (outcome, reason, score, 0.5)
+    assert (v.frame_id, v.t_capture, v.label, v.timings_ms) == ("part-1", 123.0, "NG", {"infer": 1.0})
+
+
+@pytest.mark.parametrize(
+    "score, outcome, reason",
+    [
+        (0.29, Outcome.PASS, Reason.MODEL),
+        (0.3, Outcome.REJECT, Reason.GREY_ZONE),
+        (0.69, Outcome.REJECT, Reason.GREY_ZONE),
+        (0.7, Outcome.REJECT, Reason.MODEL),
+    ],
+)
+def test_grey_zone(score: float, outcome: Outcome, reason: Reason) -> None:
+    v = Decider(Decision(threshold=0.5, grey_zone=(0.3, 0.7)), "m").decide(FRAME, score, {})
+    assert (v.outcome, v.reason) == (outcome, reason)
+
+
+@pytest.mark.parametrize("score", [math.nan, math.inf, -0.1, 1.5])
+def test_non_finite_or_out_of_range_score_never_passes(score: float) -> None:
+    v = Decider(Decision(threshold=0.5), "m").decide(FRAME, score, {})
+    assert v.outcome is Outcome.REJECT and v.reason is Reason.ENGINE_ERROR and v.score is None
+
+
+def test_fail_safe_reject_has_no_score() -> None:
+    v = Decider(Decision(threshold=0.4), "m@x").reject(FRAME, Reason.DEADLINE, {"max_latency_ms": 5})
+    assert (v.outcome, v.reason, v.score, v.threshold, v.model) == (
+        Outcome.REJECT,
+        Reason.DEADLINE,
+        None,
+        0.4,
+        "m@x",
+    )
+    assert not v.inspected

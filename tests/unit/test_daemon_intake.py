@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from daemon.intake import IntakeQueue
+from daemon.ledger import Job
+from daemon.settings import Backpressure
+from daemon.types import Frame
+
+
+def job(i: int) -> Job:
+    return Job(i, Frame("cam", i, f"f{i}", time.monotonic(), time.time()), time.monotonic() + 1)
+
+
+def keys(q: IntakeQueue) -> list[int]:
+    out = []
+    while (j := q.get(timeout=0)) is not None:
+        out.append(j.key)
+    return out
+
+
+def test_reject_newest_refuses_the_arriving_frame() -> None:
+    q = IntakeQueue(2)
+    assert q.put(job(1), Backpressure.REJECT_NEWEST) is None
+    assert q.put(job(2), Backpressure.REJECT_NEWEST) is None
+    refused = q.put(job(3), Backpressure.REJECT_NEWEST)
+    assert refused is not None and refused.key == 3
+    assert keys(q) == [1, 2]
+
+
+def test_reject_oldest_refuses_the_head_and_keeps_order() -> None:
+    q = IntakeQueue(2)
+    q.put(job(1), Backpressure.REJECT_OLDEST)
+    q.put(job(2), Backpressure.REJECT_OLDEST)
+    refused = q.put(job(3), Backpressure.REJECT_OLDEST)
+    assert refused is not None and refused.key == 1
+    assert keys(q) == [2, 3]
+
+
+@pytest.mark.timeout(10)
+def test_block_waits_for_room_and_close_releases_it() -> None:
+    q = IntakeQueue(1)
+    q.put(job(1), Backpressure.BLOCK)
+    results: list[object] = []
+    t = threading.Thread(target=lambda: results.append(q.put(job(2), Backpressure.BLOCK)))
+    t.start()
+    time.sleep(0.05)
+    assert t.is_alive(), "a BLOCK put into a full queue must wait"
+    assert q.get(timeout=0).key == 1  # type: ignore[union-attr]
+    t.join(2)
+    assert results == [None] and len(q) == 1
+    # Full again: a blocked put is released by close() and refused (the caller settles it as shutdown).
+    t2 = threading.Thread(target=lambda: results.append(q.put(job(3), Backpressure.BLOCK)))
+    t2.start()
+    time.sleep(0.05)
+    q.close()
+    t2.join(2)
+    assert isinstance(results[-1], Job) and results[-1].key == 3
+    assert q.get(timeout=0).key == 2  # type: ignore[union-attr]  # what was queued still drains
+    assert q.get(timeout=0) is None and q.drain_closed()
+
+
+def test_wait_for_room_times_out_when_full() -> None:
+    q = IntakeQueue(1)
+    assert q.wait_for_room(0.0)
+    q.put(job(1), Backpressure.BLOCK)
+    t0 = time.monotonic()
+    assert not q.wait_for_room(0.05)
+    assert time.monotonic() - t0 >= 0.04

@@ -1,0 +1,111 @@
+"""The settle-once table: exactly one verdict per admitted frame, whoever races for it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from daemon.decision import Decider
+from daemon.ledger import Job, Ledger, Settled
+from daemon.types import Frame, Outcome, Reason
+from engine.package import Decision
+
+DECIDER = Decider(Decision(threshold=0.5), "m@1")
+
+
+def frame(i: int, t: float | None = None) -> Frame:
+    return Frame("cam", i, f"f{i}", time.monotonic() if t is None else t, time.time())
+
+
+def make_ledger(max_latency_s: float = 10.0) -> Ledger:
+    return Ledger(
+        max_latency_s=max_latency_s,
+        expire=lambda job, reason: DECIDER.reject(job.frame, reason),
+        monotonic=time.monotonic,
+    )
+
+
+def drain(ledger: Ledger) -> list[Settled]:
+    out = []
+    while not ledger.out.empty():
+        item = ledger.out.get()
+        assert item is not None
+        out.append(item)
+    return out
+
+
+def test_second_settle_loses() -> None:
+    ledger = make_ledger()
+    job = ledger.admit(frame(1))
+    assert ledger.settle(job, DECIDER.decide(job.frame, 0.1, {}))
+    assert not ledger.settle(job, DECIDER.reject(job.frame, Reason.DEADLINE))
+    (item,) = drain(ledger)
+    assert item.verdict.outcome is Outcome.PASS and item.job is job
+
+
+@pytest.mark.timeout(30)
+def test_racing_result_and_deadline_paths_publish_exactly_once() -> None:
+    """Two threads settle the same 20 000 jobs concurrently: each job comes out exactly once."""
+    ledger = make_ledger()
+    jobs = [ledger.admit(frame(i)) for i in range(20_000)]
+    wins = [0, 0]
+    start = threading.Barrier(2)
+
+    def racer(idx: int, order: list[Job]) -> None:
+        start.wait()
+        for j in order:
+            if ledger.settle(j, DECIDER.reject(j.frame, Reason.DEADLINE if idx else Reason.ENGINE_ERROR)):
+                wins[idx] += 1
+
+    threads = [
+        threading.Thread(target=racer, args=(0, jobs)),
+        threading.Thread(target=racer, args=(1, list(reversed(jobs)))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    items = drain(ledger)
+    assert sum(wins) == len(jobs) == len(items)
+    assert sorted(i.job.key for i in items) == [j.key for j in jobs]
+    assert min(wins) > 0  # the race really happened from both ends
+    assert ledger.pending_count == 0
+
+
+@pytest.mark.timeout(30)
+def test_deadline_watchdog_fires_on_time_and_only_for_pending() -> None:
+    ledger = make_ledger(max_latency_s=0.05)
+    ledger.start()
+    try:
+        t0 = time.monotonic()
+        decided = ledger.admit(frame(1, t0))
+        expiring = ledger.admit(frame(2, t0))
+        assert ledger.settle(decided, DECIDER.decide(decided.frame, 0.9, {}))
+        first = ledger.out.get(timeout=5)
+        second = ledger.out.get(timeout=5)
+        t_fired = time.monotonic()
+    finally:
+        ledger.stop()
+    assert first is not None and first.job is decided and first.verdict.reason is Reason.MODEL
+    assert second is not None and second.job is expiring and second.verdict.reason is Reason.DEADLINE
+    assert second.t_settled >= expiring.deadline
+    assert second.t_settled - expiring.deadline < 0.02, "deadline verdict settled too late"
+    assert t_fired - t0 < 1.0
+    assert ledger.out.empty()
+
+
+def test_settle_all_and_close_end_the_stream() -> None:
+    ledger = make_ledger()
+    jobs = [ledger.admit(frame(i)) for i in range(3)]
+    ledger.settle(jobs[1], DECIDER.decide(jobs[1].frame, 0.2, {}))
+    assert ledger.settle_all(Reason.SHUTDOWN) == 2
+    ledger.close()
+    items = []
+    while (item := ledger.out.get(timeout=1)) is not None:
+        items.append(item)
+    assert [i.job.key for i in items] == [jobs[1].key, jobs[0].key, jobs[2].key]
+    assert [i.verdict.reason for i in items] == [Reason.MODEL, Reason.SHUTDOWN, Reason.SHUTDOWN]
+    with pytest.raises(RuntimeError):
+        ledger.admit(frame(9))

@@ -1,0 +1,249 @@
+"""systemd/ and the Dockerfile: the files a GPU station runs inspectd from.
+
+systemd-analyze and hadolint check what they can (syntax, resolvable paths, exposure, Dockerfile lint); the
+rest checks the contract between the files: the unit starts the entry point the Dockerfile installs, with
+the config file the example provides, stops within the daemon's drain budget, and the example config and
+environment file are valid for daemon/settings.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from daemon.settings import MetricsSettings, load_settings
+from tests.deploy_support import REPO, require_tool
+
+UNIT = REPO / "systemd" / "inspectd.service"
+EXAMPLE_TOML = REPO / "systemd" / "inspectd.toml"
+EXAMPLE_ENV = REPO / "systemd" / "inspectd.env.example"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+SHIPPED_ENTRY_POINT = "/opt/inspectd/venv/bin/inspectd"
+MAX_EXPOSURE = 4.0
+
+
+def unit_entries(text: str) -> list[tuple[str, str, str]]:
+    """(section, key, value) in file order; repeated keys (DeviceAllow=, …) stay separate."""
+    entries: list[tuple[str, str, str]] = []
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        assert not line.endswith("\\"), "keep unit lines unbroken, so they can be grepped"
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.append((section, key.strip(), value.strip()))
+    return entries
+
+
+def unit_values(section: str, key: str) -> list[str]:
+    return [v for s, k, v in unit_entries(UNIT.read_text(encoding="utf-8")) if s == section and k == key]
+
+
+def unit_value(section: str, key: str) -> str:
+    values = unit_values(section, key)
+    assert len(values) == 1, f"[{section}] {key}= set {len(values)} times"
+    return values[0]
+
+
+def _seconds(value: str) -> float:
+    units = {"min": 60.0, "ms": 0.001, "s": 1.0, "h": 3600.0, "": 1.0}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(min|ms|s|h|)", value)
+    assert match, f"unsupported time span {value!r}"
+    return float(match.group(1)) * units[match.group(2)]
+
+
+def _venv_entry_point() -> Path:
+    entry = Path(sys.executable).parent / "inspectd"
+    if not entry.is_file():
+        pytest.fail(f"{entry} missing: the package must be installed in the test environment (make venv)")
+    return entry
+
+
+# --- the unit ------------------------------------------------------------------------------------------
+
+
+def test_unit_runs_the_daemon_as_the_issue_requires() -> None:
+    assert unit_value("Service", "Type") == "notify"
+    assert _seconds(unit_value("Service", "WatchdogSec")) > 0
+    assert unit_value("Service", "Restart") == "on-failure"
+    assert int(unit_value("Unit", "StartLimitBurst")) >= 1  # a crash loop ends in "failed", not forever
+    assert _seconds(unit_value("Unit", "StartLimitIntervalSec")) > 0
+    assert (
+        unit_value("Service", "ExecStart")
+        == f"{SHIPPED_ENTRY_POINT} serve --config /etc/inspectd/inspectd.toml"
+    )
+    assert unit_value("Service", "User") not in ("", "root", "0")
+    for key, value in {
+        "ProtectSystem": "strict",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "ProtectHome": "yes",
+        "DevicePolicy": "closed",
+    }.items():
+        assert unit_value("Service", key) == value, key
+    assert unit_values("Service", "ReadWritePaths"), "the watched folder must stay writable"
+
+
+def test_unit_lets_the_gpu_and_zeromq_through_its_hardening() -> None:
+    allowed = {v.split()[0] for v in unit_values("Service", "DeviceAllow")}
+    # CUDA opens /dev/nvidiaN + /dev/nvidiactl (major "nvidia", "nvidia-frontend" on older drivers) and
+    # /dev/nvidia-uvm; without them the daemon would find no GPU.
+    assert {"char-nvidia", "char-nvidia-frontend", "char-nvidia-uvm"} <= allowed
+    families = unit_value("Service", "RestrictAddressFamilies").split()
+    # libzmq aborts on bind when getifaddrs() cannot open a netlink socket (zeromq/libzmq#4737).
+    assert {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"} <= set(families)
+    assert "PrivateDevices" not in {k for _, k, _ in unit_entries(UNIT.read_text(encoding="utf-8"))}
+
+
+def test_unit_timeouts_fit_the_daemons_settings() -> None:
+    settings = load_settings(EXAMPLE_TOML)
+    # systemd kills at TimeoutStopSec; the daemon must have drained (shutdown_timeout_s) well before that.
+    assert _seconds(unit_value("Service", "TimeoutStopSec")) >= 2 * settings.deadlines.shutdown_timeout_s
+    # The watchdog must outlast the daemon's own stall detection, or systemd kills a daemon that is about to
+    # report itself not ready.
+    assert _seconds(unit_value("Service", "WatchdogSec")) > settings.deadlines.stall_s
+
+
+@pytest.mark.timeout(60)
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = require_tool("systemd-analyze")
+    # The shipped path exists only on an installed station; point a copy at this environment's entry point.
+    text = UNIT.read_text(encoding="utf-8")
+    assert text.count(SHIPPED_ENTRY_POINT) == 1
+    unit = tmp_path / "inspectd.service"
+    unit.write_text(text.replace(SHIPPED_ENTRY_POINT, str(_venv_entry_point())), encoding="utf-8")
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=50)
+    # verify exits 0 on unknown keys and unparsable values, printing them: any line about our unit fails.
+    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if "inspectd" in ln]
+    assert out.returncode == 0 and not complaints, out.stdout + out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_systemd_security_exposure_is_low() -> None:
+    analyze = require_tool("systemd-analyze")
+    threshold = int(MAX_EXPOSURE * 10)  # systemd-analyze counts in tenths
+    out = subprocess.run(
+        [analyze, "security", "--offline=yes", f"--threshold={threshold}", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
+    assert match, out.stdout + out.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE and out.returncode == 0, out.stdout[-2000:]
+
+
+# --- example configuration -----------------------------------------------------------------------------
+
+
+def test_example_config_is_valid_and_matches_the_unit_and_prometheus() -> None:
+    settings = load_settings(EXAMPLE_TOML)  # raises ConfigError naming any unknown or invalid key
+    assert settings.model.backend == "tensorrt"  # the example is for a GPU station
+    # The unit makes /var/lib/inspectd (StateDirectory) and /srv/inspectd (ReadWritePaths) writable: the
+    # engine cache next to the model, the audit archive and the watched folder must lie inside them.
+    writable = ("/var/lib/inspectd/", "/var/cache/inspectd/", "/srv/inspectd/")
+    assert unit_value("Service", "StateDirectory") == "inspectd"
+    assert "-/srv/inspectd" in unit_values("Service", "ReadWritePaths")
+    for path in (settings.model.path, settings.audit.path, settings.sources.folder.path):
+        assert path is not None and str(path).startswith(writable), path
+    # deploy/prometheus/prometheus.yml scrapes the default metrics address.
+    defaults = MetricsSettings()
+    assert (settings.metrics.host, settings.metrics.port) == (defaults.host, defaults.port)
+
+
+def _env_example_assignments() -> dict[str, str]:
+    # Every commented-out assignment is a suggestion an operator will uncomment; each must be valid.
+    pairs = re.findall(r"^#\s*([A-Z][A-Z0-9_]*)=(\S+)\s*$", EXAMPLE_ENV.read_text(encoding="utf-8"), re.M)
+    return dict(pairs)
+
+
+def test_env_example_overrides_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assignments = _env_example_assignments()
+    inspectd_keys = {k: v for k, v in assignments.items() if k.startswith("INSPECTD_")}
+    assert len(inspectd_keys) >= 3
+    for key, value in assignments.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings(EXAMPLE_TOML)
+    dumped = settings.model_dump(mode="json")
+    for key, value in inspectd_keys.items():
+        node = dumped
+        for part in key.removeprefix("INSPECTD_").lower().split("__"):
+            node = node[part]  # KeyError: the variable names no setting, and pydantic would ignore it
+        assert str(node) == value, key
+
+
+# --- the container image -------------------------------------------------------------------------------
+
+
+def _dockerfile() -> str:
+    return DOCKERFILE.read_text(encoding="utf-8")
+
+
+@pytest.mark.timeout(60)
+def test_hadolint_passes() -> None:
+    hadolint = require_tool("hadolint")
+    out = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerfile_contract() -> None:
+    text = _dockerfile()
+    assert re.search(r"^FROM nvcr\.io/nvidia/tensorrt:\$\{TENSORRT_TAG\}$", text, re.M)
+    assert re.search(r"^ARG TENSORRT_TAG=\d\d\.\d\d-py3$", text, re.M)
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user and user[-1].split(":")[0] not in ("root", "0"), "must run as a non-root user"
+    assert re.search(r'pip install [^\n]*"[^"]*\[gpu\]"', text), "installs the package with the gpu extra"
+    entry = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)
+    assert entry and entry.group(1) == f'["{SHIPPED_ENTRY_POINT}", "serve"]'  # same path as the unit
+    health = re.search(r"^HEALTHCHECK .*(?:\n\s+.*)*", text, re.M)
+    defaults = MetricsSettings()
+    assert health and f"http://{defaults.host}:{defaults.port}/readyz" in health.group(0)
+
+
+def test_dockerignore_admits_exactly_what_the_build_needs() -> None:
+    lines = [ln.strip() for ln in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
+    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert rules[0] == "*", "an allow-list: everything out, then what the build needs back in"
+    admitted = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= admitted, "every installed package's source must reach the build"
+    assert {"pyproject.toml", pyproject["project"]["readme"]} <= admitted
+    for copied in re.findall(r"^COPY (?!\. )(\S+) ", _dockerfile(), re.M):
+        assert copied in admitted, f"COPY {copied} is excluded by .dockerignore"
+
+
+@pytest.mark.timeout(60)
+def test_healthcheck_command_fails_on_not_ready() -> None:
+    # The HEALTHCHECK runs Python's urlopen against /readyz: it must exit non-zero on a 503, which urlopen
+    # raises as HTTPError. Shown against the real MetricsServer with a readiness of False, then True.
+    from prometheus_client import CollectorRegistry
+
+    from daemon.metrics import MetricsServer
+
+    health = re.search(r"^HEALTHCHECK .*CMD (\[.*\])$", _dockerfile().replace("\\\n", ""), re.M)
+    assert health
+    argv = [a.strip('"') for a in re.findall(r'"(?:[^"\\]|\\.)*"', health.group(1))]
+    assert argv[0] == "python3" and argv[1] == "-c"
+    ready = {"value": False}
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, ready=lambda: ready["value"])
+    server.start()
+    try:
+        code = argv[2].replace("127.0.0.1:9108", f"127.0.0.1:{server.port}")
+        cmd = [sys.executable, "-c", code]
+        assert subprocess.run(cmd, capture_output=True, timeout=20).returncode != 0, shlex.join(cmd)
+        ready["value"] = True
+        assert subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
+    finally:
+        server.stop()
