@@ -32,7 +32,8 @@ from daemon.sources.camera import CameraSource
 from daemon.sources.folder import FolderSource
 from daemon.systemd_notify import SystemdNotifier
 from engine.backend import Backend, create_backend, resolve_kind
-from engine.package import ModelPackage, load_package
+from engine.gauges import GaugeSet, load_gauges
+from engine.package import ModelMeta, ModelPackage, load_package
 from engine.preprocess import Preprocessor
 
 log = get_logger(__name__)
@@ -160,12 +161,23 @@ class App:
             self.settings,
             backend=backend,
             preprocessor=Preprocessor(meta.preprocess),
-            decider=Decider(meta.decision, meta.model_id),
+            decider=Decider(meta.decision, meta.model_id, gauges=self._gauges(meta)),
             metrics=self.metrics,
             clock=self.clock,
         )
         h, w = meta.preprocess.input_size
-        self.metrics.set_model_info({**backend.describe(), "input": f"{h}x{w}"})
+        gauges = (
+            ",".join(b.name for b in self.pipeline.decider.gauges.bands)
+            if self.pipeline.decider.gauges
+            else ""
+        )
+        self.metrics.set_model_info({**backend.describe(), "input": f"{h}x{w}", "gauges": gauges or "none"})
+
+    def _gauges(self, meta: ModelMeta) -> GaugeSet | None:
+        try:
+            return load_gauges(meta.gauges, meta.preprocess.pose)
+        except ValueError as exc:
+            raise StartupError(f"model package {self.settings.model.path}: gauges: {exc}") from None
 
     def start_after_publish(self) -> None:
         handlers: list[AfterPublish] = []

@@ -1,29 +1,39 @@
 """Score → verdict, and the fail-safe verdicts for frames the model did not decide.
 
 The operating point comes from the model package (``model.json`` ``decision``), never from daemon config, so a
-threshold always travels with the model it was calibrated for. Anything that is not a finite score in [0, 1]
+threshold always travels with the model it was calibrated for. So do the gauges' tolerance bands (``gauges``):
+a part is REJECTed when the model or a gauge says so, and the verdict's detail says which. Anything that is not a finite score in [0, 1]
 is an engine error: a NaN compares false against every threshold and would otherwise PASS.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from daemon.types import Frame, Outcome, Reason, Verdict
+from engine.gauges import GaugeSet, Violation
 from engine.package import Decision
 
 
 class Decider:
-    def __init__(self, decision: Decision, model_id: str) -> None:
+    def __init__(self, decision: Decision, model_id: str, gauges: GaugeSet | None = None) -> None:
         self.decision = decision
+        self.gauges = gauges
         self.model_id = model_id
         self.threshold = float(decision.threshold)
         # With a grey zone: < low PASS, ≥ high REJECT, in between REJECT grey_zone (a person re-inspects).
         lo, hi = decision.grey_zone if decision.grey_zone is not None else (self.threshold, self.threshold)
         self._low, self._high = float(lo), float(hi)
 
-    def decide(self, frame: Frame, score: float, timings_ms: dict[str, float]) -> Verdict:
+    def decide(
+        self,
+        frame: Frame,
+        score: float,
+        timings_ms: dict[str, float],
+        violations: Sequence[Violation] = (),
+    ) -> Verdict:
         if not (math.isfinite(score) and 0.0 <= score <= 1.0):
             return self.reject(
                 frame, Reason.ENGINE_ERROR, {"error": f"model returned score {score!r}"}, timings_ms
@@ -34,6 +44,12 @@ class Decider:
             outcome, reason = Outcome.REJECT, Reason.MODEL
         else:
             outcome, reason = Outcome.REJECT, Reason.GREY_ZONE
+        detail: dict[str, Any] | None = None
+        if violations:
+            # Inference still ran, so the record shows whether the model alone would have caught the part.
+            rejected_by = ["gauges"] if outcome is Outcome.PASS else ["gauges", "model"]
+            detail = {"gauges": [v.to_dict() for v in violations], "rejected_by": rejected_by}
+            outcome, reason = Outcome.REJECT, Reason.OUT_OF_TOLERANCE
         return Verdict(
             frame_id=frame.frame_id,
             source=frame.source,
@@ -45,6 +61,7 @@ class Decider:
             t_capture=frame.t_capture,
             t_arrival=frame.t_arrival,
             label=frame.label,
+            detail=detail,
             timings_ms=timings_ms,
         )
 

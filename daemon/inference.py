@@ -162,7 +162,7 @@ class InferenceWorker:
                 "queue": queue_ms,
                 "infer": infer_ms,
             }
-            verdict = self.decider.decide(job.frame, score, timings)
+            verdict = self.decider.decide(job.frame, score, timings, job.violations)
             if self.ledger.settle(job, verdict):
                 if verdict.outcome is Outcome.PASS:
                     passed += 1

@@ -16,6 +16,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from daemon.types import Frame, Reason, Verdict
 
@@ -23,7 +24,7 @@ from daemon.types import Frame, Reason, Verdict
 class Job:
     """A frame in flight: the immutable frame plus what the pipeline learns about it on the way."""
 
-    __slots__ = ("deadline", "frame", "key", "ok", "t_decode_ms", "t_pre_ms")
+    __slots__ = ("deadline", "frame", "key", "ok", "t_decode_ms", "t_pre_ms", "violations")
 
     def __init__(self, key: int, frame: Frame, deadline: float) -> None:
         self.key = key
@@ -32,6 +33,7 @@ class Job:
         self.ok = False  # preprocessed into its batch row
         self.t_decode_ms = 0.0
         self.t_pre_ms = 0.0
+        self.violations: tuple[Any, ...] = ()  # engine.gauges.Violation: measurements outside their bands
 
 
 class Settled:

@@ -17,16 +17,11 @@ from daemon.decision import Decider
 from daemon.ledger import Job, Ledger
 from daemon.logs import get_logger
 from daemon.types import Reason
+from engine.gauges import check
+from engine.pose import PoseError, PoseParams, estimate_pose
 from engine.preprocess import DecodeError, Preprocessor, decode, to_gray8
 
 log = get_logger(__name__)
-
-try:  # the pose stage is optional: a package without pose crops never raises these
-    from engine.pose import PoseError
-except ImportError:  # pragma: no cover - engine.pose is part of the package
-
-    class PoseError(ValueError):  # type: ignore[no-redef]
-        reason = "pose_error"
 
 
 class FramePreprocessor:
@@ -46,6 +41,10 @@ class FramePreprocessor:
         self._max_pixels = max_pixels
         self._now = monotonic
         self._observe = observe_stage
+        gauges = decider.gauges
+        self._gauges = gauges
+        self._pose_params = gauges.pose_params() if gauges is not None else PoseParams()
+        self._pose_crop = preprocessor.params.pose is not None
 
     def __call__(self, job: Job, row: np.ndarray) -> None:
         frame = job.frame
@@ -60,7 +59,13 @@ class FramePreprocessor:
             else:
                 raise DecodeError("frame carries neither pixels nor encoded bytes")
             t1 = self._now()
-            self._pre(gray, row)
+            pose = None
+            if self._gauges is not None:
+                # Measure every part when the package has gauges, even without a pose crop: a part that
+                # cannot be measured must not pass a gauge (PoseError → REJECT no_part / pose_error below).
+                pose = estimate_pose(gray, self._pose_params)
+                job.violations = tuple(check(pose.measurements, self._gauges))
+            self._pre(gray, row, pose=pose if self._pose_crop else None)
             t2 = self._now()
         except DecodeError as exc:
             self._fail(job, Reason.DECODE_ERROR, str(exc))

@@ -171,16 +171,20 @@ class Preprocessor:
             self._local.clahe = clahe
         return clahe
 
-    def geometric(self, gray: np.ndarray) -> np.ndarray:
+    def geometric(self, gray: np.ndarray, *, pose: Any = None) -> np.ndarray:
         """The deterministic uint8 part: (pose crop) → CLAHE/resize in the configured order → (H, W) uint8.
 
         Training caches this and applies augmentation after it; the daemon goes straight on to normalise.
+        ``pose``: an ``engine.pose.Pose`` the caller already estimated (the daemon's gauges), so it is not
+        estimated twice; ignored without a pose crop.
         """
         if gray.ndim != 2 or gray.dtype != np.uint8:
             raise ValueError(f"expected a 2-D uint8 gray image, got shape {gray.shape} dtype {gray.dtype}")
         if self._pose is not None:
             pose_mod, pose_params = self._pose
-            gray = pose_mod.normalise(gray, pose_mod.estimate_pose(gray, pose_params), pose_params)
+            if pose is None:
+                pose = pose_mod.estimate_pose(gray, pose_params)
+            gray = pose_mod.normalise(gray, pose, pose_params)
         h, w = self.params.input_size
         if self.params.order == "clahe_then_resize":
             return cv2.resize(self._clahe().apply(gray), (w, h), interpolation=self._interp)
@@ -191,12 +195,12 @@ class Preprocessor:
         np.multiply(img8, self._scale, out=out, casting="unsafe")
         out -= self._offset
 
-    def __call__(self, gray: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """One image → float32 (1, H, W); written into ``out`` when given."""
+    def __call__(self, gray: np.ndarray, out: np.ndarray | None = None, *, pose: Any = None) -> np.ndarray:
+        """One image → float32 (1, H, W); written into ``out`` when given (``pose``: see ``geometric``)."""
         h, w = self.params.input_size
         if out is None:
             out = np.empty((1, h, w), dtype=np.float32)
-        self.normalise_into(self.geometric(gray), out[0])
+        self.normalise_into(self.geometric(gray, pose=pose), out[0])
         return out
 
     def batch_into(self, images: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:

@@ -56,3 +56,22 @@ def test_fail_safe_reject_has_no_score() -> None:
         "m@x",
     )
     assert not v.inspected
+
+
+def test_gauge_violation_rejects_and_says_who_rejected() -> None:
+    import time as _time
+
+    from daemon.decision import Decider
+    from daemon.types import Frame, Outcome, Reason
+    from engine.gauges import Violation
+    from engine.package import Decision
+
+    decider = Decider(Decision(threshold=0.5), "m")
+    frame = Frame("cam", 1, "f", _time.monotonic(), _time.time())
+    short = [Violation("length_px", 850.0, 903.8, 939.9)]
+    v = decider.decide(frame, 0.1, {}, short)
+    assert (v.outcome, v.reason, v.score) == (Outcome.REJECT, Reason.OUT_OF_TOLERANCE, 0.1)
+    assert v.detail == {"gauges": [short[0].to_dict()], "rejected_by": ["gauges"]}
+    both = decider.decide(frame, 0.9, {}, short)
+    assert both.reason is Reason.OUT_OF_TOLERANCE and both.detail["rejected_by"] == ["gauges", "model"]  # type: ignore[index]
+    assert decider.decide(frame, 0.1, {}, ()).outcome is Outcome.PASS

@@ -25,7 +25,7 @@ class Raising:
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
 
-    def __call__(self, gray: np.ndarray, out: np.ndarray) -> None:
+    def __call__(self, gray: np.ndarray, out: np.ndarray, *, pose: Any = None) -> None:
         raise self.exc
 
 
