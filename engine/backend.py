@@ -117,10 +117,8 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def tensorrt_available() -> bool:
-    """True when both tensorrt and a CUDA runtime binding are importable (no import side effects)."""
-    return importlib.util.find_spec("tensorrt") is not None and (
-        importlib.util.find_spec("cuda") is not None or importlib.util.find_spec("torch") is not None
-    )
+    """True when tensorrt and cuda-python (the TensorRT backend's memory layer) are importable, without importing."""
+    return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("cuda") is not None
 
 
 def resolve_kind(kind: str) -> str:

@@ -74,6 +74,7 @@ class ModelMeta:
     calibration: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, Any] = field(default_factory=dict)  # derived files (int8), written by inspectd quantize
     created_by: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -98,6 +99,7 @@ class ModelMeta:
             "calibration": self.calibration,
             "training": self.training,
             "metrics": self.metrics,
+            "variants": self.variants,
             "created_by": self.created_by,
         }
 
@@ -112,7 +114,7 @@ class ModelMeta:
         known = {
             "schema_version", "name", "input_name", "output_name", "heatmap_output", "class_order",
             "preprocess", "decision", "gauges", "opset", "onnx_sha256", "calibration", "training",
-            "metrics", "created_by",
+            "metrics", "variants", "created_by",
         }  # fmt: skip
         unknown = sorted(set(d) - known)
         if unknown:
@@ -141,6 +143,7 @@ class ModelMeta:
             calibration=dict(d.get("calibration") or {}),
             training=dict(d.get("training") or {}),
             metrics=dict(d.get("metrics") or {}),
+            variants=dict(d.get("variants") or {}),
             created_by=dict(d.get("created_by") or {}),
         )
 

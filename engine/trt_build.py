@@ -1,0 +1,400 @@
+"""TensorRT engine builder and its cache: ONNX → serialized plan, keyed so a plan is only ever loaded where
+it was built for.
+
+A plan is tied to the exact TensorRT version, the GPU (compute capability), the precision and the batch
+profile it was built with; loading one anywhere else at best fails and at worst trips TensorRT's version-tag
+assertion. So every plan in ``package.engine_cache_dir`` has a JSON sidecar holding its :class:`EngineKey`,
+and :meth:`EngineCache.lookup` compares the whole key *before* a single byte of the plan reaches
+``deserialize_cuda_engine``.
+
+Polygraphy's split: this module builds (loaders build); :mod:`engine.backends.tensorrt` runs. ``tensorrt``
+is imported lazily, only inside the functions that need it, and only TensorRT ≥ 10 is supported — the one
+feature check for TensorRT 11 (which removed weakly typed FP16) lives in :func:`_apply_precision`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.backend import BackendError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp16", "fp32")
+MIN_TENSORRT_MAJOR = 10
+DEFAULT_WORKSPACE_MB = 1024
+_SAFE = re.compile(r"[^A-Za-z0-9.]+")
+
+
+class EngineBuildError(BackendError):
+    """TensorRT could not parse the ONNX file or build a plan from it."""
+
+
+class EngineKeyMismatch(BackendError):
+    """No plan in the cache was built for this station/model/precision/profile (and rebuilding is off)."""
+
+
+def import_tensorrt() -> Any:
+    """``import tensorrt``, refusing versions before 10 (named I/O tensors, ``execute_async_v3``)."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendError(f"TensorRT is not importable here: {exc}") from None
+    major = int(str(trt.__version__).split(".")[0])
+    if major < MIN_TENSORRT_MAJOR:
+        raise BackendError(f"TensorRT {trt.__version__} is too old; inspectd needs TensorRT ≥ 10")
+    return trt
+
+
+@functools.lru_cache(maxsize=1)
+def trt_logger() -> Any:
+    """One logger for the process: TensorRT warns (and may misbehave) when builder and runtime use different
+    loggers."""
+    trt = import_tensorrt()
+    return trt.Logger(trt.Logger.WARNING)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchProfile:
+    """The optimization profile over the batch dimension: every batch size in ``min..max`` is valid, and
+    TensorRT tunes its kernels for ``opt`` (the batch size the line typically produces)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"batch profile must satisfy 1 ≤ min ≤ opt ≤ max, got {self}")
+
+    @classmethod
+    def for_max(cls, max_batch: int, opt: int | None = None) -> BatchProfile:
+        """1..max_batch, opt defaulting to 8 (or max_batch when smaller)."""
+        return cls(1, min(max_batch, opt if opt is not None else 8), max_batch)
+
+    def batch_sizes(self) -> tuple[int, ...]:
+        return tuple(range(self.min, self.max + 1))
+
+    def shapes(self, chw: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) full input shapes, as ``IOptimizationProfile.set_shape`` takes them."""
+        return ((self.min, *chw), (self.opt, *chw), (self.max, *chw))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineKey:
+    """Everything a plan depends on. Two plans with equal keys are interchangeable; unequal keys never are."""
+
+    onnx_sha256: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    precision: str
+    profile: BatchProfile
+    input_shape: tuple[int, int, int]  # (C, H, W); the batch dimension is the profile's
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineKey:
+        p = d["profile"]
+        return cls(
+            onnx_sha256=str(d["onnx_sha256"]),
+            tensorrt_version=str(d["tensorrt_version"]),
+            gpu_name=str(d["gpu_name"]),
+            compute_capability=str(d["compute_capability"]),
+            precision=str(d["precision"]),
+            profile=BatchProfile(int(p["min"]), int(p["opt"]), int(p["max"])),
+            input_shape=(int(d["input_shape"][0]), int(d["input_shape"][1]), int(d["input_shape"][2])),
+        )
+
+    def digest(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def stem(self) -> str:
+        """File name stem: readable for a person listing the folder, unique through the digest."""
+        p = self.profile
+        return f"trt{_SAFE.sub('_', self.tensorrt_version)}-{self.precision}-b{p.min}-{p.opt}-{p.max}-{self.digest()}"
+
+    def describe(self) -> str:
+        p = self.profile
+        return (
+            f"onnx {self.onnx_sha256[:12]}, TensorRT {self.tensorrt_version}, {self.gpu_name} "
+            f"(sm {self.compute_capability}), {self.precision}, batch {p.min}/{p.opt}/{p.max}, "
+            f"input {'×'.join(map(str, self.input_shape))}"
+        )
+
+    def differences(self, other: EngineKey) -> list[str]:
+        """Human-readable ``field: theirs → ours`` for every field that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {theirs[k]} → {mine[k]}" for k in mine if mine[k] != theirs[k]]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedEngine:
+    key: EngineKey
+    plan: Path
+    record: dict[str, Any]  # the sidecar: key, build and parity information
+
+
+class EngineCache:
+    """Plans and their JSON sidecars in one folder (``package.engine_cache_dir``), plus the timing cache.
+
+    Written atomically (temporary file + rename) so a daemon starting during a build sees either no plan
+    or a complete one. A plan whose sidecar is missing, unreadable or holds another key is never loaded.
+    """
+
+    SIDECAR_SUFFIX = ".json"
+    PLAN_SUFFIX = ".plan"
+    CANDIDATE = ".candidate"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def plan_path(self, key: EngineKey, *, candidate: bool = False) -> Path:
+        tag = self.CANDIDATE if candidate else ""
+        return self.directory / f"{key.stem()}{tag}{self.PLAN_SUFFIX}"
+
+    @staticmethod
+    def sidecar_path(plan: Path) -> Path:
+        return plan.with_suffix(EngineCache.SIDECAR_SUFFIX)
+
+    def read_record(self, plan: Path) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.sidecar_path(plan).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("key"), dict) else None
+
+    def verify(self, plan: Path, key: EngineKey) -> dict[str, Any]:
+        """The sidecar record of ``plan`` if it holds exactly ``key``; else :class:`EngineKeyMismatch`."""
+        record = self.read_record(plan)
+        if record is None:
+            raise EngineKeyMismatch(f"engine plan {plan} has no readable key sidecar; refusing to load it")
+        try:
+            theirs = EngineKey.from_dict(record["key"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineKeyMismatch(f"engine plan {plan} has a malformed key sidecar ({exc})") from None
+        if theirs != key:
+            raise EngineKeyMismatch(
+                f"engine plan {plan} was built for [{theirs.describe()}], this station needs "
+                f"[{key.describe()}] (differs in {'; '.join(key.differences(theirs))})"
+            )
+        if not plan.is_file():
+            raise EngineKeyMismatch(f"engine plan {plan} is missing (only its sidecar exists)")
+        return record
+
+    def lookup(self, key: EngineKey) -> CachedEngine | None:
+        plan = self.plan_path(key)
+        if not plan.is_file():
+            return None
+        try:
+            record = self.verify(plan, key)
+        except EngineKeyMismatch as exc:
+            log.warning("ignoring cached engine: %s", exc)
+            return None
+        return CachedEngine(key=key, plan=plan, record=record)
+
+    def entries(self) -> list[EngineKey]:
+        """Keys of every activated plan in the folder (candidates excluded)."""
+        keys = []
+        for sidecar in sorted(self.directory.glob(f"*{self.SIDECAR_SUFFIX}")):
+            if self.CANDIDATE in sidecar.name or sidecar.name.startswith("."):
+                continue
+            record = self.read_record(sidecar.with_suffix(self.PLAN_SUFFIX))
+            if record is None:
+                continue
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                keys.append(EngineKey.from_dict(record["key"]))
+        return keys
+
+    def store(self, key: EngineKey, plan: bytes, record: dict[str, Any], *, candidate: bool = False) -> Path:
+        """Write plan then sidecar (a sidecar never points at a half-written plan)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.plan_path(key, candidate=candidate)
+        _atomic_write(path, plan)
+        full = {"key": key.to_dict(), **{k: v for k, v in record.items() if k != "key"}}
+        _atomic_write(self.sidecar_path(path), (json.dumps(full, indent=2) + "\n").encode())
+        return path
+
+    def activate(self, key: EngineKey, record_update: dict[str, Any]) -> Path:
+        """Promote the candidate plan (which passed the parity gate) to the key's plan."""
+        cand = self.plan_path(key, candidate=True)
+        record = self.verify(cand, key)
+        record.update(record_update)
+        final = self.plan_path(key)
+        os.replace(cand, final)
+        _atomic_write(self.sidecar_path(final), (json.dumps(record, indent=2) + "\n").encode())
+        self.sidecar_path(cand).unlink(missing_ok=True)
+        return final
+
+    def discard_candidate(self, key: EngineKey) -> None:
+        cand = self.plan_path(key, candidate=True)
+        cand.unlink(missing_ok=True)
+        self.sidecar_path(cand).unlink(missing_ok=True)
+
+    def timing_cache_path(self, key: EngineKey) -> Path:
+        """One timing cache per TensorRT version and GPU: TensorRT rejects a cache from another version or
+        device, so sharing one file across them would only throw the tuning away."""
+        gpu = _SAFE.sub("_", key.gpu_name).strip("_")
+        return (
+            self.directory
+            / f"timing-trt{_SAFE.sub('_', key.tensorrt_version)}-{gpu}-sm{key.compute_capability}.cache"
+        )
+
+    @contextlib.contextmanager
+    def build_lock(self) -> Iterator[None]:
+        """Several daemons on one station may start together; one builds, the others then find its plan."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".build.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def mismatch_message(cache: EngineCache, key: EngineKey, package_dir: Path) -> str:
+    """Names the wanted key and every key the cache does hold, with the fields that differ."""
+    found = cache.entries()
+    lines = [f"no TensorRT engine in {cache.directory} for this station: need [{key.describe()}]"]
+    if not found:
+        lines.append("the engine cache is empty")
+    for other in found:
+        lines.append(f"found [{other.describe()}] — differs in {'; '.join(key.differences(other))}")
+    lines.append(
+        f"build one with 'inspectd build-engine {package_dir}' on this station, or allow the backend to "
+        "rebuild (rebuild=True)"
+    )
+    return "\n  ".join(lines)
+
+
+def build_plan(
+    onnx_path: Path,
+    key: EngineKey,
+    *,
+    input_name: str,
+    timing_cache: Path | None,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+) -> bytes:
+    """Parse ``onnx_path`` and build a serialized plan for ``key`` (precision + batch profile).
+
+    The timing cache is read before and written after the build, so a rebuild (new model, same layers)
+    skips most kernel timing.
+    """
+    trt = import_tensorrt()
+    logger = trt_logger()
+    builder = trt.Builder(logger)
+    # TensorRT 10: networks are always explicit-batch; EXPLICIT_BATCH is deprecated and ignored, so no flag.
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {'; '.join(errors) or 'no details'}")
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    if set(inputs) != {input_name}:
+        raise EngineBuildError(f"{onnx_path} has inputs {sorted(inputs)}; expected exactly [{input_name!r}]")
+    declared = tuple(inputs[input_name].shape)
+    if len(declared) != 4 or tuple(d for d in declared[1:]) != key.input_shape:
+        raise EngineBuildError(
+            f"{onnx_path} input {input_name!r} has shape {declared}; expected (N, {', '.join(map(str, key.input_shape))})"
+        )
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    _apply_precision(trt, config, key.precision)
+    profile = builder.create_optimization_profile()
+    mn, opt, mx = key.profile.shapes(key.input_shape)
+    profile.set_shape(input_name, mn, opt, mx)
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineBuildError(f"TensorRT rejected the optimization profile {key.profile}")
+
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    # ignore_mismatch=False: a cache from another device/version is dropped, never blended in (the file
+    # name already separates them, see EngineCache.timing_cache_path).
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(
+            f"TensorRT failed to build {onnx_path} for [{key.describe()}]; see its log above"
+        )
+    log.info("built TensorRT plan for [%s] in %.1f s", key.describe(), time.perf_counter() - t0)
+    if timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(serialized))
+
+
+def _apply_precision(trt: Any, config: Any, precision: str) -> None:
+    """FP16 through the builder flag (weakly typed network, FP32 I/O kept). TensorRT 11 removed the flag in
+    favour of strongly typed FP16 graphs; that needs an FP16 ONNX, which the package does not hold yet."""
+    if precision == "fp32":
+        return
+    flag = getattr(trt.BuilderFlag, "FP16", None)
+    if flag is None:
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} has no BuilderFlag.FP16 (weakly typed FP16 was removed in 11); "
+            "build --fp32, or export an FP16 (strongly typed) ONNX for this TensorRT"
+        )
+    config.set_flag(flag)
+
+
+def resolve_plan(
+    cache: EngineCache,
+    key: EngineKey,
+    *,
+    package_dir: Path,
+    rebuild: bool,
+    build: Callable[[], bytes],
+) -> CachedEngine:
+    """The cached plan for ``key``; else build it (when ``rebuild``) or raise :class:`EngineKeyMismatch`.
+
+    A plan built here is not parity-gated (the daemon has no validation images); its sidecar says so, and
+    ``inspectd build-engine`` is the gated way.
+    """
+    hit = cache.lookup(key)
+    if hit is not None:
+        return hit
+    if not rebuild:
+        raise EngineKeyMismatch(mismatch_message(cache, key, package_dir))
+    with cache.build_lock():
+        hit = cache.lookup(key)  # another process may have built it while we waited
+        if hit is not None:
+            return hit
+        t0 = time.perf_counter()
+        plan = build()
+        record = {"built_by": "backend rebuild", "build_seconds": round(time.perf_counter() - t0, 2)}
+        record["parity"] = {"gated": False}
+        path = cache.store(key, plan, record)
+    return CachedEngine(key=key, plan=path, record=cache.verify(path, key))

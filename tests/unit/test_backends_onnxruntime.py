@@ -1,0 +1,92 @@
+"""ONNX Runtime backend beyond the lead's basics: model checks at open, IO binding, device selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine.backend import BackendError, create_backend
+from engine.package import ModelMeta, load_package, write_meta
+from engine.preprocess import PreprocessParams
+from tests.helpers import tiny_package
+
+
+def _enter(kind: str, package: Any, **options: Any) -> None:
+    """Open and close a backend: what is under test happens in ``__enter__``."""
+    with create_backend(kind, package, **options):
+        pass
+
+
+def _rank3_package(d: Path) -> Path:
+    """A valid ONNX model whose input has no channel axis: (N, H, W) → mean → (N,)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    d.mkdir(parents=True)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["logit"], axes=[1, 2], keepdims=0)],
+        "rank3",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 32, 32])],
+        [helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(d / "model.onnx"))
+    write_meta(d, ModelMeta(name="rank3", preprocess=PreprocessParams(input_size=(32, 32))))
+    return d
+
+
+def test_wrong_input_rank_is_refused_at_open(tmp_path: Path) -> None:
+    pkg = load_package(_rank3_package(tmp_path / "pkg"))
+    with pytest.raises(BackendError, match=r"input rank is 3 .*expected 4 \(N, C, H, W\)"):
+        _enter("onnxruntime", pkg)
+
+
+def test_input_size_disagreeing_with_model_json_is_refused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    tiny_package(tmp_path / "pkg", input_size=(32, 32))
+    meta = load_package(tmp_path / "pkg").meta
+    write_meta(tmp_path / "pkg", replace(meta, preprocess=PreprocessParams(input_size=(32, 48))))
+    with pytest.raises(BackendError, match="does not match model.json"):
+        _enter("onnxruntime", load_package(tmp_path / "pkg"))
+
+
+def test_io_binding_gives_identical_logits(tmp_path: Path) -> None:
+    tiny_package(tmp_path / "pkg", input_size=(32, 32))
+    pkg = load_package(tmp_path / "pkg")
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(0, 1, (n, 1, 32, 32)).astype(np.float32) for n in (3, 1, 4)]
+    with create_backend("onnxruntime", pkg, max_batch=4) as plain:
+        ref = [plain.infer(b) for b in batches]
+    with create_backend("onnxruntime", pkg, max_batch=4, io_binding=True) as bound:
+        got = [bound.infer(b) for b in batches]
+        first = got[0].copy()
+        bound.infer(batches[2])  # the preallocated buffer is reused: earlier results must not change
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(r, g)
+    np.testing.assert_array_equal(got[0], first)
+
+
+def test_cuda_device_without_the_provider_is_a_clear_error(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    tiny_package(tmp_path / "pkg", input_size=(32, 32))
+    with pytest.raises(BackendError, match="device 'cuda' asked for, but this onnxruntime offers only"):
+        _enter("onnxruntime", load_package(tmp_path / "pkg"), device="cuda")
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        create_backend("onnxruntime", load_package(tmp_path / "pkg"), device="tpu")
+
+
+def test_unrecorded_model_file_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    tiny_package(tmp_path / "pkg", input_size=(32, 32))
+    shutil.copy(tmp_path / "pkg" / "model.onnx", tmp_path / "pkg" / "model.int8.onnx")
+    with pytest.raises(BackendError, match="model.int8.onnx is not recorded in .*inspectd quantize"):
+        _enter("onnxruntime", load_package(tmp_path / "pkg"), model_file="model.int8.onnx")
