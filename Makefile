@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/inspectd synth $(or $(DEMO_DIR),/tmp/inspectd-demo/synth) --ok 8 --ng 5 --seed 0
+	$(VENV)/bin/inspectd demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

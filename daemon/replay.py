@@ -1,0 +1,378 @@
+"""Replay: every image of a labelled folder through the daemon's own pipeline, verdicts collected for a report.
+
+Nothing here scores images itself. The images enter the real :class:`~daemon.app.App` through a
+:class:`~daemon.sources.replay.ReplaySource` (source → decode/preprocess pool → micro-batcher → backend →
+decision → ledger → publisher), built from the same settings file the station runs (``--config``) with only
+what a replay must not share with a running daemon changed: an ephemeral verdict endpoint, no camera/folder
+sources, no audit archive, metrics off unless asked for. Verdicts are collected twice: by an in-process
+listener (which sees the ground truth and the stage timings) and by a real ZeroMQ subscriber, which checks that
+what went out on the wire is complete and gapless.
+
+The ground truth comes from training's dataset discovery (class folders, MVTec layout, labels CSV), imported
+here and only here: ``training.data`` and ``training.split`` import numpy and OpenCV, never torch (a test
+keeps it that way), and ``inspectd serve`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from prometheus_client import CollectorRegistry
+
+from daemon.app import App
+from daemon.settings import SecuritySettings, Settings
+from daemon.sources.replay import ReplayItem, ReplaySource
+from daemon.types import Frame, Verdict
+from engine.package import ModelPackage
+
+LABELS = ("OK", "NG")
+
+
+class ReplayError(ValueError):
+    """The replay cannot run as asked (data, split, model); the message says what to fix."""
+
+
+def training_module(name: str) -> Any:
+    """``training.<name>``, imported at call time. Only its torch-free modules are used (data, split, report).
+
+    Through ``importlib`` so that mypy, which checks daemon/ and engine/ only, does not follow into training's
+    code and report its findings as ours.
+    """
+    return importlib.import_module(f"training.{name}")
+
+
+# -- what to replay ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Selection:
+    root: Path
+    layout: str  # folders | mvtec | csv | unlabelled
+    part: str  # all | train | val | test
+    items: list[ReplayItem]
+    notes: list[str] = field(default_factory=list)
+
+
+def select(
+    data: Path,
+    *,
+    labels: Path | None = None,
+    part: str = "all",
+    split_file: Path | None = None,
+    package: ModelPackage | None = None,
+) -> Selection:
+    """The images to replay, with their ground truth, in a stable order (sorted by relative path)."""
+    td, ts = training_module("data"), training_module("split")
+    source = _source(data, labels)
+    notes: list[str] = []
+    try:
+        ds = td.discover(source, check_readable=False)  # unreadable files are replayed: decode_error REJECTs
+    except td.DataError as exc:
+        if source.is_file() or not source.is_dir() or part != "all":
+            raise ReplayError(str(exc)) from None
+        notes.append(f"not a labelled dataset ({exc}); labels from class-folder names where there are any")
+        return Selection(source, "unlabelled", part, _loose(source), notes)
+
+    split: Any = None
+    try:
+        if split_file is not None:
+            split = ts.Split.load(split_file)
+        elif package is not None and package.meta.training.get("split"):
+            split = ts.Split.from_dict(package.meta.training["split"])
+    except td.DataError as exc:
+        raise ReplayError(str(exc)) from None
+    if part == "all":
+        samples = sorted(ds.samples, key=lambda s: s.path)
+    else:
+        if split is None:
+            raise ReplayError(
+                f"--split {part}: the model package records no split; pass --split-file SPLIT_JSON or --split all"
+            )
+        try:
+            samples = td.subset(ds, split.part(part))
+        except td.DataError as exc:
+            raise ReplayError(str(exc)) from None
+        samples = sorted(samples, key=lambda s: s.path)
+        if split.data_hash and split.data_hash != ds.content_hash():
+            notes.append(
+                f"{ds.root} differs from the data the split was made on (content hash): some files changed"
+            )
+    items = [
+        ReplayItem(
+            path=ds.abspath(s),
+            frame_id=s.path,
+            label=LABELS[s.label],
+            defect_type=(s.defect_type or "ng") if s.label else None,
+        )
+        for s in samples
+    ]
+    if not items:
+        raise ReplayError(f"nothing to replay: the {part} part of the split is empty")
+    if part == "all" and split is not None:  # say so when "everything" includes what the model learnt from
+        seen = set(split.train) | set(split.val)
+        overlap = sum(1 for i in items if i.frame_id in seen)
+        if overlap:
+            notes.append(
+                f"{overlap} of these {len(items)} images are in the model's train/val split; "
+                "use --split test for the held-out images only"
+            )
+    return Selection(ds.root, ds.layout, part, items, notes)
+
+
+def _source(data: Path, labels: Path | None) -> Path:
+    if labels is None:
+        return data
+    if not labels.is_file():
+        raise ReplayError(f"--labels {labels}: no such file")
+    if data.is_dir() and labels.resolve().parent != data.resolve():
+        raise ReplayError(
+            f"--labels {labels}: a labels CSV names its images relative to its own folder (as for training); "
+            f"put it in {data} or pass the CSV in place of the folder"
+        )
+    return labels
+
+
+def _loose(root: Path) -> list[ReplayItem]:
+    """Every image under ``root``; the label from the nearest class-folder name above it (OK/good…, NG/bad…)."""
+    data_mod = training_module("data")
+    ok_names, ng_names, suffixes = data_mod.OK_NAMES, data_mod.NG_NAMES, data_mod.IMAGE_SUFFIXES
+    items = []
+    for p in sorted(x for x in root.rglob("*") if x.is_file() and x.suffix.lower() in suffixes):
+        rel = p.relative_to(root)
+        label = None
+        for parent in reversed(rel.parts[:-1]):
+            if parent.lower() in ok_names | ng_names:
+                label = "OK" if parent.lower() in ok_names else "NG"
+                break
+        kind = (data_mod.defect_type_from_name(p.stem) or "ng") if label == "NG" else None
+        items.append(ReplayItem(p, rel.as_posix(), label, kind))
+    if not items:
+        raise ReplayError(f"no images under {root} ({', '.join(sorted(suffixes))})")
+    return items
+
+
+# -- collecting verdicts -----------------------------------------------------------------------------------
+class VerdictRecorder:
+    """In-process listener (after-publish thread): one record per verdict, with the frame's ground truth."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+        self.duplicates: list[str] = []
+        self.t_last: float | None = None
+        self._cv = threading.Condition()
+
+    def __call__(self, verdict: Verdict, frame: Frame, message: dict[str, Any]) -> None:
+        detail = verdict.detail or {}
+        rec = {
+            "file": verdict.frame_id,
+            "label": frame.label,
+            "defect_type": frame.defect_type,
+            "verdict": verdict.outcome.value,
+            "reason": verdict.reason.value,
+            "score": verdict.score,
+            "latency_ms": message["latency_ms"],
+            "seq": message["seq"],
+            "timings_ms": {k: round(v, 3) for k, v in verdict.timings_ms.items()},
+            "error": detail.get("error"),
+        }
+        with self._cv:
+            if verdict.frame_id in self.records:
+                self.duplicates.append(verdict.frame_id)  # impossible by the ledger; recorded if it happens
+            self.records[verdict.frame_id] = rec
+            self.t_last = time.monotonic()
+            self._cv.notify_all()
+
+    def count(self) -> int:
+        with self._cv:
+            return len(self.records)
+
+    def wait(self, n: int, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._cv:
+            while len(self.records) < n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+            return True
+
+
+class WireCheck:
+    """A real SUB socket on its own thread (and its own context, so the App can terminate its context while
+    this one still listens): counts the verdicts a line controller would have received, and seq gaps."""
+
+    def __init__(self, endpoint: str, line: str) -> None:
+        self.endpoint, self.line = endpoint, line
+        self.frame_ids: set[str] = set()
+        self.gaps = 0
+        self.last_seq = 0
+        self.heartbeat = threading.Event()
+        self._stop = threading.Event()
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._thread = threading.Thread(target=self._run, name="replay-sub", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread.start()
+        if not self.heartbeat.wait(timeout):  # subscribed: nothing published from now on is missed
+            raise ReplayError(f"no heartbeat from the replay's own publisher {self.endpoint} in {timeout} s")
+
+    def stop(self, expect: int, timeout: float = 3.0) -> None:
+        """After the App has stopped (everything published and flushed): wait for ``expect`` verdicts."""
+        end = time.monotonic() + timeout
+        while len(self.frame_ids) < expect and time.monotonic() < end and self._thread.is_alive():
+            time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(5.0)
+        self._ctx.term()
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, self.line.encode())
+        sock.connect(self.endpoint)
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(50):
+                    continue
+                _, payload = sock.recv_multipart()
+                msg = json.loads(payload)
+                if msg["type"] == "heartbeat":
+                    self.heartbeat.set()
+                    continue
+                if self.last_seq and msg["seq"] != self.last_seq + 1:
+                    self.gaps += 1
+                self.last_seq = msg["seq"]
+                self.frame_ids.add(msg["frame_id"])
+        finally:
+            sock.close()
+
+
+# -- running -----------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    records: list[dict[str, Any]]  # sorted by file
+    seconds: float  # first frame read → last verdict received
+    wire: dict[str, Any]
+    source: dict[str, Any]
+    backend: dict[str, str]
+    complete: bool
+
+
+def replay_settings(settings: Settings, *, metrics_port: int | None = None) -> Settings:
+    """The station's settings, minus what a replay must not share with a daemon running beside it: its own
+    loopback verdict socket (no CURVE: only this process subscribes), no sources, no audit archive, metrics
+    only on request, and one model for the whole replay (no package watching)."""
+    return settings.model_copy(
+        update={
+            "model": settings.model.model_copy(update={"watch_s": 0.0}),
+            "security": SecuritySettings(),
+            "sources": settings.sources.model_copy(
+                update={
+                    "camera": settings.sources.camera.model_copy(update={"enabled": False}),
+                    "folder": settings.sources.folder.model_copy(update={"enabled": False}),
+                }
+            ),
+            "publisher": settings.publisher.model_copy(
+                update={"endpoint": "tcp://127.0.0.1:*", "heartbeat_ms": 100.0}
+            ),
+            "audit": settings.audit.model_copy(update={"enabled": False}),
+            "metrics": settings.metrics.model_copy(
+                update={"enabled": metrics_port is not None, "port": metrics_port or 0}
+            ),
+        }
+    )
+
+
+def run(
+    settings: Settings,
+    items: list[ReplayItem],
+    *,
+    rate: float | None = None,
+    window: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    stall_s: float = 120.0,
+) -> RunResult:
+    """Push ``items`` through an App built from ``settings`` (see :func:`replay_settings`) and collect verdicts.
+
+    ``window``: the most frames in flight (default: two batches at max rate, the after-publish queue's size at
+    a fixed rate). Returns when every item has its verdict, or when none arrived for ``stall_s``.
+    """
+    b = settings.batching
+    # Credits come back on the after-publish thread; more frames in flight than its queue holds could make it
+    # skip one, and that credit would be lost for good.
+    limit = settings.audit.queue_size
+    if rate is None:
+        max_window = min(window or 2 * b.max_batch, limit)
+        source = ReplaySource(
+            items,
+            rate=None,
+            window=min(max(1, b.preprocess_threads), max_window),
+            max_window=max_window,
+            target_latency_s=0.5 * settings.deadlines.max_latency_ms / 1000.0,
+            max_file_bytes=settings.sources.folder.max_file_bytes,
+        )
+    else:
+        fixed = min(window or limit, limit)
+        source = ReplaySource(
+            items,
+            rate=rate,
+            window=fixed,
+            max_window=fixed,
+            max_file_bytes=settings.sources.folder.max_file_bytes,
+        )
+    recorder = VerdictRecorder()
+    app = App(settings, sources=[source], listeners=[recorder], registry=CollectorRegistry())
+    app.start()
+    assert app.pipeline is not None and app.publisher_endpoint is not None
+    backend = app.pipeline.worker.backend.describe()
+    wire = WireCheck(app.publisher_endpoint, settings.line)
+    complete = False
+    try:
+        wire.start()
+        source.release()
+        n = len(items)
+        t_last_change, last = time.monotonic(), -1
+        while not app.stop_requested.is_set():
+            done = recorder.wait(n, 0.2)
+            count = recorder.count()
+            t0 = source.t_first or time.monotonic()
+            if progress is not None:
+                progress(count, n, time.monotonic() - t0)
+            if done:
+                complete = True
+                break
+            if count != last:
+                t_last_change, last = time.monotonic(), count
+            elif time.monotonic() - t_last_change > stall_s:
+                break
+    finally:
+        source.stop()
+        app.stop()
+        wire.stop(expect=recorder.count())
+    t_first = source.t_first or 0.0
+    seconds = (recorder.t_last or t_first) - t_first
+    records = sorted(recorder.records.values(), key=lambda r: r["file"])
+    return RunResult(
+        records=records,
+        seconds=seconds,
+        wire={
+            "received": len(wire.frame_ids),
+            "published": len(records),
+            "gaps": wire.gaps,
+            "duplicates": len(recorder.duplicates),
+        },
+        source={
+            "rate": rate or "max",
+            "window": list(source.window_range),
+            "adaptive": rate is None,
+            "behind_schedule": source.behind,
+        },
+        backend=backend,
+        complete=complete and app.exit_code == 0,
+    )
