@@ -21,16 +21,20 @@ from prometheus_client import CollectorRegistry
 from daemon.audit import AuditArchive
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
+from daemon.image_policy import InputPolicy
 from daemon.logs import get_logger
 from daemon.metrics import Metrics, MetricsServer
+from daemon.peers import PeerMonitor
 from daemon.pipeline import Pipeline
 from daemon.publisher import AfterPublish, VerdictPublisher
+from daemon.security import CurveServer, SecurityError, is_loopback
 from daemon.settings import Settings
 from daemon.sinks import AfterPublishWorker
 from daemon.sources import Source, VerdictListener
 from daemon.sources.camera import CameraSource
 from daemon.sources.folder import FolderSource
 from daemon.systemd_notify import SystemdNotifier
+from daemon.watch_package import PackageWatcher
 from engine.backend import Backend, create_backend, resolve_kind
 from engine.gauges import GaugeSet, load_gauges
 from engine.package import ModelMeta, ModelPackage, load_package
@@ -80,6 +84,9 @@ class App:
         self.after_publish: AfterPublishWorker | None = None
         self.audit: AuditArchive | None = None
         self.sources: list[Source] = []
+        self.curve: CurveServer | None = None
+        self.peers: PeerMonitor | None = None
+        self.package_watcher: PackageWatcher | None = None
         self._supervisor: threading.Thread | None = None
 
     # -- start: one flat list of steps --------------------------------------------------------------------
@@ -88,6 +95,8 @@ class App:
         try:
             self.init_package()
             self.init_zmq()
+            self.init_security()
+            self.init_peer_monitor()
             self.init_sources()
             self.init_metrics()
             self.start_metrics_server()
@@ -96,7 +105,9 @@ class App:
             self.start_publisher()
             self.start_pipeline()
             self.start_sources()
+            self.start_peer_monitor()
             self.start_supervisor()
+            self.start_package_watcher()
             self.notify_ready(time.monotonic() - t0)
         except BaseException:
             self.stop()
@@ -111,18 +122,55 @@ class App:
             raise StartupError("no model package: set model.path in the config or pass --model DIR")
         self.package = load_package(path, verify=self.settings.model.verify_sha256)
 
+    def init_security(self) -> None:
+        """CURVE + ZAP before any socket binds, so no connection is ever accepted unauthenticated."""
+        assert self.ctx is not None
+        sec = self.settings.security
+        if sec.curve:
+            try:
+                self.curve = CurveServer(sec, self.ctx)
+            except SecurityError as exc:
+                raise StartupError(str(exc)) from None
+            self.curve.start()
+            return
+        exposed = [
+            ep
+            for ep, on in (
+                (self.settings.sources.camera.endpoint, self.settings.sources.camera.enabled),
+                (self.settings.publisher.endpoint, True),
+            )
+            if on and not is_loopback(ep)
+        ]
+        if exposed:
+            log.warning(
+                "endpoints reachable from the network without CURVE: anyone there can feed frames or read "
+                "verdicts; configure security.* (inspectd keys generate)",
+                endpoints=exposed,
+            )
+
+    def init_peer_monitor(self) -> None:
+        names = ("camera", "publisher") if self.settings.sources.camera.enabled else ("publisher",)
+        self.peers = PeerMonitor(self.registry, self.settings.line, sockets=names)
+
     def init_sources(self) -> None:
         if self._sources_in is not None:
             self.sources = list(self._sources_in)
         else:
             cfg = self.settings.sources
+            policy = InputPolicy.from_settings(self.settings.decode)
             if cfg.folder.enabled:
-                self.sources.append(FolderSource(cfg.folder, clock=self.clock))
+                self.sources.append(FolderSource(cfg.folder, clock=self.clock, policy=policy))
             if cfg.camera.enabled:
                 assert self.ctx is not None
                 self.sources.append(
                     CameraSource(
-                        cfg.camera, self.ctx, max_pixels=self.settings.decode.max_pixels, clock=self.clock
+                        cfg.camera,
+                        self.ctx,
+                        max_pixels=self.settings.decode.max_pixels,
+                        clock=self.clock,
+                        policy=policy,
+                        secure=self.curve.apply if self.curve is not None else None,
+                        monitor=self.peers,
                     )
                 )
         if not self.sources:
@@ -203,6 +251,8 @@ class App:
             ready=self.is_ready,
             after_publish=self.after_publish.offer if self.after_publish is not None else None,
             clock=self.clock,
+            secure=self.curve.apply if self.curve is not None else None,
+            monitor=self.peers,
         )
         self.publisher.start()
 
@@ -214,6 +264,18 @@ class App:
         assert self.pipeline is not None
         for source in self.sources:
             source.start(self.pipeline)
+
+    def start_peer_monitor(self) -> None:
+        assert self.peers is not None
+        self.peers.start()  # after every monitored socket is set up (watch() happens before start)
+
+    def start_package_watcher(self) -> None:
+        interval = self.settings.model.watch_s
+        if interval > 0 and self.package is not None:
+            self.package_watcher = PackageWatcher(
+                self.package, self.registry, self.settings.line, interval_s=interval
+            )
+            self.package_watcher.start()
 
     def start_supervisor(self) -> None:
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
@@ -230,6 +292,7 @@ class App:
             publisher=self.publisher_endpoint,
             metrics_port=self.metrics_port,
             sources=[s.describe() for s in self.sources],
+            security=self.curve.describe() if self.curve is not None else {"curve": False},
             **(self._backend.describe() if self._backend else {}),
         )
 
@@ -253,6 +316,8 @@ class App:
         log.info("stopping", pending=self.pipeline.ledger.pending_count if self.pipeline else 0)
         if self._supervisor is not None:
             self._supervisor.join(timeout=2 * _SUPERVISE_S + 1)
+        if self.package_watcher is not None:
+            self.package_watcher.stop()
         for source in reversed(self.sources):
             try:
                 source.stop()
@@ -269,10 +334,18 @@ class App:
                 log.error("publisher did not finish in time")
         if self.after_publish is not None:
             self.after_publish.stop(max(0.5, budget - (time.monotonic() - t0)))
+        for source in self.sources:
+            if isinstance(source, FolderSource):
+                source.close()  # its verdict journal: every verdict has been through on_verdict by now
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        monitor_closed = self.peers.stop() if self.peers is not None else True
+        if self.curve is not None:
+            self.curve.stop()
         if self.ctx is not None:
-            sockets_closed = clean and not any(getattr(s, "alive", False) for s in self.sources)
+            sockets_closed = (
+                clean and monitor_closed and not any(getattr(s, "alive", False) for s in self.sources)
+            )
             if sockets_closed:
                 self.ctx.term()  # last: every socket is closed (with linger) by the thread that owned it
             else:
@@ -344,6 +417,8 @@ class App:
         }
         for s in self.sources:
             alive[f"source-{s.name}"] = bool(getattr(s, "alive", True))
+        if self.curve is not None:  # without it no camera can (re)connect: stop, let systemd restart us
+            alive["zap-authenticator"] = self.curve.alive
         return alive
 
     # -- where things listen (ephemeral ports resolved) ----------------------------------------------------

@@ -18,6 +18,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("daemon.commands.check_config", "validate the configuration and print it"),
     "camera": ("daemon.commands.camera", "simulated camera: push frames to the daemon"),
     "watch": ("daemon.commands.watch", "print verdicts live and report gaps"),
+    "keys": ("daemon.commands.keys", "generate CURVE key pairs for the daemon, cameras and subscribers"),
+    "replay": (
+        "daemon.commands.replay",
+        "replay a labelled folder through the daemon's pipeline: report, compare, CI gates",
+    ),
+    "demo": ("daemon.commands.demo", "synth → train → export → serve → simulated camera, with a live view"),
     "synth": ("engine.commands.synth", "generate labelled synthetic screw images"),
     "train": ("training.commands.train", "train the screw classifier into a run directory"),
     "evaluate": ("training.commands.evaluate", "evaluate a run or model package: report.html + metrics.json"),
@@ -41,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training.commands.calibrate_gauges",
         "learn tolerance bands on pose measurements from OK images into model.json",
     ),
+    "bench": ("bench.command", "measure the daemon against the machine's limit and the naive loop"),
 }
 
 

@@ -48,7 +48,8 @@ LATENCY_BUCKETS = (
 )
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-MESSAGE_ERROR_KINDS = ("multipart", "header", "oversize", "unattributed")
+# Oversized messages are dropped by libzmq as a disconnect: they show in inspectd_peer_events_total.
+MESSAGE_ERROR_KINDS = ("multipart", "header", "unattributed")
 
 
 def _verdict_label_pairs() -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ import zmq
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.ledger import Settled
 from daemon.logs import get_logger
+from daemon.peers import PeerMonitor
 from daemon.settings import PublisherSettings
 from daemon.types import Frame, Reason, Verdict
 from daemon.wire import encode, heartbeat_message, verdict_message
@@ -44,6 +45,8 @@ class VerdictPublisher:
         ready: Callable[[], bool],
         after_publish: AfterPublish | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        secure: Callable[[zmq.Socket[Any], str], None] | None = None,
+        monitor: PeerMonitor | None = None,
     ) -> None:
         self.settings = settings
         self._settled = settled
@@ -65,6 +68,10 @@ class VerdictPublisher:
         self._sock = ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
         self._sock.setsockopt(zmq.LINGER, settings.linger_ms)
+        if secure is not None:  # CURVE server (daemon.security): only authorised subscribers get verdicts
+            secure(self._sock, "publisher")
+        if monitor is not None:
+            monitor.watch(self._sock, "publisher")
         try:
             self._sock.bind(settings.endpoint)
         except zmq.ZMQError:

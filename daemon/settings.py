@@ -76,6 +76,9 @@ class FolderSettings(_Section):
     use_polling: bool = False  # stat-polling observer for filesystems without inotify (NFS, SMB)
     ignore_patterns: list[str] = Field(default_factory=lambda: [".*", "*.tmp", "*.part", "*.partial", "*~"])
     move_after_verdict: bool = False  # move to done/ (PASS) or rejected/ (REJECT) once published
+    # Append-only record of published verdicts (name, size, mtime): a restart skips files recorded there and
+    # re-inspects only the rest (at-least-once; see docs/reliability.md). None = no journal.
+    journal: Path | None = None
     max_file_bytes: int = Field(default=64 * MiB, ge=1)
     backpressure: Backpressure = Backpressure.BLOCK
 
@@ -98,6 +101,7 @@ class ModelSettings(_Section):
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)  # passed to the backend
     warmup: bool = True  # run every batch size once before READY
     verify_sha256: bool = True  # refuse a package whose model.onnx does not match model.json
+    watch_s: float = Field(default=5.0, ge=0)  # how often to check the package on disk for changes; 0 = off
 
 
 class BatchingSettings(_Section):
@@ -117,8 +121,24 @@ class DeadlineSettings(_Section):
     shutdown_timeout_s: float = Field(default=10.0, gt=0)  # drain budget; then REJECT shutdown
 
 
+ImageFormat = Literal["png", "bmp", "tiff", "jpeg"]
+_FORMATS: tuple[ImageFormat, ...] = ("png", "bmp", "tiff", "jpeg")
+
+
 class DecodeSettings(_Section):
+    """The input policy (daemon/image_policy.py): judged on the header, before any pixel is allocated."""
+
     max_pixels: int = Field(default=64 * MiB, ge=64)  # refuses decompression bombs before allocating
+    min_side: int = Field(default=16, ge=1)  # a 1×1 "image" carries no part: REJECT, never upscale it
+    max_side: int = Field(default=32768, ge=1)
+    # Encoded formats accepted, recognised from the bytes; e.g. drop "jpeg" to refuse lossy images.
+    formats: list[ImageFormat] = Field(default_factory=lambda: list(_FORMATS), min_length=1)
+
+    @model_validator(mode="after")
+    def _sides(self) -> DecodeSettings:
+        if self.min_side > self.max_side:
+            raise ValueError(f"decode.min_side {self.min_side} > decode.max_side {self.max_side}")
+        return self
 
 
 class PublisherSettings(_Section):
@@ -143,6 +163,34 @@ class AuditSettings(_Section):
     def _path_when_enabled(self) -> AuditSettings:
         if self.enabled and self.path is None:
             raise ValueError("audit.path is required when audit.enabled is true")
+        return self
+
+
+class SecuritySettings(_Section):
+    """ZeroMQ CURVE (encryption + client authentication) on the camera and verdict sockets.
+
+    All three set: both sockets are CURVE servers and only clients whose public key file (``*.key``, as written
+    by ``inspectd keys generate``) is in the matching directory may connect. None set: plain TCP (then keep
+    the endpoints on loopback or a closed network). Files are read at start, not here.
+    """
+
+    server_secret_key: Path | None = None  # the daemon's secret certificate (``NAME.key_secret``)
+    camera_clients: Path | None = None  # directory of camera public keys allowed to push frames
+    subscriber_clients: Path | None = None  # directory of line-controller public keys allowed to subscribe
+
+    @property
+    def curve(self) -> bool:
+        return self.server_secret_key is not None
+
+    @model_validator(mode="after")
+    def _all_or_nothing(self) -> SecuritySettings:
+        given = {
+            k: getattr(self, k) is not None
+            for k in ("server_secret_key", "camera_clients", "subscriber_clients")
+        }
+        if any(given.values()) and not all(given.values()):
+            missing = [f"security.{k}" for k, v in given.items() if not v]
+            raise ValueError(f"CURVE needs all three security keys; missing {', '.join(missing)}")
         return self
 
 
@@ -181,6 +229,7 @@ class Settings(BaseSettings):
     decode: DecodeSettings = DecodeSettings()
     publisher: PublisherSettings = PublisherSettings()
     audit: AuditSettings = AuditSettings()
+    security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -38,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
 
     import uuid
 
+    from daemon.image_policy import limit_opencv_pixels
+
+    # Before daemon.app imports cv2: OpenCV reads its pixel limit once, at load (a JPEG/TIFF bomb guard).
+    opencv_limited = limit_opencv_pixels(settings.decode.max_pixels)
+
     from daemon.app import App
     from daemon.logs import configure_logging, get_logger
 
@@ -46,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         level=settings.logging.level, fmt=settings.logging.format, line=settings.line, boot_id=boot_id
     )
     log = get_logger("inspectd.serve")
+    if not opencv_limited:
+        log.warning(
+            "OpenCV was loaded before its pixel limit could be set", max_pixels=settings.decode.max_pixels
+        )
     app = App(settings, boot_id=boot_id)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -2,7 +2,9 @@
 
 Messages are received without copying (``copy=False``): a raw frame becomes a numpy view on ZeroMQ's buffer
 and stays that way until preprocessing writes its batch row. ``MAXMSGSIZE`` makes libzmq drop a peer that
-sends an oversized part before any of it is buffered here. The receive loop drains everything available
+sends an oversized part before any of it is buffered here. An encoded payload must be the format its header names and pass the input
+policy (``daemon.image_policy``: format allow-list, min/max size) on its header before it is admitted for
+decoding; a raw frame's shape is held to the same size limits. The receive loop drains everything available
 before it polls again, and never blocks on the pipeline under the ``reject_*`` policies, so an overload turns
 into prompt REJECT ``overload`` verdicts instead of frames ageing invisibly inside ZeroMQ.
 """
@@ -10,12 +12,15 @@ into prompt REJECT ``overload`` verdicts instead of frames ageing invisibly insi
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from daemon.clock import SYSTEM_CLOCK, Clock
+from daemon.image_policy import InputPolicy, InputRejected
 from daemon.logs import get_logger
+from daemon.peers import PeerMonitor
 from daemon.settings import CameraSettings
 from daemon.sources import Intake
 from daemon.types import Frame
@@ -35,12 +40,18 @@ class CameraSource:
         *,
         max_pixels: int,
         clock: Clock = SYSTEM_CLOCK,
+        policy: InputPolicy | None = None,
+        secure: Callable[[zmq.Socket[Any], str], None] | None = None,
+        monitor: PeerMonitor | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
         self._ctx = ctx
         self._max_pixels = max_pixels
         self._clock = clock
+        self._policy = policy or InputPolicy(max_pixels=max_pixels)
+        self._secure = secure  # CURVE server setup (daemon.security), applied before bind
+        self._monitor = monitor
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: zmq.Socket[Any] | None = None
@@ -60,6 +71,10 @@ class CameraSource:
         sock.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         sock.setsockopt(zmq.LINGER, 0)  # unreceived frames were never accepted: nothing to flush
+        if self._secure is not None:
+            self._secure(sock, "camera")
+        if self._monitor is not None:
+            self._monitor.watch(sock, "camera")
         try:
             sock.bind(self.settings.endpoint)
         except zmq.ZMQError:
@@ -119,6 +134,16 @@ class CameraSource:
             frame = Frame(self.name, self.seq, exc.frame_id, t_arrival, t_received, error=str(exc))
             intake.submit(frame, self.settings.backpressure)
             return
+        error: str | None = None
+        try:
+            if image is not None:
+                self._policy.check_size(image.shape[0], image.shape[1], "raw frame")
+            elif data is not None:
+                self._policy.check_encoded(data, declared=header.encoding)
+        except InputRejected as exc:
+            error = str(exc)
+            image = data = None  # refused before decoding: nothing of it is kept
+            log.warning("camera frame refused by the input policy", frame_id=header.frame_id, error=error)
         self.seq += 1
         frame = Frame(
             source=self.name,
@@ -130,5 +155,6 @@ class CameraSource:
             data=data,
             image=image,
             label=header.label,
+            error=error,
         )
         intake.submit(frame, self.settings.backpressure)

@@ -10,9 +10,15 @@ rename convention.
 
 ``frame_id`` is the file name. Files that are not regular files (symlinks are not followed, FIFOs, devices),
 too large, or unreadable still become frames — REJECT ``decode_error`` — because they stand for parts that
-were not inspected; they are never retried in a loop. With ``move_after_verdict`` each file is moved to
-``done/`` (PASS) or ``rejected/`` (REJECT) once its verdict is published, so the folder only ever holds files
-without a published verdict (what a restart with ``process_existing`` re-inspects).
+were not inspected; they are never retried in a loop. So are files the input policy refuses on their header
+(``daemon.image_policy``: not PNG/BMP/TIFF/JPEG, a format not in ``decode.formats``, sizes out of bounds), each
+with a log line. With ``move_after_verdict`` each file is moved to ``done/`` (PASS) or ``rejected/`` (REJECT)
+once its verdict is published, so the folder only ever holds files without a published verdict (what a restart
+with ``process_existing`` re-inspects); with a ``journal`` the files stay and the journal remembers them
+(``daemon/sources/journal.py``). Either way restarts are at-least-once: see docs/reliability.md.
+
+Inspected names are remembered (not re-read on a later event) until the file is deleted or moved away: then
+the name is free for a new part, and the memory stays as large as the folder, not as the shift.
 """
 
 from __future__ import annotations
@@ -30,14 +36,17 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon.clock import SYSTEM_CLOCK, Clock
+from daemon.image_policy import InputPolicy, InputRejected
 from daemon.logs import get_logger
 from daemon.settings import FolderSettings
 from daemon.sources import Intake
+from daemon.sources.journal import Identity, VerdictJournal
 from daemon.types import Frame, Outcome, Verdict
 
 log = get_logger(__name__)
 
 DONE, REJECTED = "done", "rejected"
+_IDENTITIES_KEPT = 4096  # (size, mtime) of files awaiting their verdict, for the journal; oldest dropped
 
 
 class _Pending:
@@ -75,13 +84,25 @@ def _str(p: str | bytes) -> str:
 
 
 class FolderSource:
-    def __init__(self, settings: FolderSettings, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, settings: FolderSettings, *, clock: Clock = SYSTEM_CLOCK, policy: InputPolicy | None = None
+    ) -> None:
         if settings.path is None:
             raise ValueError("folder source needs a path")
         self.settings = settings
         self.name = settings.name
         self.directory = Path(settings.path)
         self._clock = clock
+        self._policy = policy or InputPolicy()
+        self._journal = VerdictJournal(Path(settings.journal)) if settings.journal is not None else None
+        # The journal file may live in the watched folder: it is never a part.
+        self._own_names = (
+            {Path(settings.journal).name}
+            if settings.journal is not None
+            and Path(settings.journal).parent.resolve() == self.directory.resolve()
+            else set()
+        )
+        self._identity: dict[int, tuple[str, Identity]] = {}  # frame seq → (name, identity), for the journal
         self._stable_s = settings.stable_ms / 1000.0
         self._poll_s = settings.poll_ms / 1000.0
         self._lock = threading.Lock()
@@ -110,6 +131,7 @@ class FolderSource:
         if self.settings.move_after_verdict:
             (self.directory / DONE).mkdir(exist_ok=True)
             (self.directory / REJECTED).mkdir(exist_ok=True)
+        recorded = self._journal.open(self.directory) if self._journal is not None else {}
         observer = PollingObserver(timeout=self._poll_s) if self.settings.use_polling else Observer()
         observer.schedule(_Events(self), str(self.directory), recursive=False)
         observer.start()  # watch first, then list: a file written in between is noted twice, not missed
@@ -119,7 +141,12 @@ class FolderSource:
             with os.scandir(self.directory) as it:
                 for entry in it:
                     if entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                        entries.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
+                        st = entry.stat(follow_symlinks=False)
+                        if recorded.get(entry.name) == (st.st_size, st.st_mtime_ns):
+                            with self._lock:  # published before the restart (journal): not again
+                                self._seen.add(entry.name)
+                            continue
+                        entries.append((st.st_mtime_ns, entry.path))
             wall_ns = self._clock.wall() * 1e9
             for mtime_ns, path in sorted(entries):
                 self.note(path, closed=False, age_s=max(0.0, (wall_ns - mtime_ns) / 1e9))
@@ -139,6 +166,16 @@ class FolderSource:
             if self._thread.is_alive():
                 log.error("folder source did not stop in time", source=self.name)
 
+    def close(self) -> None:
+        """After the last verdict went through :meth:`on_verdict` (the App calls it once after-publish drained)."""
+        if self._journal is not None:
+            self._journal.close()
+
+    @property
+    def remembered(self) -> int:
+        """Names held as already inspected (bounded by the folder's contents, not by the shift)."""
+        return len(self._seen)
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -146,7 +183,7 @@ class FolderSource:
     # -- events (observer thread) ------------------------------------------------------------------------
     def note(self, path: str, *, closed: bool, age_s: float = 0.0) -> None:
         p = Path(path)
-        if p.parent != self.directory or self._ignored(p.name):
+        if p.parent != self.directory or self._ignored(p.name) or p.name in self._own_names:
             return
         now = self._clock.monotonic()
         with self._lock:
@@ -163,8 +200,11 @@ class FolderSource:
         self._wake.set()
 
     def forget(self, path: str) -> None:
+        """The file is gone (deleted, moved away): a new file of that name is a new part."""
+        name = Path(path).name
         with self._lock:
-            self._pending.pop(Path(path).name, None)
+            self._pending.pop(name, None)
+            self._seen.discard(name)
 
     def _ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.settings.ignore_patterns)
@@ -216,7 +256,7 @@ class FolderSource:
 
     def _emit(self, name: str, intake: Intake) -> None:
         path = self.directory / name
-        data, error = self._read(path)
+        data, error, ident = self._read(path)
         if data is None and error is None:
             with self._lock:  # changed while being read: not complete after all; wait for it again
                 entry = self._pending.get(name)
@@ -224,10 +264,21 @@ class FolderSource:
                     entry.closed = False
                     entry.t_change = self._clock.monotonic()
             return
+        if data is not None:
+            try:
+                self._policy.check_encoded(data)
+            except InputRejected as exc:
+                data, error = None, str(exc)
+        if error is not None:
+            log.warning("file rejected without decoding", frame_id=name, path=str(path), error=error)
         with self._lock:
             self._pending.pop(name, None)
             self._seen.add(name)
-        self.seq += 1
+            self.seq += 1
+            if self._journal is not None and ident is not None:
+                self._identity[self.seq] = (name, ident)
+                if len(self._identity) > _IDENTITIES_KEPT:  # verdicts skipped by a full after-publish queue
+                    del self._identity[next(iter(self._identity))]
         frame = Frame(
             source=self.name,
             seq=self.seq,
@@ -240,23 +291,28 @@ class FolderSource:
         )
         intake.submit(frame, self.settings.backpressure)
 
-    def _read(self, path: Path) -> tuple[bytes | None, str | None]:
-        """(bytes, None) when complete; (None, reason) for a file that will never be an image; (None, None)
-        when it changed while being read."""
+    def _read(self, path: Path) -> tuple[bytes | None, str | None, Identity | None]:
+        """(bytes, None, identity) when complete; (None, reason, identity or None) for a file that will never be
+        an image; (None, None, None) when it changed while being read."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            return None, "file vanished before it could be read"
+            return None, "file vanished before it could be read", None
         except OSError as exc:
             if os.path.islink(path):
-                return None, "symbolic link not followed"
-            return None, f"cannot open: {exc.strerror}"
+                return None, "symbolic link not followed", None
+            return None, f"cannot open: {exc.strerror}", None
         try:
             st = os.fstat(fd)
+            ident = (st.st_size, st.st_mtime_ns)
             if not stat.S_ISREG(st.st_mode):
-                return None, "not a regular file"
+                return None, "not a regular file", None
             if st.st_size > self.settings.max_file_bytes:
-                return None, f"file is {st.st_size} bytes, above the limit of {self.settings.max_file_bytes}"
+                return (
+                    None,
+                    f"file is {st.st_size} bytes, above the limit of {self.settings.max_file_bytes}",
+                    ident,
+                )
             chunks = []
             remaining = st.st_size + 1  # one byte more than announced reveals a file still growing
             while remaining > 0:
@@ -267,16 +323,26 @@ class FolderSource:
                 remaining -= len(chunk)
             data = b"".join(chunks)
             if len(data) != st.st_size or os.fstat(fd).st_size != st.st_size:
-                return None, None
-            return data, None
+                return None, None, None
+            return data, None, ident
         except OSError as exc:
-            return None, f"read failed: {exc.strerror}"
+            return None, f"read failed: {exc.strerror}", None
         finally:
             os.close(fd)
 
     # -- after the verdict (after-publish thread) ---------------------------------------------------------
     def on_verdict(self, verdict: Verdict, frame: Frame, message: dict[str, Any]) -> None:
-        if frame.source != self.name or frame.path is None or not self.settings.move_after_verdict:
+        if frame.source != self.name or frame.path is None:
+            return
+        if self._journal is not None:
+            with self._lock:
+                entry = self._identity.pop(frame.seq, None)
+            if entry is not None:
+                try:
+                    self._journal.record(entry[0], entry[1], message)
+                except OSError as exc:  # a full disk must not stop verdicts: the file is re-inspected later
+                    log.warning("could not journal a verdict", frame_id=frame.frame_id, error=str(exc))
+        if not self.settings.move_after_verdict:
             return
         sub = DONE if verdict.outcome is Outcome.PASS else REJECTED
         src = Path(frame.path)

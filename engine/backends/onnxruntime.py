@@ -13,6 +13,7 @@ Options:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,18 @@ class OnnxRuntimeBackend(Backend):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         providers = self._providers(ort)
+        model_bytes = path.read_bytes()
+        if path.name == self.package.onnx_path.name:
+            # Load exactly the bytes that are verified: a backend re-created after an engine error must not
+            # pick up a model.onnx swapped on disk under the old threshold and model id.
+            actual = hashlib.sha256(model_bytes).hexdigest()
+            if actual != self.package.meta.onnx_sha256:
+                raise BackendError(
+                    f"{path} changed on disk since the package was loaded (sha256 {actual[:16]}… ≠ "
+                    f"{self.package.meta.onnx_sha256[:16]}…); restart inspectd to serve the new package"
+                )
         try:
-            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for bad models
             raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from None
         if self.device == "cuda" and session.get_providers()[0] != CUDA_EP:

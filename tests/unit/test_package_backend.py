@@ -81,3 +81,11 @@ def test_auto_picks_onnxruntime_without_tensorrt() -> None:
 def test_sigmoid_is_stable() -> None:
     s = sigmoid(np.array([-1000.0, 0.0, 1000.0], np.float32))
     np.testing.assert_allclose(s, [0.0, 0.5, 1.0], atol=1e-7)
+
+
+def test_onnxruntime_refuses_a_model_swapped_after_load(pkg_dir: Path, tmp_path: Path) -> None:
+    pkg = load_package(pkg_dir)
+    tiny_package(tmp_path / "other", input_size=(32, 32), seed=9)
+    (pkg_dir / "model.onnx").write_bytes((tmp_path / "other" / "model.onnx").read_bytes())
+    with pytest.raises(BackendError, match="changed on disk since the package was loaded"):
+        create_backend("onnxruntime", pkg, max_batch=2).__enter__()
