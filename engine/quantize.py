@@ -8,8 +8,7 @@ the file is only written when verdict flips stay within tolerance (default: none
 
 The result is recorded in ``model.json`` — file, sha256, the sha256 of the model.onnx it was made from,
 settings, calibration summary and agreement — so the ONNX Runtime backend refuses a stale or swapped INT8
-file. Until ``model.json`` has a ``variants`` field the record lives under ``metrics["variants"]``; the two
-accessors here are the only code that knows where.
+file. The record lives in ``model.json`` ``variants``; the two accessors here are the only code that knows where.
 """
 
 from __future__ import annotations
@@ -59,19 +58,11 @@ class QuantizeSettings:
 
 
 def variants(meta: ModelMeta) -> dict[str, Any]:
-    top = getattr(meta, "variants", None)  # a proposed model.json field; until then metrics["variants"]
-    if isinstance(top, dict) and top:
-        return top
-    found = meta.metrics.get("variants")
-    return found if isinstance(found, dict) else {}
+    return meta.variants
 
 
 def with_variant(meta: ModelMeta, name: str, record: dict[str, Any]) -> ModelMeta:
-    merged = {**variants(meta), name: record}
-    if isinstance(getattr(meta, "variants", None), dict):  # the field exists: move any old record there
-        metrics = {k: v for k, v in meta.metrics.items() if k != "variants"}
-        return replace(meta, variants=merged, metrics=metrics)  # type: ignore[call-arg]
-    return replace(meta, metrics={**meta.metrics, "variants": merged})
+    return replace(meta, variants={**meta.variants, name: record})
 
 
 def variant_record(meta: ModelMeta, name: str) -> dict[str, Any] | None:
