@@ -375,7 +375,7 @@ class App:
         return (
             not self._stopping
             and p is not None
-            and p.worker.healthy
+            and p.healthy
             and p.progressing(self.settings.deadlines.stall_s)
             and self.publisher is not None
             and self.publisher.alive
@@ -411,7 +411,7 @@ class App:
         assert p is not None
         alive = {
             "batcher": p.batcher.alive,
-            "inference": p.worker.alive,
+            **{w.name: w.alive for w in p.workers},  # "inference", "inference-1", …
             "deadline-watchdog": p.ledger.alive,
             "publisher": self.publisher is not None and self.publisher.alive,
         }

@@ -4,6 +4,10 @@ The backend is entered (and warmed up) on this thread, because GPU backends bind
 thread that creates them. A failing batch becomes REJECT ``engine_error`` for each of its frames; the backend
 is then re-created (exit + enter) and the stage goes on. ``failures_not_ready`` consecutive failures make the
 daemon report not ready until a batch succeeds again.
+
+Several workers may share one batch queue, each with its own backend instance (``batching.inference_workers``):
+on a small CPU, N single-threaded sessions running N batches side by side keep every core busy without the
+intra-op barriers of one multi-threaded session, which stall whenever one of its threads is descheduled.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class InferenceWorker:
         failures_not_ready: int = 3,
         warmup: bool = True,
         batch_lines: bool = True,
+        name: str = "inference",
     ) -> None:
         self.backend = backend
         self.batches = batches
@@ -50,6 +55,7 @@ class InferenceWorker:
         self.failures_not_ready = failures_not_ready
         self._warmup = warmup
         self._batch_lines = batch_lines
+        self.name = name
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self.start_error: BaseException | None = None
@@ -63,7 +69,7 @@ class InferenceWorker:
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self, timeout: float) -> None:
         """Start the thread; returns once the backend is entered and warmed up (raises what went wrong)."""
-        self._thread = threading.Thread(target=self.run, name="inference", daemon=True)
+        self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
             raise TimeoutError(f"backend warm-up did not finish within {timeout:.0f} s")
@@ -111,6 +117,7 @@ class InferenceWorker:
                     self.last_progress = self._now()  # idle is progress: nothing is waiting on us
                     continue
                 if batch is END:
+                    self.batches.put(END)  # for the other inference workers on this queue
                     return
                 try:
                     self._process(batch)

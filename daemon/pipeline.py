@@ -1,13 +1,15 @@
 """The frame path from admission to settled verdict: ledger → intake queue → batcher (+ preprocessing pool) →
 inference. Sources call :meth:`Pipeline.submit`; the publisher consumes :attr:`Pipeline.settled`.
 
-Threads: ``batcher``, ``inference``, ``deadline-watchdog`` and ``preprocess_threads`` pool workers.
+Threads: ``batcher``, ``inference`` (one per ``inference_workers``), ``deadline-watchdog`` and
+``preprocess_threads`` pool workers.
 Everything is passed in, so replay (a folder source fed as fast as the pipeline takes it) and the benchmark
 reuse exactly this path, and tests hand in slow or failing backends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -65,18 +67,25 @@ class Pipeline:
             monotonic=clock.monotonic,
             observe_stage=metrics.observe_stage,
         )
-        self.worker = InferenceWorker(
-            backend,
-            queue.SimpleQueue(),
-            self.pool,
-            self.ledger,
-            decider,
-            metrics,
-            monotonic=clock.monotonic,
-            failures_not_ready=d.engine_failures_not_ready,
-            warmup=settings.model.warmup,
-            batch_lines=settings.logging.batch_lines,
-        )
+        # Until settings has batching.inference_workers (proposed in issue 8), one worker as before.
+        n_workers = b.inference_workers
+        self.workers = [
+            InferenceWorker(
+                backend if i == 0 else replica(backend),
+                queue.SimpleQueue(),
+                self.pool,
+                self.ledger,
+                decider,
+                metrics,
+                monotonic=clock.monotonic,
+                failures_not_ready=d.engine_failures_not_ready,
+                warmup=settings.model.warmup,
+                batch_lines=settings.logging.batch_lines,
+                name="inference" if i == 0 else f"inference-{i}",
+            )
+            for i in range(n_workers)
+        ]
+        self.worker = self.workers[0]  # owns the injected backend; the others run replicas of it
         self.batcher = MicroBatcher(
             self.intake,
             self.pool,
@@ -88,7 +97,8 @@ class Pipeline:
             monotonic=clock.monotonic,
             est_infer_s=lambda: self.worker.est_infer_s,
         )
-        self.worker.batches = self.batcher.out
+        for worker in self.workers:
+            worker.batches = self.batcher.out
         self._deadline_detail = {"max_latency_ms": d.max_latency_ms}
 
     @property
@@ -120,7 +130,8 @@ class Pipeline:
     def start(self, warmup_timeout_s: float = 300.0) -> None:
         self.ledger.start()
         self._warm_preprocessing()
-        self.worker.start(warmup_timeout_s)  # enters + warms the backend on its own thread
+        for worker in self.workers:
+            worker.start(warmup_timeout_s)  # enters + warms its backend on its own thread
         self.batcher.start()
 
     def _warm_preprocessing(self) -> None:
@@ -134,7 +145,9 @@ class Pipeline:
 
         def warm(i: int) -> None:
             barrier.wait(timeout=10)
-            self._preprocessor(gray, rows[i])
+            # A blank frame shows no part: a pose-crop package refuses it (PoseError); the thread is up anyway.
+            with contextlib.suppress(ValueError):
+                self._preprocessor(gray, rows[i])
 
         for f in [self.executor.submit(warm, i) for i in range(n)]:
             f.result()
@@ -145,7 +158,8 @@ class Pipeline:
         end = self.clock.monotonic() + timeout
         self.intake.close()
         finished = self.batcher.join(max(0.0, end - self.clock.monotonic()))
-        finished = self.worker.join(max(0.0, end - self.clock.monotonic())) and finished
+        for worker in self.workers:
+            finished = worker.join(max(0.0, end - self.clock.monotonic())) and finished
         if not finished:
             log.error(
                 "pipeline did not drain in time; remaining frames get REJECT shutdown", timeout_s=timeout
@@ -158,10 +172,15 @@ class Pipeline:
         return left
 
     def threads_alive(self) -> bool:
-        return self.batcher.alive and self.worker.alive and self.ledger.alive
+        return self.batcher.alive and all(w.alive for w in self.workers) and self.ledger.alive
 
     def progressing(self, stall_s: float) -> bool:
-        return self.threads_alive() and self.worker.progressing(stall_s)
+        return self.threads_alive() and all(w.progressing(stall_s) for w in self.workers)
+
+    @property
+    def healthy(self) -> bool:
+        """Every inference worker warmed up and not failing batch after batch."""
+        return all(w.healthy for w in self.workers)
 
     def queue_depths(self) -> dict[str, int]:
         return {
@@ -173,3 +192,8 @@ class Pipeline:
     def _expire(self, job: Job, reason: Reason) -> Verdict:
         detail = self._deadline_detail if reason is Reason.DEADLINE else None
         return self.decider.reject(job.frame, reason, detail)
+
+
+def replica(backend: Backend) -> Backend:
+    """Another instance of ``backend`` (its own session/context) for another inference worker."""
+    return type(backend)(backend.package, max_batch=backend.max_batch, **backend.options)

@@ -110,6 +110,19 @@ class BatchingSettings(_Section):
     queue_size: int = Field(default=64, ge=1)  # intake queue: where backpressure applies
     preprocess_threads: int = Field(default=2, ge=0)  # 0 = preprocess on the batcher thread
     buffers: int = Field(default=3, ge=2)  # preallocated batch buffers: filling / waiting / in inference
+    # Inference threads, each with its own backend instance, running batches side by side. On a small CPU,
+    # N single-threaded sessions (model.intra_op_threads = 1) use N cores without intra-op barriers
+    # (docs/benchmarks.md). Keep buffers ≥ inference_workers + 1 so a batch can fill while all of them run.
+    inference_workers: int = Field(default=1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _buffers_for_workers(self) -> BatchingSettings:
+        if self.buffers < self.inference_workers + 1:
+            raise ValueError(
+                f"batching.buffers ({self.buffers}) must be ≥ batching.inference_workers + 1 "
+                f"({self.inference_workers + 1}): one batch fills while every worker runs one"
+            )
+        return self
 
 
 class DeadlineSettings(_Section):

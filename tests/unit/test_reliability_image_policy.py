@@ -176,5 +176,6 @@ def test_opencv_pixel_limit_refuses_a_jpeg_bomb_before_allocating(limited: bool)
     shape, grew_mib = " ".join(out[:-1]), int(out[-1])
     if limited:
         assert shape == "refused" and grew_mib < 20
-    else:  # 144 Mpx allocated from a few hundred bytes: exactly what the limit prevents
-        assert shape == "(12000, 12000)" and grew_mib > 100
+    else:  # a 144 Mpx array from a few hundred bytes: exactly what the limit prevents. (How much of it becomes
+        # resident depends on how many rows the truncated stream lets libjpeg touch, so RSS is not asserted.)
+        assert shape == "(12000, 12000)"

@@ -1,0 +1,154 @@
+"""Measure the daemon against the machine's limit and the naive loop, in one run; prints tables, writes JSON.
+
+inspectd bench [--model DIR] [--images DIR|synth] [--seconds S] [--out FILE.json] [--markdown FILE.md]
+
+Stage costs (decode, CLAHE, resize, normalise, the daemon's per-frame function), inference per batch size for
+each available backend, the machine limit (cores ÷ per-image core-seconds), the real daemon (``inspectd serve``
+as a subprocess) at saturation over loopback ZeroMQ (raw and PNG frames, and INT8 when the package has it),
+latency at fixed line rates, peak RSS and CPU, and the naive per-image loop, all on the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from bench.run import BenchConfig
+
+    d = BenchConfig()
+    a = parser.add_argument
+    a(
+        "--model",
+        type=Path,
+        help="model package (default: a ResNet18 package with random weights, generated once)",
+    )
+    a(
+        "--images",
+        default=d.images,
+        help="image directory, or 'synth' (seeded synthetic 1024² screws; default)",
+    )
+    a("--count", type=int, default=d.count, help=f"images used, cycled (default {d.count})")
+    a(
+        "--seconds",
+        type=float,
+        default=d.seconds,
+        help=f"seconds per daemon phase and naive loop (default {d.seconds:g})",
+    )
+    a("--rates", type=_floats, default=d.rates, help="line rates in fps, comma-separated (default 5,10,20)")
+    a(
+        "--sat-fraction",
+        type=float,
+        default=d.sat_fraction,
+        help="also measure latency at this fraction of the raw saturation rate (0 = skip; default 0.8)",
+    )
+    a("--max-batch", type=int, default=d.max_batch, help=f"daemon batching.max_batch (default {d.max_batch})")
+    a(
+        "--max-wait-ms",
+        type=float,
+        default=d.max_wait_ms,
+        help=f"daemon batching.max_wait_ms (default {d.max_wait_ms:g})",
+    )
+    a(
+        "--preprocess-threads",
+        type=int,
+        default=d.preprocess_threads,
+        help=f"daemon batching.preprocess_threads (default {d.preprocess_threads})",
+    )
+    a(
+        "--intra-op-threads",
+        type=int,
+        default=d.intra_op_threads,
+        help="daemon model.intra_op_threads (default 0: auto, 1 with several workers, else one per core)",
+    )
+    a(
+        "--inference-workers",
+        type=int,
+        default=d.inference_workers,
+        help="daemon batching.inference_workers: sessions running batches side by side (default 0: auto)",
+    )
+    a(
+        "--deadline-ms",
+        type=float,
+        default=d.max_latency_ms,
+        help="daemon deadlines.max_latency_ms (default 250)",
+    )
+    a(
+        "--window",
+        type=int,
+        default=d.window,
+        help="closed-loop outstanding frames (default 0: adaptive, latency near half the deadline)",
+    )
+    a("--batch-sizes", type=_ints, default=d.batch_sizes, help="backend batch sizes (default 1,4,8,16,32)")
+    a(
+        "--no-int8",
+        action="store_true",
+        help="skip INT8 (quantising the generated package, the INT8 daemon run)",
+    )
+    a("--no-torch", action="store_true", help="skip the torch backend")
+    a("--no-baseline", action="store_true", help="skip the naive loop")
+    a("--no-png", action="store_true", help="skip the PNG saturation run")
+    a("--seed", type=int, default=d.seed, help="image and model seed (default 0)")
+    a("--profile", type=Path, help="run the fp32 daemon under py-spy and write its flame graph (SVG) here")
+    a("--out", type=Path, help="write the results as JSON here")
+    a("--markdown", type=Path, help="write the tables as markdown here (docs/benchmarks.md's table)")
+    a("--quiet", action="store_true", help="no progress lines, only the tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench.report import markdown
+    from bench.run import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        model=args.model,
+        images=args.images,
+        count=args.count,
+        seconds=args.seconds,
+        rates=args.rates,
+        sat_fraction=args.sat_fraction,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        preprocess_threads=args.preprocess_threads,
+        intra_op_threads=args.intra_op_threads,
+        inference_workers=args.inference_workers,
+        profile=args.profile,
+        max_latency_ms=args.deadline_ms,
+        window=args.window,
+        batch_sizes=args.batch_sizes,
+        int8=not args.no_int8,
+        torch=not args.no_torch,
+        baseline=not args.no_baseline,
+        png=not args.no_png,
+        seed=args.seed,
+    )
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        result = run_bench(cfg, log=log)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"inspectd bench: {exc}", file=sys.stderr)
+        return 2
+    result["command"] = (
+        "inspectd bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "inspectd bench"
+    )
+    text = markdown(result)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.markdown is not None:
+        args.markdown.write_text(text, encoding="utf-8")
+    return 0

@@ -1,0 +1,287 @@
+"""Load on the real daemon over loopback ZeroMQ: the line camera's PUSH and the line controller's SUB.
+
+Two ways to drive it:
+
+- **closed loop** (saturation): at most W frames are outstanding (sent, verdict not yet seen); each verdict
+  lets the next frame go. The daemon is never idle yet its intake queue never overflows, so the throughput is
+  what it sustains, not what it refuses (an open-loop flood would measure ``overload`` rejects). W is fixed, or
+  adapted so that frames are not queued into their deadline (see :meth:`LoadClient.closed_loop`).
+- **open loop** (latency at a line rate): frames leave on an absolute schedule, whatever the daemon does,
+  as a camera triggers them; latency = send → verdict received, on the same monotonic clock.
+
+Only *inspected* verdicts (``model``, ``grey_zone``, ``out_of_tolerance``) count as throughput; fail-safe
+rejects (``deadline``, ``overload``, …) are counted separately. CPU time of the daemon comes from /proc over
+exactly the measured interval; this process's own CPU (the load generator) is reported beside it, because on
+a 2-core machine it shares the cores with the daemon.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from bench.daemon_proc import DaemonProcess
+from daemon.wire import camera_message
+
+INSPECTED = frozenset({"model", "grey_zone", "out_of_tolerance"})
+Payload = np.ndarray | bytes
+
+
+@dataclass(slots=True)
+class _Phase:
+    prefix: str
+    t_send: dict[str, float] = field(default_factory=dict)
+    t_recv: dict[str, float] = field(default_factory=dict)
+    reason: dict[str, str] = field(default_factory=dict)
+    daemon_ms: dict[str, float] = field(default_factory=dict)
+    done: threading.Condition = field(default_factory=threading.Condition)
+
+
+class LoadClient:
+    """PUSH to the daemon's camera endpoint, SUB to its verdicts (one thread, the socket's only user)."""
+
+    def __init__(self, daemon: DaemonProcess, line: str) -> None:
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDTIMEO, 10_000)
+        self._push.connect(daemon.camera_endpoint)
+        self._line = line
+        self._endpoint = daemon.publisher_endpoint
+        self._phase: _Phase | None = None
+        self._lock = threading.Lock()
+        self._heartbeat = threading.Event()
+        self._stop = threading.Event()
+        self._seq_gaps = 0
+        self._thread = threading.Thread(target=self._receive, name="bench-sub", daemon=True)
+
+    def __enter__(self) -> LoadClient:
+        self._thread.start()
+        if not self._heartbeat.wait(30):  # subscribed: nothing published from now on is missed
+            raise TimeoutError("no heartbeat from the daemon within 30 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._push.close(linger=0)
+        self._ctx.term()
+
+    def _receive(self) -> None:
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)  # never drop a verdict on our side
+        sock.setsockopt(zmq.SUBSCRIBE, self._line.encode())
+        sock.connect(self._endpoint)
+        last_seq = None
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(50):
+                    continue
+                _, payload = sock.recv_multipart()
+                t = time.monotonic()
+                msg = json.loads(payload)
+                if msg["type"] != "verdict":
+                    self._heartbeat.set()
+                    continue
+                if last_seq is not None and msg["seq"] != last_seq + 1:
+                    self._seq_gaps += 1
+                last_seq = msg["seq"]
+                with self._lock:
+                    phase = self._phase
+                if phase is None or not msg["frame_id"].startswith(phase.prefix):
+                    continue
+                fid = msg["frame_id"]
+                with phase.done:
+                    phase.t_recv[fid] = t
+                    phase.reason[fid] = msg["reason"]
+                    phase.daemon_ms[fid] = float(msg["latency_ms"])
+                    phase.done.notify_all()
+        finally:
+            sock.close()
+
+    def _begin(self, prefix: str) -> _Phase:
+        phase = _Phase(prefix)
+        with self._lock:
+            self._phase = phase
+        return phase
+
+    def _send(self, phase: _Phase, i: int, payload: Payload, encoding: str) -> None:
+        fid = f"{phase.prefix}{i:07d}"
+        msg = camera_message(fid, payload, encoding=encoding, t_capture=time.time())
+        phase.t_send[fid] = time.monotonic()
+        self._push.send_multipart(msg, copy=False)
+
+    def _finish(self, phase: _Phase, timeout: float) -> None:
+        """Wait for the verdicts of everything sent (bounded: a verdict always comes, by the deadline)."""
+        end = time.monotonic() + timeout
+        with phase.done:
+            while len(phase.t_recv) < len(phase.t_send) and time.monotonic() < end:
+                phase.done.wait(0.1)
+        with self._lock:
+            self._phase = None
+
+    # -- the two drivers -------------------------------------------------------------------------------------
+    def closed_loop(
+        self,
+        name: str,
+        payloads: Sequence[Payload],
+        encoding: str,
+        *,
+        seconds: float,
+        window: int,
+        max_window: int,
+        target_latency_s: float,
+        warmup_s: float,
+        drain_s: float,
+        daemon: DaemonProcess,
+    ) -> dict[str, Any]:
+        """``window`` > 0: that many frames outstanding. 0: adaptive — Little's law (outstanding = rate ×
+        latency) re-applied every 0.25 s to keep the send → verdict latency near ``target_latency_s``: as many
+        frames in flight as keep the daemon busy, not so many that they queue into their deadline."""
+        phase = self._begin(f"{name}-")
+        t0 = time.monotonic()
+        t_measure = t0 + warmup_s
+        t_end = t_measure + seconds
+        cpu0 = cpu_bench0 = 0.0
+        measuring = False
+        w = float(window or 1)
+        windows: list[float] = []
+        next_adapt = t0 + 0.25
+        for i, payload in zip(itertools.count(), itertools.cycle(payloads)):
+            if not self._wait_room(phase, round(w), timeout=10.0):
+                break  # ten seconds without a verdict: the daemon is stuck; report what happened
+            now = time.monotonic()
+            if not measuring and now >= t_measure:
+                measuring, t_measure = True, now
+                cpu0, cpu_bench0 = daemon.cpu_seconds(), time.process_time()
+            if now >= t_end:
+                break
+            if not window and now >= next_adapt:
+                w = _little(phase, now, w, target_latency_s, max_window)
+                next_adapt = now + 0.25
+            if measuring:
+                windows.append(w)
+            self._send(phase, i, payload, encoding)
+        t_stop = time.monotonic()
+        cpu = daemon.cpu_seconds() - cpu0 if measuring else 0.0
+        cpu_bench = time.process_time() - cpu_bench0 if measuring else 0.0
+        self._finish(phase, drain_s)
+        wall = t_stop - t_measure
+        # Throughput: inspected verdicts that arrived inside the measured interval.
+        inspected = sum(
+            1
+            for fid, t in phase.t_recv.items()
+            if t_measure <= t <= t_stop and phase.reason[fid] in INSPECTED
+        )
+        out = _summary(phase, encoding)
+        ok = measuring and wall > 0
+        out.update(
+            window=window or "adaptive",
+            mean_outstanding=round(sum(windows) / len(windows), 2) if windows else None,
+            seconds=round(wall, 2),
+            img_s=round(inspected / wall, 2) if ok else 0.0,
+            daemon_cores=round(cpu / wall, 2) if ok else 0.0,
+            daemon_core_ms_per_img=round(1000 * cpu / inspected, 2) if inspected else None,
+            loadgen_cores=round(cpu_bench / wall, 2) if ok else 0.0,
+        )
+        return out
+
+    def _wait_room(self, phase: _Phase, window: int, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with phase.done:
+            while len(phase.t_send) - len(phase.t_recv) >= max(1, window):
+                if time.monotonic() >= end:
+                    return False
+                phase.done.wait(0.05)
+        return True
+
+    def open_loop(
+        self,
+        name: str,
+        payloads: Sequence[Payload],
+        encoding: str,
+        *,
+        fps: float,
+        seconds: float,
+        drain_s: float,
+        daemon: DaemonProcess,
+    ) -> dict[str, Any]:
+        phase = self._begin(f"{name}-")
+        count = max(1, round(fps * seconds))
+        period = 1.0 / fps
+        cpu0 = daemon.cpu_seconds()
+        t0 = time.monotonic()
+        behind = 0
+        for i, payload in zip(range(count), itertools.cycle(payloads)):
+            delay = t0 + i * period - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -period:
+                behind += 1  # this process could not keep the schedule (a loaded machine): reported
+            self._send(phase, i, payload, encoding)
+        wall = time.monotonic() - t0
+        cpu = daemon.cpu_seconds() - cpu0
+        self._finish(phase, drain_s)
+        out = _summary(phase, encoding)
+        out.update(
+            fps=round(fps, 2),
+            sent_fps=round(len(phase.t_send) / wall, 2) if wall > 0 else 0.0,
+            sender_behind=behind,
+            daemon_cores=round(cpu / wall, 2) if wall > 0 else 0.0,
+        )
+        return out
+
+    @property
+    def seq_gaps(self) -> int:
+        return self._seq_gaps
+
+
+def _little(phase: _Phase, now: float, w: float, target_s: float, max_window: int) -> float:
+    """The next window: verdict rate × target latency over the last second (smoothed; at least 1)."""
+    with phase.done:
+        recent = [t for t in phase.t_recv.values() if t >= now - 1.0]
+        if not recent:
+            return w
+        span = max(0.25, min(1.0, now - min(phase.t_send.values())))
+    rate = len(recent) / span
+    return min(float(max_window), max(1.0, 0.5 * w + 0.5 * rate * target_s))
+
+
+def _summary(phase: _Phase, encoding: str) -> dict[str, Any]:
+    latencies = [1000.0 * (phase.t_recv[f] - t) for f, t in phase.t_send.items() if f in phase.t_recv]
+    reasons = collections.Counter(phase.reason.values())
+    return {
+        "encoding": encoding,
+        "sent": len(phase.t_send),
+        "verdicts": len(phase.t_recv),
+        "missing": len(phase.t_send) - len(phase.t_recv),
+        "reasons": dict(sorted(reasons.items())),
+        "deadline_misses": reasons.get("deadline", 0),
+        "overload": reasons.get("overload", 0),
+        "latency_ms": percentiles(latencies),
+        "daemon_latency_ms": percentiles(list(phase.daemon_ms.values())),
+    }
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "max": None, "n": 0}
+    a = np.asarray(values, dtype=np.float64)
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {
+        "p50": round(float(p50), 2),
+        "p95": round(float(p95), 2),
+        "p99": round(float(p99), 2),
+        "max": round(float(a.max()), 2),
+        "n": int(a.size),
+    }

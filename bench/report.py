@@ -1,0 +1,220 @@
+"""The run's numbers as tables (markdown, also readable in a terminal) and the issue's targets, checked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# The issue's targets for this 2-core machine (ratios from one run).
+TARGET_RATIO_TO_LIMIT = 0.90
+TARGET_SPEEDUP_FP32 = 2.0
+TARGET_SPEEDUP_INT8 = 3.5
+TARGET_P99_OVER_SERVICE = 1.5
+TARGET_PEAK_RSS_MB = 1536.0
+
+
+def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, value: float | None, target: float, higher_is_better: bool = True) -> None:
+        met = None if value is None else (value >= target if higher_is_better else value <= target)
+        out[name] = {"value": value, "target": target, "met": met}
+
+    add("ratio_to_limit (fp32, raw)", r.get("ratio_to_limit"), TARGET_RATIO_TO_LIMIT)
+    add("speedup_vs_baseline (fp32)", r.get("speedup_vs_baseline"), TARGET_SPEEDUP_FP32)
+    if r.get("int8", {}).get("available"):
+        add("speedup_vs_baseline (int8)", r.get("speedup_vs_baseline_int8"), TARGET_SPEEDUP_INT8)
+    ten = r.get("latency", {}).get("10fps")
+    if ten is not None:
+        add(
+            "p99 at 10 fps / single-image service time",
+            ten.get("p99_over_service"),
+            TARGET_P99_OVER_SERVICE,
+            False,
+        )
+    below = [v for v in r.get("latency", {}).values() if v.get("below_saturation")]
+    add("deadline misses below saturation", float(sum(v["deadline_misses"] for v in below)), 0.0, False)
+    add("peak RSS (MB)", r.get("peak_rss_mb"), TARGET_PEAK_RSS_MB, False)
+    return out
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return lines
+
+
+def _headline(r: dict[str, Any]) -> list[list[str]]:
+    """img/s (wall) and core-ms/img (CPU time) side by side: on a shared machine img/s says how much CPU the
+    process got, core-ms/img how well it used it."""
+    m, lim, d, cpu = r["machine"], r["machine_limit"], r["daemon"], r["cpu"]
+    sat = d["saturation"]
+
+    def ratio(v: Any, what: str) -> str:
+        return f"{_fmt(v, 2)} × {what}" if v is not None else ""
+
+    rows = [
+        [
+            "machine limit (fp32, raw)",
+            _fmt(lim["raw"]["img_s"]),
+            _fmt(lim["raw"]["core_ms_per_img"]),
+            str(m["cores"]),
+            "cores ÷ Σ stage core-ms",
+        ],
+        [
+            "daemon, raw frames",
+            _fmt(r["daemon_img_s"]),
+            _fmt(sat["raw"]["daemon_core_ms_per_img"]),
+            _fmt(sat["raw"]["daemon_cores"], 2),
+            f"{ratio(r['ratio_to_limit'], 'limit')}; core efficiency {_fmt(cpu['core_efficiency'], 2)}",
+        ],
+    ]
+    if "png" in sat and "png" in lim:
+        p = sat["png"]
+        rows.append(
+            [
+                "daemon, PNG frames",
+                _fmt(p["img_s"]),
+                _fmt(p["daemon_core_ms_per_img"]),
+                _fmt(p["daemon_cores"], 2),
+                ratio(p.get("ratio_to_limit"), f"PNG limit {_fmt(lim['png']['img_s'])}"),
+            ]
+        )
+    if "int8" in d:
+        q = d["int8"]
+        limit8 = lim.get("raw_int8", {})
+        rows.append(
+            [
+                "daemon, raw, INT8",
+                _fmt(q["img_s"]),
+                _fmt(q["daemon_core_ms_per_img"]),
+                _fmt(q["daemon_cores"], 2),
+                ratio(
+                    q.get("ratio_to_limit"),
+                    f"INT8 limit {_fmt(limit8.get('img_s'))} ({_fmt(limit8.get('core_ms_per_img'))} core-ms)",
+                ),
+            ]
+        )
+    base = r.get("baseline")
+    core = r.get("core_speedup_vs_baseline", {})
+    if base is not None:
+        for name, run in base["runs"].items():
+            chosen = " (the baseline)" if name == base["variant"] else ""
+            rows.append(
+                [
+                    f"naive loop, torch {run['torch_threads']} thread(s){chosen}",
+                    _fmt(run["img_s"]),
+                    _fmt(run["core_ms_per_img"]),
+                    _fmt(run["core_ms_per_img"] * run["img_s"] / 1000, 2),
+                    "",
+                ]
+            )
+        rows.append(
+            [
+                "daemon speed-up over the naive loop",
+                "",
+                "",
+                "",
+                f"fp32 {_fmt(r.get('speedup_vs_baseline'), 2)} ×, INT8 {_fmt(r.get('speedup_vs_baseline_int8'), 2)} × "
+                f"(in core-ms/img: fp32 {_fmt(core.get('fp32'), 2)} ×, INT8 {_fmt(core.get('int8'), 2)} ×)",
+            ]
+        )
+    rows.append(["peak RSS of the daemon", "", "", "", f"{_fmt(r['peak_rss_mb'])} MB"])
+    return rows
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    cfg = r["config"]
+    out: list[str] = []
+    out.append(
+        f"Machine: {m['cores']} cores, {m['cpu_model']}; load average before {m['loadavg_before']}, "
+        f"after {m['loadavg_after']}. Model: `{r['model']['id']}`, input {r['model']['input_size']}; images: "
+        f"{r['images']['n']} × {', '.join(r['images']['size'])} ({r['images']['source']}). Daemon: batch "
+        f"{cfg['max_batch']}, {cfg['inference_workers']} inference worker(s) × {cfg['intra_op_threads']} ONNX Runtime "
+        f"thread(s) + {cfg['preprocess_threads']} preprocessing thread(s), deadline {cfg['max_latency_ms']:g} ms; "
+        f"{cfg['seconds']:g} s per phase."
+    )
+    out.append("")
+    out.append("**Headline**")
+    out.append("")
+    out += _table(["", "img/s", "core-ms/img", "cores used", "note"], _headline(r))
+    out.append("")
+    out.append("**Stage costs** (per image, OpenCV 1 thread)")
+    out.append("")
+    out += _table(
+        ["stage", "wall ms", "core ms"],
+        [[k, v["wall_ms"], v["core_ms"]] for k, v in r["stages"].items()],
+    )
+    out.append("")
+    out.append("**Backends** (img/s · ms/batch · core-ms/img)")
+    out.append("")
+    sizes = sorted({int(b) for v in r["backends"].values() for b in v.get("batch", {})})
+    rows = []
+    for label, v in r["backends"].items():
+        if "error" in v:
+            rows.append([label, *(["–"] * (len(sizes) - 1)), v["error"][:80]])
+            continue
+        cells = []
+        for b in sizes:
+            c = v["batch"].get(str(b))
+            cells.append(
+                f"{c['img_s']:.1f} · {c['ms_per_batch']:.0f} · {c['core_ms_per_img']:.0f}" if c else ""
+            )
+        rows.append([label, *cells])
+    out += _table(["backend", *[f"batch {b}" for b in sizes]], rows)
+    out.append("")
+    out.append(
+        f"**Latency at line rates** (raw frames, send → verdict received; single-image service time "
+        f"{_fmt(r['single_image_service_ms'].get('ms'))} ms)"
+    )
+    out.append("")
+    out += _table(
+        [
+            "rate",
+            "fps",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+            "p99 / service",
+            "deadline misses",
+            "below saturation",
+            "daemon cores",
+        ],
+        [
+            [
+                k,
+                v["fps"],
+                v["p50"],
+                v["p95"],
+                v["p99"],
+                v["max"],
+                _fmt(v["p99_over_service"], 2),
+                v["deadline_misses"],
+                v["below_saturation"],
+                _fmt(v["daemon_cores"], 2),
+            ]
+            for k, v in r["latency"].items()
+        ],
+    )
+    out.append("")
+    out.append("**Targets**")
+    out.append("")
+    out += _table(
+        ["target", "value", "goal", "met"],
+        [[k, _fmt(v["value"], 2), _fmt(v["target"], 2), _fmt(v["met"])] for k, v in r["targets"].items()],
+    )
+    out.append("")
+    out.append(f"GPU: {r['gpu']['reason'] if not r['gpu']['measured'] else 'see JSON'}.")
+    return "\n".join(out) + "\n"

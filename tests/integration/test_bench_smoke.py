@@ -1,0 +1,104 @@
+"""``inspectd bench`` runs end to end (real daemon subprocess, real ZeroMQ, real ONNX Runtime, the naive loop)
+and writes JSON and markdown of the documented shape. Structure only: speed is never asserted in tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from tests.helpers import tiny_package
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TOP_LEVEL = {
+    "machine_limit_img_s",
+    "daemon_img_s",
+    "ratio_to_limit",
+    "baseline_img_s",
+    "speedup_vs_baseline",
+    "latency",
+    "peak_rss_mb",
+    "stages",
+    "backends",
+    "machine",
+    "machine_limit",
+    "daemon",
+    "cpu",
+    "targets",
+    "gpu",
+    "config",
+}
+
+
+@pytest.mark.timeout(240)
+def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_package(tmp_path / "pkg", input_size=(64, 64))
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    rc = main(
+        [
+            "bench",
+            "--model",
+            str(tmp_path / "pkg"),
+            "--images",
+            "synth",
+            "--count",
+            "2",
+            "--seconds",
+            "1",
+            "--rates",
+            "5",
+            "--batch-sizes",
+            "1,2",
+            "--max-batch",
+            "2",
+            "--deadline-ms",
+            "2000",
+            "--out",
+            str(out),
+            "--markdown",
+            str(md),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r.keys() >= TOP_LEVEL
+
+    assert r["machine"]["cores"] >= 1 and r["machine"]["loadavg_before"] and r["machine"]["loadavg_after"]
+    for stage in ("decode_png", "clahe", "resize", "normalise", "frame_raw", "frame_png"):
+        assert r["stages"][stage]["core_ms"] >= 0 and r["stages"][stage]["wall_ms"] > 0
+    fp32 = r["backends"]["onnxruntime-fp32-t1"]["batch"]
+    assert set(fp32) >= {"1", "2"} and all(v["img_s"] > 0 for v in fp32.values())
+    assert "error" in r["backends"]["torch-fp32-t1"]  # the tiny package has no model.pt: reported, not fatal
+
+    lim = r["machine_limit"]
+    assert lim["raw"]["img_s"] == r["machine_limit_img_s"] > 0 and "process CPU time" in lim["method"]
+    sat = r["daemon"]["saturation"]
+    for enc in ("raw", "png"):
+        assert sat[enc]["sent"] > 0 and sat[enc]["missing"] == 0  # exactly one verdict per frame sent
+    assert r["daemon_img_s"] == sat["raw"]["img_s"]
+    assert r["daemon"]["exit_code"] == 0 and r["daemon"]["seq_gaps"] == 0
+
+    assert set(r["latency"]) == {"5fps", "80pct_sat"}
+    for row in r["latency"].values():
+        assert {
+            "p50",
+            "p95",
+            "p99",
+            "max",
+            "deadline_misses",
+            "below_saturation",
+            "p99_over_service",
+        } <= row.keys()
+        assert row["sent"] > 0
+    assert r["peak_rss_mb"] > 0 and r["cpu"]["daemon_cores_at_saturation"] >= 0
+    assert r["baseline_img_s"] > 0 and r["speedup_vs_baseline"] is not None
+    assert r["int8"]["gate"] == "absent" and r["gpu"]["measured"] is False
+    assert r["targets"]["peak RSS (MB)"]["met"] in (True, False)
+
+    text = md.read_text()
+    assert "**Headline**" in text and "| machine limit (fp32, raw) |" in text
+    assert text in capsys.readouterr().out  # the same tables are printed
