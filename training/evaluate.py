@@ -1,0 +1,253 @@
+"""Evaluate a training run (torch, best checkpoint) or an exported package (ONNX Runtime — the production path)
+on one part of its split, and write ``metrics.json``, PNG figures and a self-contained ``report.html``.
+
+Images whose preprocessing fails (undecodable, no pose found) are scored as REJECT, as the daemon would
+decide them, and listed in the report; they are never dropped from the denominators.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.backend import sigmoid
+from engine.package import Decision, load_package
+from engine.preprocess import Preprocessor, PreprocessParams, load_gray
+from training.data import DataError, Dataset, Sample, discover, subset
+from training.images import load_images, normalised
+from training.metrics import at_threshold, auroc, auroc_ci
+from training.split import Split
+
+FAILED_LOGIT = 30.0  # stands for "REJECT because preprocessing failed" in the score lists
+
+
+@dataclass
+class Scored:
+    samples: list[Sample]
+    logits: np.ndarray  # (N,) NG logits; FAILED_LOGIT where preprocessing failed
+    failed: dict[str, str]
+    pixels: dict[str, np.ndarray]  # path → what the network saw (uint8), for the heatmap overlays
+    cams: dict[str, np.ndarray]  # path → CAM (h, w) in the network's feature resolution
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "package" | "run"
+    path: Path
+    preprocess: PreprocessParams
+    decision: Decision
+    split: Split | None
+    history: list[dict[str, Any]]
+    info: dict[str, Any]
+
+
+def open_target(path: str | Path) -> Target:
+    """A model package (model.json) or a finished run (run.json) — what to score and how."""
+    p = Path(path)
+    if (p / "model.json").is_file():
+        meta = load_package(p).meta
+        sp = meta.training.get("split")
+        info = {
+            "model_id": meta.model_id,
+            "calibration": meta.calibration,
+            "training": {k: v for k, v in meta.training.items() if k not in ("split", "history")},
+        }
+        split = Split.from_dict(sp) if sp else None
+        history = list(meta.training.get("history", []))
+        return Target("package", p, meta.preprocess, meta.decision, split, history, info)
+    if (p / "run.json").is_file():
+        from training.config import TrainConfig
+        from training.train import SPLIT
+        from training.train import history as run_history
+
+        summary = json.loads((p / "run.json").read_text(encoding="utf-8"))
+        cfg = TrainConfig.from_dict(summary["config"])
+        cal = summary["calibration"]
+        gz = cal.get("grey_zone")
+        decision = Decision(cal["threshold"], (gz[0], gz[1]) if gz else None)
+        info = {
+            "calibration": cal,
+            "best_epoch": summary.get("best_epoch"),
+            "stopped": summary.get("stopped"),
+        }
+        return Target("run", p, cfg.preprocess(), decision, Split.load(p / SPLIT), run_history(p), info)
+    raise FileNotFoundError(
+        f"{p} is neither a model package (model.json) nor a finished training run (run.json)"
+    )
+
+
+def score(target: Target, ds: Dataset, samples: list[Sample], *, threads: int = 2) -> Scored:
+    """Preprocess with the target's parameters and run it; failed images get ``FAILED_LOGIT`` (REJECT)."""
+    pre = Preprocessor(target.preprocess)
+    imgs = load_images(ds, samples, pre, threads=threads)
+    x = normalised(pre, imgs.pixels)
+    logits, cams = _infer_package(target.path, x) if target.kind == "package" else _infer_run(target.path, x)
+    row = {s.path: i for i, s in enumerate(imgs.samples)}
+    z = [logits[row[s.path]] if s.path in row else FAILED_LOGIT for s in samples]
+    return Scored(
+        samples=list(samples),
+        logits=np.array(z, np.float32),
+        failed=dict(imgs.failed),
+        pixels={p: imgs.pixels[i] for p, i in row.items()},
+        cams={p: cams[i] for p, i in row.items()} if cams is not None else {},
+    )
+
+
+def _infer_package(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    import onnxruntime as ort
+
+    pkg = load_package(path)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(pkg.onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    names = [pkg.meta.output_name] + ([pkg.meta.heatmap_output] if pkg.meta.heatmap_output else [])
+    logits, cams = [], []
+    for i in range(0, len(x), 16):
+        out = sess.run(names, {pkg.meta.input_name: x[i : i + 16]})
+        logits.append(np.asarray(out[0], np.float32).reshape(-1))
+        if len(out) > 1:
+            cams.append(np.asarray(out[1], np.float32))
+    if not logits:
+        return np.empty(0, np.float32), None
+    return np.concatenate(logits), (np.concatenate(cams) if cams else None)
+
+
+def _infer_run(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    import torch
+
+    from engine.model import CamHead
+    from training.train import load_run_model
+
+    model, _, _ = load_run_model(path)
+    net = CamHead.wrap(model).eval()
+    logits, cams = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), 16):
+            z, c = net(torch.from_numpy(x[i : i + 16]))
+            logits.append(z.numpy())
+            cams.append(c.numpy())
+    if not logits:
+        return np.empty(0, np.float32), None
+    return np.concatenate(logits), np.concatenate(cams)
+
+
+def compute_metrics(scored: Scored, decision: Decision) -> dict[str, Any]:
+    y = np.array([s.label for s in scored.samples])
+    p = sigmoid(scored.logits)
+    lo = decision.grey_zone[0] if decision.grey_zone else decision.threshold
+    reject = p >= lo  # grey zone counts as REJECT: a part in it does not pass unattended
+    m: dict[str, Any] = {"n": len(y), "n_ok": int((y == 0).sum()), "n_ng": int((y == 1).sum())}
+    m["auroc"] = auroc(scored.logits, y)
+    m["auroc_ci95"] = list(auroc_ci(scored.logits, y))
+    m["threshold"] = decision.threshold
+    m["grey_zone"] = list(decision.grey_zone) if decision.grey_zone else None
+    if decision.grey_zone:
+        m["grey_fraction"] = float(np.mean((p >= decision.grey_zone[0]) & (p < decision.grey_zone[1])))
+    m |= at_threshold(reject, y)
+    per: dict[str, dict[str, Any]] = {}
+    ok_logits = scored.logits[y == 0]
+    for kind in sorted({s.group for s in scored.samples}):
+        idx = [i for i, s in enumerate(scored.samples) if s.group == kind]
+        if kind == "OK":
+            per[kind] = {"n": len(idx), "pass_rate": float((~reject[idx]).mean())}
+            continue
+        vs_ok = np.r_[np.ones(len(idx)), np.zeros(len(ok_logits))]
+        per[kind] = {
+            "n": len(idx),
+            "recall": float(reject[idx].mean()),
+            "auroc_vs_ok": auroc(np.r_[scored.logits[idx], ok_logits], vs_ok),
+        }
+    m["per_type"] = per
+    z = scored.logits.astype(np.float64)
+    bce = np.logaddexp(0, z) - y * z
+    m["loss"] = float(bce.mean()) if len(z) else float("nan")
+    m["images"] = [
+        {
+            "path": s.path,
+            "label": s.label,
+            "group": s.group,
+            "logit": float(z[i]),
+            "p_ng": float(p[i]),
+            "reject": bool(reject[i]),
+        }
+        for i, s in enumerate(scored.samples)
+    ]
+    m["failed"] = scored.failed
+    m["failed_by_reason"] = dict(Counter(r.split(":")[0] for r in scored.failed.values()))
+    return _clean(m)
+
+
+def brightness_baseline(ds: Dataset, samples: list[Sample]) -> dict[str, Any]:
+    """AUROC of mean raw image brightness alone: the confound a model must beat (and not simply learn)."""
+    y = np.array([s.label for s in samples])
+    means = np.array([float(load_gray(str(ds.abspath(s))).mean()) for s in samples])
+    a = auroc(means, y)
+    return {
+        "auroc": max(a, 1 - a),
+        "direction": "brighter is NG" if a >= 0.5 else "darker is NG",
+        "mean_ok": float(means[y == 0].mean()),
+        "mean_ng": float(means[y == 1].mean()),
+    }
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float):
+        return None if math.isnan(x) else x
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        return _clean(x.item())
+    return x
+
+
+def evaluate(
+    target_path: str | Path,
+    data: str | Path,
+    *,
+    part: str = "test",
+    out: str | Path | None = None,
+    n_ng_heatmaps: int = 8,
+) -> dict[str, Any]:
+    """Score ``part`` of the target's split (``all``: every image in ``data``) and write the report."""
+    from training.report import write_report
+
+    target = open_target(target_path)
+    ds = discover(data)
+    if part == "all" or target.split is None:
+        if part != "all":
+            raise ValueError(
+                f"{target.path} records no split; use --split all to evaluate every image in {data}"
+            )
+        samples = list(ds.samples)
+    else:
+        try:
+            samples = subset(ds, target.split.part(part))
+        except DataError as exc:
+            raise DataError(
+                f"{exc}. To score a folder the model was not trained on, use --split all"
+            ) from None
+    if not samples:
+        raise ValueError(f"the {part} split of {target.path} is empty")
+    scored = score(target, ds, samples)
+    metrics = compute_metrics(scored, target.decision)
+    metrics["split"] = part
+    metrics["evaluated"] = {
+        "kind": target.kind,
+        "path": str(target.path),
+        "backend": "onnxruntime" if target.kind == "package" else "torch",
+    }
+    metrics["data"] = str(ds.root)
+    metrics["brightness_baseline"] = _clean(brightness_baseline(ds, samples))
+    out_dir = Path(out) if out else target.path / f"eval-{part}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_report(out_dir, target, scored, metrics, n_ng_heatmaps=n_ng_heatmaps)
+    return metrics

@@ -1,0 +1,99 @@
+"""Decode + the deterministic preprocessing (``Preprocessor.geometric``) of a list of samples, cached on disk.
+
+The cache key is the preprocessing parameters plus each file's path, size and mtime, so changed parameters or
+a replaced image are recomputed and nothing stale is ever served. Images that cannot be decoded or whose
+pose cannot be found are reported with their reason, not dropped silently; the caller decides (training
+excludes them with a warning, evaluation counts them as REJECT — what the daemon would do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.preprocess import DecodeError, Preprocessor, load_gray
+from training.data import Dataset, Sample
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("INSPECTD_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inspectd"
+    return base / "geometric"
+
+
+@dataclass(frozen=True, slots=True)
+class Images:
+    samples: tuple[Sample, ...]  # the images that made it, in order
+    pixels: np.ndarray  # uint8 (N, H, W): output of Preprocessor.geometric
+    failed: dict[str, str]  # path → reason ("decode_error: …", "pose_error: …")
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+
+def _key(params_json: str, path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(
+        f"{params_json}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+    ).hexdigest()
+
+
+def load_images(
+    ds: Dataset,
+    samples: Sequence[Sample],
+    pre: Preprocessor,
+    *,
+    cache_dir: Path | None = None,
+    threads: int = 2,
+) -> Images:
+    """``geometric`` output of each sample; ``cache_dir=None`` uses :func:`default_cache_dir`."""
+    params_json = json.dumps(pre.params.to_dict(), sort_keys=True)
+    cache = (cache_dir or default_cache_dir()) / hashlib.sha256(params_json.encode()).hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def one(sample: Sample) -> np.ndarray | str:
+        path = ds.abspath(sample)
+        key = _key(params_json, path)
+        npy, err = cache / f"{key}.npy", cache / f"{key}.err"
+        if npy.is_file():
+            arr: np.ndarray = np.load(npy)
+            return arr
+        if err.is_file():
+            return err.read_text(encoding="utf-8")
+        try:
+            out = pre.geometric(load_gray(str(path)))
+        except (DecodeError, OSError) as exc:
+            return f"decode_error: {exc}"  # not cached: the file may be fixed in place
+        except ValueError as exc:  # engine.pose.PoseError / NoPartError are ValueErrors with a reason
+            reason = str(getattr(exc, "reason", "pose_error"))
+            msg = str(exc) if str(exc).startswith(reason) else f"{reason}: {exc}"
+            err.write_text(msg, encoding="utf-8")
+            return msg
+        tmp = cache / f".{key}.{os.getpid()}.npy"
+        np.save(tmp, out)
+        tmp.replace(npy)
+        return out
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(one, samples))
+    kept = [(s, r) for s, r in zip(samples, results, strict=True) if isinstance(r, np.ndarray)]
+    failed = {s.path: r for s, r in zip(samples, results, strict=True) if isinstance(r, str)}
+    h, w = pre.params.input_size
+    pixels = np.stack([r for _, r in kept]) if kept else np.empty((0, h, w), np.uint8)
+    return Images(tuple(s for s, _ in kept), pixels, failed)
+
+
+def normalised(pre: Preprocessor, pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) → float32 (N, 1, H, W) exactly as the daemon normalises."""
+    out = np.empty((len(pixels), 1, *pixels.shape[1:]), dtype=np.float32)
+    for i, img in enumerate(pixels):
+        pre.normalise_into(img, out[i, 0])
+    return out

@@ -1,0 +1,481 @@
+"""The training loop: ResNet18 (1 channel, 1 NG logit) on the cached, augmented training split.
+
+Choices that are not the recipe's, and why (docs/training.md has the measurements):
+- Checkpoint choice, early stopping and the LR schedule follow validation AUROC (or a class-balanced loss),
+  never the plain validation loss: with a balanced sampler and a 5:1 validation split, a model that calls
+  everything OK scores as well on plain loss as a useful one. The operating threshold is set afterwards by
+  calibration (training.calibrate), not fixed at 0.5.
+- Class balance by a weighted sampler (each epoch draws as many images as the split holds, NG as often as
+  OK, each draw a new augmentation) or by ``pos_weight``; never by duplicating images into val/test.
+- Deterministic for a seed: augmentation and sampling draw from generators seeded by (seed, epoch, rank), so a
+  resumed run sees exactly the batches an uninterrupted one would have.
+- ``torchrun`` works unchanged: with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel, every
+  rank draws the same epoch order and takes its own stride of it; rank 0 validates, decides and writes, and
+  broadcasts its decisions so the ranks never disagree about stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.model import build_model
+from engine.preprocess import Preprocessor
+from training.augment import augment
+from training.calibrate import calibrate
+from training.config import TrainConfig
+from training.data import DataError, Dataset, discover, subset
+from training.images import Images, load_images, normalised
+from training.metrics import auroc
+from training.split import Split, make_kfold, make_split
+
+CONFIG, SPLIT, METRICS, LAST, BEST, RUN = (
+    "config.json",
+    "split.json",
+    "metrics.jsonl",
+    "last.pt",
+    "best.pt",
+    "run.json",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(
+        rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
+
+
+def _device(d: Dist) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def _broadcast(d: Dist, obj: Any) -> Any:
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def auto_threads() -> int:
+    """This process's share of the cores, minus what other processes keep busy.
+
+    OpenMP threads that outnumber the free cores spin at barriers while their siblings are descheduled: on a
+    shared 2-core machine at load 9, two threads trained 3–7× slower than one. The 1-minute load average
+    stands in for "busy" (it includes this process only before it starts working).
+    """
+    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:  # not available on every platform
+        busy = 0
+    return max(1, min(cores, (os.cpu_count() or 1) - busy))
+
+
+def resolve_split(
+    ds: Dataset, cfg: TrainConfig, run_dir: Path, split_file: Path | None, data_hash: str
+) -> Split:
+    """Reuse the run's split.json (resume, or a re-run into the same directory), else ``split_file``, else make
+    one. A split made for other data is refused rather than silently mixing test images into training."""
+    existing = run_dir / SPLIT
+    if existing.is_file() or split_file is not None:
+        split = Split.load(existing if existing.is_file() else split_file)  # type: ignore[arg-type]
+        if split.data_hash and split.data_hash != data_hash:
+            raise DataError(
+                f"split {existing if existing.is_file() else split_file} was made for other data "
+                f"(hash {split.data_hash[:12]}…, this data {data_hash[:12]}…); use a new --out directory"
+            )
+        subset(ds, split.part("all"))  # every listed image must still be there
+        return split
+    if cfg.folds:
+        return make_kfold(
+            ds.samples,
+            folds=cfg.folds,
+            fold=cfg.fold,
+            val_fraction=cfg.split[1],
+            seed=cfg.seed,
+            data_hash=data_hash,
+        )
+    return make_split(ds.samples, fractions=cfg.split, seed=cfg.seed, data_hash=data_hash)
+
+
+def epoch_order(labels: np.ndarray, cfg: TrainConfig, epoch: int) -> np.ndarray:
+    """The training indices of one epoch, identical on every rank."""
+    rng = np.random.default_rng([cfg.seed, epoch, 7919])
+    n = len(labels)
+    if cfg.balance == "sampler":
+        counts = np.bincount(labels, minlength=2).astype(np.float64)
+        w = 1.0 / counts[labels]
+        return rng.choice(n, size=n, replace=True, p=w / w.sum())
+    return rng.permutation(n)
+
+
+def batches(
+    images: Images, pre: Preprocessor, cfg: TrainConfig, epoch: int, d: Dist
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Augmented, normalised training batches for this rank (float32 (B, 1, H, W), float32 labels (B,))."""
+    labels = images.labels
+    order = epoch_order(labels, cfg, epoch)
+    per_rank = len(order) // d.world
+    mine = order[d.rank :: d.world][:per_rank]
+    rng = np.random.default_rng([cfg.seed, epoch, d.rank, 104729])
+    h, w = images.pixels.shape[1:]
+    for start in range(0, len(mine), cfg.batch_size):
+        idx = mine[start : start + cfg.batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on one sample
+            break
+        x = np.empty((len(idx), 1, h, w), dtype=np.float32)
+        donors = rng.integers(0, len(images.pixels), len(idx)) if cfg.augment.background_swap else None
+        for j, i in enumerate(idx):
+            donor = images.pixels[donors[j]] if donors is not None else None
+            pre.normalise_into(augment(images.pixels[i], cfg.augment, rng, donor), x[j, 0])
+        yield x, labels[idx].astype(np.float32)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
+    """NG logits (float32 (N,)) of a normalised batch, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = [
+        model(torch.from_numpy(x[i : i + batch_size]).to(device))[:, 0].float().cpu().numpy()
+        for i in range(0, len(x), batch_size)
+    ]
+    model.train(was_training)
+    return np.concatenate(out) if out else np.empty(0, np.float32)
+
+
+def val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Plain BCE, class-balanced BCE (mean of the per-class means) and AUROC."""
+    z = torch.from_numpy(logits.astype(np.float32))
+    y = torch.from_numpy(labels.astype(np.float32))
+    per = nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none").numpy()
+    pos = labels == 1
+    return {
+        "val_loss": float(per.mean()),
+        "val_balanced_loss": float(0.5 * (per[pos].mean() + per[~pos].mean())),
+        "val_auroc": auroc(logits, labels),
+    }
+
+
+def _score(m: dict[str, float], cfg: TrainConfig) -> tuple[float, float]:
+    """Larger is better; AUROC ties (frequent on a small val split) are broken by the balanced loss."""
+    if cfg.select == "auroc":
+        return (m["val_auroc"], -m["val_balanced_loss"])
+    return (-m["val_balanced_loss"], m["val_auroc"])
+
+
+def train(
+    data: str | Path,
+    run_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    split_file: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train into ``run_dir`` (config.json, split.json, metrics.jsonl, last.pt, best.pt, run.json); returns
+    the run summary that is also written to run.json. On ``resume`` pass the run's own config
+    (:func:`resume_config`); only the epoch count, time budget and threads may differ."""
+    t_start = time.monotonic()
+    d = init_distributed()
+    if not d.main:
+        log = _silent
+    run = Path(run_dir)
+    if run.exists() and (run / LAST).exists() and not resume:
+        raise FileExistsError(
+            f"{run} already holds a training run; pass --resume to continue it or use a new --out"
+        )
+    if resume and not (run / LAST).is_file():
+        raise FileNotFoundError(f"--resume: {run / LAST} does not exist")
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+    threads = cfg.threads or auto_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+
+    ds = discover(data)
+    log(f"{ds.describe()}; torch threads {threads}")
+    if ds.unreadable:
+        log(f"warning: {len(ds.unreadable)} unreadable image(s) excluded: {', '.join(ds.unreadable[:10])}")
+    data_hash = ds.content_hash()
+    split = _broadcast(d, resolve_split(ds, cfg, run, split_file, data_hash) if d.main else None)
+    if d.main:
+        (run / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        split.save(run / SPLIT)
+    log(f"split ({split.method}, seed {split.seed}): {split.describe(ds.samples)}")
+
+    pre = Preprocessor(cfg.preprocess())
+    t0 = time.monotonic()
+    tr = load_images(ds, subset(ds, split.train), pre)
+    va = load_images(ds, subset(ds, split.val), pre)
+    log(f"preprocessed {len(tr.samples) + len(va.samples)} images in {time.monotonic() - t0:.1f} s")
+    for name, imgs in (("train", tr), ("val", va)):
+        for path, why in imgs.failed.items():
+            log(f"warning: {name} image {path} excluded: {why}")
+    for name, imgs in (("train", tr), ("val", va)):
+        if len(set(imgs.labels.tolist())) < 2:
+            raise DataError(f"after excluding unusable images the {name} split lacks a class")
+    x_val, y_val = normalised(pre, va.pixels), va.labels
+
+    device = _device(d)
+    model: nn.Module = build_model(None if cfg.weights == "none" else cfg.weights).to(device)
+    net: nn.Module = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if device.type == "cuda" else None
+        )
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
+    )
+    n_ok, n_ng = int((tr.labels == 0).sum()), int((tr.labels == 1).sum())
+    pos_weight = torch.tensor([n_ok / n_ng if cfg.balance == "pos_weight" else 1.0], device=device)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+    start_epoch, best, best_epoch, bad, elapsed0 = 1, None, 0, 0, 0.0
+    if resume:
+        ck = torch.load(run / LAST, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start_epoch, best, best_epoch, bad = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["bad_epochs"]
+        elapsed0 = ck["elapsed_s"]
+        best = tuple(best) if best is not None else None
+        log(f"resuming after epoch {ck['epoch']} (best epoch {best_epoch})")
+
+    stopped = "epochs"
+    budget_s = cfg.max_minutes * 60.0
+    n_batches = (len(tr.samples) // d.world + cfg.batch_size - 1) // cfg.batch_size
+    epoch = start_epoch - 1
+    durations: list[float] = []
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t_epoch = time.monotonic()
+        net.train()
+        total, count = 0.0, 0
+        bar = _bar(n_batches, f"epoch {epoch}/{cfg.epochs}", progress and d.main)
+        for x, y in batches(tr, pre, cfg, epoch, d):
+            xb, yb = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(xb)[:, 0], yb)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(y)
+            count += len(y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        bar.close()
+        if d.world > 1:  # log the loss over all ranks' batches, not rank 0's share
+            tc = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+            dist.all_reduce(tc)
+            total, count = float(tc[0]), int(tc[1])
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": total / max(count, 1),
+            "lr": opt.param_groups[0]["lr"],
+        }
+        row |= val_metrics(predict(model, x_val, device), y_val) if d.main else {}
+        score = _broadcast(d, _score(row, cfg) if d.main else None)
+        sched.step(score[0])
+        improved = best is None or score > best
+        if improved:
+            best, best_epoch, bad = score, epoch, 0
+        else:
+            bad += 1
+        elapsed = elapsed0 + time.monotonic() - t_start
+        row |= {
+            "best": improved,
+            "epoch_s": round(time.monotonic() - t_epoch, 1),
+            "elapsed_s": round(elapsed, 1),
+        }
+        if d.main:
+            if improved:
+                _atomic_save(
+                    {"model": model.state_dict(), "epoch": epoch, "config": cfg.to_dict(), "val": row},
+                    run / BEST,
+                )
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch,
+                    "config": cfg.to_dict(),
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad,
+                    "elapsed_s": elapsed,
+                },
+                run / LAST,
+            )
+            with open(run / METRICS, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            log(_line(row, cfg))
+        durations.append(time.monotonic() - t_epoch)
+        stop = None
+        if bad >= cfg.patience:
+            stop = f"early stop: no better val {cfg.select} for {cfg.patience} epochs"
+        elif epoch < cfg.epochs and elapsed + float(np.mean(durations)) > budget_s:
+            stop = f"time budget: {cfg.max_minutes:g} min would be exceeded by another epoch"
+        stop = _broadcast(d, stop)  # rank 0's clock decides: ranks that disagreed would deadlock
+        if stop:
+            stopped = stop
+            break
+
+    summary: dict[str, Any] = {}
+    if d.main:
+        summary = finish(
+            run,
+            ds,
+            split,
+            cfg,
+            pre,
+            va,
+            x_val,
+            device,
+            data_hash,
+            stopped=stopped,
+            epochs_run=epoch,
+            best_epoch=best_epoch,
+            seconds=elapsed0 + time.monotonic() - t_start,
+        )
+        log(
+            f"stopped: {stopped}; best epoch {best_epoch}; val AUROC {summary['val']['val_auroc']:.3f}; "
+            f"threshold {summary['calibration']['threshold']:.4g} (val recall {summary['calibration']['recall']:.2f}, "
+            f"false-reject rate {summary['calibration']['false_reject_rate']:.2f})"
+        )
+    if d.world > 1:
+        dist.barrier()
+    return summary
+
+
+def resume_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
+    """The config a run was started with, with ``epochs``/``max_minutes``/``threads`` changed where given."""
+    allowed = {"epochs", "max_minutes", "threads"}
+    bad = sorted(k for k, v in changes.items() if v is not None and k not in allowed)
+    if bad:
+        raise ValueError(
+            f"--resume continues the run as configured; {bad} cannot change (only {sorted(allowed)})"
+        )
+    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8")))
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+def finish(
+    run: Path,
+    ds: Dataset,
+    split: Split,
+    cfg: TrainConfig,
+    pre: Preprocessor,
+    va: Images,
+    x_val: np.ndarray,
+    device: torch.device,
+    data_hash: str,
+    **info: Any,
+) -> dict[str, Any]:
+    """Calibrate the best checkpoint on the validation split and write run.json."""
+    best = torch.load(run / BEST, map_location=device, weights_only=False)
+    model = build_model(None).to(device)
+    model.load_state_dict(best["model"])
+    logits = predict(model, x_val, device)
+    cal = calibrate(logits, va.labels, target_recall=cfg.target_recall, grey_zone_frr=cfg.grey_zone_frr)
+    summary = {
+        "data": str(ds.root.resolve()),
+        "layout": ds.layout,
+        "data_hash": data_hash,
+        "counts": ds.counts(),
+        "split_file": SPLIT,
+        "excluded": sorted(set(ds.unreadable) | set(va.failed)),
+        "config": cfg.to_dict(),
+        "val": val_metrics(logits, va.labels) | {"n": len(logits)},
+        "calibration": cal.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **info,
+    }
+    (run / RUN).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _line(row: dict[str, Any], cfg: TrainConfig) -> str:
+    return (
+        f"epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+        f"val_bal_loss {row['val_balanced_loss']:.4f}  val_auroc {row['val_auroc']:.3f}  lr {row['lr']:.1e}  "
+        f"{row['epoch_s']:.0f}s{'  *' if row['best'] else ''}"
+    )
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def load_run_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """The best checkpoint of a run, its config and its run.json summary."""
+    run = Path(run_dir)
+    for name in (BEST, RUN, CONFIG):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run} is not a finished training run: {name} is missing")
+    cfg = TrainConfig.from_dict(json.loads((run / CONFIG).read_text(encoding="utf-8")))
+    ck = torch.load(run / BEST, map_location=device, weights_only=False)
+    model = build_model(None)
+    model.load_state_dict(ck["model"])
+    summary = json.loads((run / RUN).read_text(encoding="utf-8"))
+    return model.eval(), cfg, summary
+
+
+def history(run_dir: str | Path) -> list[dict[str, Any]]:
+    p = Path(run_dir) / METRICS
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
