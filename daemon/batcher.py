@@ -19,6 +19,7 @@ import numpy as np
 from daemon.intake import IntakeQueue
 from daemon.ledger import Job, Ledger
 from daemon.logs import get_logger
+from daemon.threads import StageThread
 
 log = get_logger(__name__)
 
@@ -60,7 +61,7 @@ Preprocess = Callable[[Job, np.ndarray], None]  # (job, its batch row (1, H, W))
 END = None  # end-of-stream marker on the batch queue
 
 
-class MicroBatcher:
+class MicroBatcher(StageThread):
     def __init__(
         self,
         intake: IntakeQueue,
@@ -88,18 +89,7 @@ class MicroBatcher:
         self.batches = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="batcher", daemon=True)
-        self._thread.start()
-
-    def join(self, timeout: float) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self._spawn(self.run, "batcher")
 
     def run(self) -> None:
         try:

@@ -21,6 +21,7 @@ from daemon.batcher import END, Batch, BufferPool
 from daemon.decision import Decider
 from daemon.ledger import Ledger
 from daemon.logs import get_logger
+from daemon.threads import StageThread
 from daemon.types import Outcome, Reason
 from engine.backend import Backend, sigmoid
 
@@ -29,7 +30,7 @@ log = get_logger(__name__)
 _EWMA = 0.2  # weight of the newest batch in the inference-time estimate the batcher plans with
 
 
-class InferenceWorker:
+class InferenceWorker(StageThread):
     def __init__(
         self,
         backend: Backend,
@@ -69,22 +70,11 @@ class InferenceWorker:
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self, timeout: float) -> None:
         """Start the thread; returns once the backend is entered and warmed up (raises what went wrong)."""
-        self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
-        self._thread.start()
+        self._spawn(self.run, self.name)
         if not self._started.wait(timeout):
             raise TimeoutError(f"backend warm-up did not finish within {timeout:.0f} s")
         if self.start_error is not None:
             raise self.start_error
-
-    def join(self, timeout: float) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     @property
     def healthy(self) -> bool:

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from daemon.threads import StageThread
 from daemon.types import Frame, Reason, Verdict
 
 
@@ -47,7 +48,7 @@ class Settled:
         self.t_settled = t_settled
 
 
-class Ledger:
+class Ledger(StageThread):
     """Admission, settle-once, and the deadline watchdog (a thread that settles expired frames)."""
 
     def __init__(
@@ -121,8 +122,7 @@ class Ledger:
 
     # -- deadline watchdog -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._watch, name="deadline-watchdog", daemon=True)
-        self._thread.start()
+        self._spawn(self._watch, "deadline-watchdog")
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -130,10 +130,6 @@ class Ledger:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def _watch(self) -> None:
         with self._lock:

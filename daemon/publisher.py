@@ -21,6 +21,7 @@ from daemon.ledger import Settled
 from daemon.logs import get_logger
 from daemon.peers import PeerMonitor
 from daemon.settings import PublisherSettings
+from daemon.threads import StageThread
 from daemon.types import Frame, Reason, Verdict
 from daemon.wire import encode, heartbeat_message, verdict_message
 
@@ -32,7 +33,7 @@ _SUMMARY_IDS = 10
 AfterPublish = Callable[[Verdict, Frame, dict[str, Any]], None]
 
 
-class VerdictPublisher:
+class VerdictPublisher(StageThread):
     def __init__(
         self,
         settings: PublisherSettings,
@@ -80,18 +81,7 @@ class VerdictPublisher:
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-        self._thread.start()
-
-    def join(self, timeout: float) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self._spawn(self._run, "publisher")
 
     def _run(self) -> None:
         interval = self.settings.heartbeat_ms / 1000.0
