@@ -74,7 +74,9 @@ class ModelMeta:
     calibration: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    variants: dict[str, Any] = field(default_factory=dict)  # derived files (int8), written by inspectd quantize
+    variants: dict[str, Any] = field(
+        default_factory=dict
+    )  # derived files (int8), written by inspectd quantize
     created_by: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
