@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.backend import sigmoid
 from engine.package import META_NAME, ONNX_NAME, Decision, ModelMeta, write_meta
+from engine.parity import verdicts  # the daemon's PASS/REJECT/grey-zone rule, in one place
 from engine.preprocess import PreprocessParams
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,15 +47,6 @@ INPUT_NAME, LOGIT_NAME, CAM_NAME = "input", "logit", "cam"
 
 class ExportError(RuntimeError):
     """The export, or its self-check, failed; no package was written."""
-
-
-def verdicts(logits: np.ndarray, decision: Decision) -> np.ndarray:
-    """0 PASS, 1 REJECT, 2 grey zone (REJECT for a person to re-inspect) — what the daemon would decide."""
-    p = sigmoid(np.asarray(logits, dtype=np.float32))
-    if decision.grey_zone is None:
-        return (p >= decision.threshold).astype(np.int8)
-    lo, hi = decision.grey_zone
-    return np.where(p >= hi, 1, np.where(p < lo, 0, 2)).astype(np.int8)
 
 
 def _versions() -> dict[str, str]:

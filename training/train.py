@@ -273,7 +273,7 @@ def train(
 
     start_epoch, best, best_epoch, bad, elapsed0 = 1, None, 0, 0, 0.0
     if resume:
-        ck = torch.load(run / LAST, map_location=device, weights_only=False)
+        ck = torch.load(run / LAST, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -412,7 +412,7 @@ def finish(
     **info: Any,
 ) -> dict[str, Any]:
     """Calibrate the best checkpoint on the validation split and write run.json."""
-    best = torch.load(run / BEST, map_location=device, weights_only=False)
+    best = torch.load(run / BEST, map_location=device, weights_only=True)
     model = build_model(None).to(device)
     model.load_state_dict(best["model"])
     logits = predict(model, x_val, device)
@@ -467,7 +467,7 @@ def load_run_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module,
         if not (run / name).is_file():
             raise FileNotFoundError(f"{run} is not a finished training run: {name} is missing")
     cfg = TrainConfig.from_dict(json.loads((run / CONFIG).read_text(encoding="utf-8")))
-    ck = torch.load(run / BEST, map_location=device, weights_only=False)
+    ck = torch.load(run / BEST, map_location=device, weights_only=True)
     model = build_model(None)
     model.load_state_dict(ck["model"])
     summary = json.loads((run / RUN).read_text(encoding="utf-8"))
