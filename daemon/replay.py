@@ -180,6 +180,8 @@ class VerdictRecorder:
             "seq": message["seq"],
             "timings_ms": {k: round(v, 3) for k, v in verdict.timings_ms.items()},
             "error": detail.get("error"),
+            "gauges": detail.get("gauges"),  # out_of_tolerance: the measurements outside their bands
+            "rejected_by": detail.get("rejected_by"),
         }
         with self._cv:
             if verdict.frame_id in self.records:

@@ -198,6 +198,7 @@ Created {html.escape(report["created"])} by inspectd {html.escape(report["inspec
 <h2>REJECT reasons</h2>{reasons}
 <h2>Stage timings</h2>{stages}
 {cmp_html}
+{_gauges_html(report, out)}
 <h2>Misclassified images ({len(s["misclassified"])})</h2>
 <p>What the network saw{" with the positive part of its class-activation map (NG evidence)" if m.get("heatmap_output") else " (the package has no heatmap output)"}.</p>
 <div class=figs>{mis}</div>
@@ -234,3 +235,23 @@ def _compare_html(c: dict[str, Any] | None) -> str:
             else ""
         )
     )
+
+
+def _gauges_html(report: dict[str, Any], out: Path) -> str:
+    g = report.get("gauges")
+    if not g:
+        return ""
+    caught = report["summary"].get("caught_by_gauges_only", [])
+    by_file = {r["file"]: r for r in report["images"]}
+    rows = [
+        [f"<code>{html.escape(f)}</code>", html.escape(by_file[f]["defect_type"] or ""), _fmt(by_file[f]["score"]),
+         html.escape("; ".join(f"{v['name']} {v['value']} ∉ [{v['low']}, {v['high']}]" for v in by_file[f]["gauges"] or []))]
+        for f in caught
+    ]  # fmt: skip
+    bands = ", ".join(f"{b['name']} [{b['low']}, {b['high']}] {b['unit']}" for b in g["bands"])
+    return f"""<h2>Gauges</h2>
+<p>Tolerance bands: {html.escape(bands)}. Measured {g["measured"]["OK"]} OK and {g["measured"]["NG"]} NG parts
+({g["measured"]["failed"]} could not be measured).</p>
+<div class=figs>{_img(out / g["figure"], "measurements, OK vs NG, with the bands")}</div>
+<h3>NG parts the gauges caught that the model missed ({len(caught)})</h3>
+{_table(["file", "defect type", "p(NG)", "outside its band"], rows) if rows else "<p>none</p>"}"""

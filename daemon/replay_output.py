@@ -12,7 +12,7 @@ from daemon.replay import RunResult, Selection
 from daemon.replay_html import confusion_png, heatmaps, write_html
 from daemon.replay_report import REPORT_JSON, REPORT_VERSION, check_gates, compare, summarise
 from daemon.settings import Settings
-from engine.package import ModelPackage
+from engine.package import ModelMeta, ModelPackage
 
 
 def _version() -> str:
@@ -88,6 +88,40 @@ def build_report(
     wrong = [by_file[f] for f in summary["misclassified"]]
     if wrong and max_heatmaps > 0:
         report["heatmaps"] = heatmaps(package, wrong, selection.root, out, max_heatmaps)
+    if meta.gauges:
+        report["gauges"] = gauges_section(meta, selection, out)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     write_html(report, out)
     return report
+
+
+def gauges_section(meta: ModelMeta, selection: Selection, out: Path) -> dict[str, Any]:
+    """Measure every labelled image the way the daemon did and draw OK vs NG per measurement, bands on top."""
+    from engine.gauges import gauge_figure, load_gauges
+    from engine.pose import PoseError, estimate_pose
+    from engine.preprocess import DecodeError, load_gray
+
+    gauges = load_gauges(meta.gauges, meta.preprocess.pose)
+    assert gauges is not None
+    params = gauges.pose_params()
+    ok: list[Any] = []
+    ng: dict[str, list[Any]] = {}
+    failed = 0
+    for item in selection.items:
+        if item.label not in ("OK", "NG"):
+            continue
+        try:
+            m = estimate_pose(load_gray(str(item.path)), params).measurements
+        except (PoseError, DecodeError, OSError):
+            failed += 1  # the daemon rejected these as no_part / pose_error / decode_error
+            continue
+        if item.label == "OK":
+            ok.append(m)
+        else:
+            ng.setdefault(item.defect_type or "NG", []).append(m)
+    (out / "gauges.png").write_bytes(gauge_figure(ok, ng, gauges))
+    return {
+        "figure": "gauges.png",
+        "bands": [b.to_dict() for b in gauges.bands],
+        "measured": {"OK": len(ok), "NG": sum(len(v) for v in ng.values()), "failed": failed},
+    }

@@ -85,6 +85,10 @@ def summarise(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
             "images_per_s": round(len(records) / seconds, 2) if seconds > 0 else None,
         },
         "misclassified": [r["file"] for r in labelled if (r["label"] == "NG") != (r["verdict"] == "REJECT")],
+        # NG parts the gauges rejected while the model alone would have passed them
+        "caught_by_gauges_only": [
+            r["file"] for r in labelled if r["label"] == "NG" and r.get("rejected_by") == ["gauges"]
+        ],
     }
 
 

@@ -272,3 +272,33 @@ def test_replay_settings_keep_the_pipeline_and_drop_what_a_station_shares(tmp_pa
         station.model.backend,
     )
     assert replay_settings(station, metrics_port=9200).metrics.port == 9200
+
+
+def test_a_gauged_package_reports_what_the_gauges_caught(tmp_path: Path) -> None:
+    """The report shows the measurements OK vs NG with the bands, and the NG parts only the gauges caught."""
+    from engine.gauges import GaugeSet, learn_bands
+    from engine.pose import PoseParams, estimate_pose
+    from engine.preprocess import load_gray
+    from tests.helpers import tiny_package
+
+    data = tmp_path / "data"
+    write_dataset(data, n_ok=6, n_ng=5, seed=4, size=1024)  # one NG of each type; manipulated_front is short
+    oks = sorted((data / "OK").glob("*.png"))
+    measured = [estimate_pose(load_gray(str(p))).measurements for p in oks]
+    d = tmp_path / "pkg"
+    meta = tiny_package(d, input_size=(32, 32), threshold=1.0)  # the model alone passes every part
+    gauges = GaugeSet(bands=learn_bands(measured), pose=PoseParams().to_dict(), n_ok=len(measured))
+    write_meta(d, dataclasses.replace(meta, gauges=gauges.to_dict()))
+    out = tmp_path / "r"
+    rc, report = replay(str(data), "--model", str(d), "--out", str(out))
+    assert rc == 0
+    caught = report["summary"]["caught_by_gauges_only"]
+    assert "NG/manipulated_front_00000.png" in caught  # shortened: outside the length band
+    # (with bands from only 6 OK parts a chipped head can fall outside the head-width band too)
+    assert {r["reason"] for r in report["images"] if r["file"] in caught} == {"out_of_tolerance"}
+    assert report["gauges"]["measured"] == {"OK": 6, "NG": 5, "failed": 0}
+    assert (out / "gauges.png").stat().st_size > 10_000
+    assert (
+        f"NG parts the gauges caught that the model missed ({len(caught)})"
+        in (out / "report.html").read_text()
+    )
