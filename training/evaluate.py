@@ -183,6 +183,38 @@ def compute_metrics(scored: Scored, decision: Decision) -> dict[str, Any]:
     return _clean(m)
 
 
+def cam_on_part(scored: Scored) -> dict[str, Any]:
+    """Share of the positive (NG-evidence) CAM mass that lies on the part's silhouette, mean over NG images and
+    over all images, beside the share of the image the part covers. Near the area share: the model looks
+    everywhere; well below: it looks at the background (a shortcut such as session lighting or shadow)."""
+    import cv2
+
+    from training.augment import part_alpha
+
+    on_ng, on_all, area = [], [], []
+    for s in scored.samples:
+        if s.path not in scored.cams:
+            continue
+        img = scored.pixels[s.path]
+        alpha = part_alpha(img)
+        heat = cv2.resize(
+            np.maximum(scored.cams[s.path], 0), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR
+        )
+        total = float(heat.sum())
+        if total <= 0:
+            continue
+        frac = float((heat * alpha).sum()) / total
+        on_all.append(frac)
+        area.append(float(alpha.mean()))
+        if s.label == 1:
+            on_ng.append(frac)
+    return {"ng": _mean(on_ng), "all": _mean(on_all), "part_area": _mean(area)}
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
 def brightness_baseline(ds: Dataset, samples: list[Sample]) -> dict[str, Any]:
     """AUROC of mean raw image brightness alone: the confound a model must beat (and not simply learn)."""
     y = np.array([s.label for s in samples])
@@ -246,6 +278,7 @@ def evaluate(
     }
     metrics["data"] = str(ds.root)
     metrics["brightness_baseline"] = _clean(brightness_baseline(ds, samples))
+    metrics["cam_on_part"] = _clean(cam_on_part(scored))
     out_dir = Path(out) if out else target.path / f"eval-{part}"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -181,6 +181,10 @@ def write_report(
         ("BCE loss", _fmt(m["loss"])),
         ("preprocessing failures (scored REJECT)", _fmt(len(m["failed"]))),
         (
+            "NG evidence on the part (CAM heat share on NG images; the part's share of the area)",
+            f"{_fmt(m['cam_on_part']['ng'])} ({_fmt(m['cam_on_part']['part_area'])})",
+        ),
+        (
             "brightness-only AUROC (confound check)",
             f"{_fmt(m['brightness_baseline']['auroc'])} ({m['brightness_baseline']['direction']})",
         ),
