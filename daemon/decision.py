@@ -50,6 +50,27 @@ class Decider:
             rejected_by = ["gauges"] if outcome is Outcome.PASS else ["gauges", "model"]
             detail = {"gauges": [v.to_dict() for v in violations], "rejected_by": rejected_by}
             outcome, reason = Outcome.REJECT, Reason.OUT_OF_TOLERANCE
+        return self._verdict(frame, outcome, reason, score, detail, timings_ms)
+
+    def reject(
+        self,
+        frame: Frame,
+        reason: Reason,
+        detail: dict[str, Any] | None = None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> Verdict:
+        """A REJECT for a part that was not (or could not be) inspected: no score."""
+        return self._verdict(frame, Outcome.REJECT, reason, None, detail, timings_ms or {})
+
+    def _verdict(
+        self,
+        frame: Frame,
+        outcome: Outcome,
+        reason: Reason,
+        score: float | None,
+        detail: dict[str, Any] | None,
+        timings_ms: dict[str, float],
+    ) -> Verdict:
         return Verdict(
             frame_id=frame.frame_id,
             source=frame.source,
@@ -63,27 +84,4 @@ class Decider:
             label=frame.label,
             detail=detail,
             timings_ms=timings_ms,
-        )
-
-    def reject(
-        self,
-        frame: Frame,
-        reason: Reason,
-        detail: dict[str, Any] | None = None,
-        timings_ms: dict[str, float] | None = None,
-    ) -> Verdict:
-        """A REJECT for a part that was not (or could not be) inspected: no score."""
-        return Verdict(
-            frame_id=frame.frame_id,
-            source=frame.source,
-            outcome=Outcome.REJECT,
-            reason=reason,
-            score=None,
-            threshold=self.threshold,
-            model=self.model_id,
-            t_capture=frame.t_capture,
-            t_arrival=frame.t_arrival,
-            label=frame.label,
-            detail=detail,
-            timings_ms=timings_ms or {},
         )

@@ -32,6 +32,8 @@ def free_port() -> int:
 
 
 class LogLines:
+    """Reads a daemon's JSON log lines on a thread (a full stderr pipe would stall the daemon)."""
+
     def __init__(self, stream: IO[bytes]) -> None:
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []

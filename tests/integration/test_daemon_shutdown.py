@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +9,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -25,41 +22,10 @@ from tests.integration.daemon_harness import (
     daemon_settings,
     running_app,
 )
+from tests.integration.reliability_harness import LogLines
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-
-
-class LogReader:
-    """Reads the daemon's JSON log lines on a thread (a full stderr pipe would stall the daemon)."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _run(self, stream: IO[bytes]) -> None:
-        for line in iter(stream.readline, b""):
-            text = line.decode(errors="replace").rstrip()
-            with self._cv:
-                self.raw.append(text)
-                with contextlib.suppress(json.JSONDecodeError):
-                    self.events.append(json.loads(text))
-                self._cv.notify_all()
-
-    def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        with self._cv:
-            while True:
-                for e in self.events:
-                    if e.get("event") == event:
-                        return e
-                if not self._cv.wait(max(0.0, end - time.monotonic())) and time.monotonic() >= end:
-                    raise TimeoutError(
-                        f"no {event!r} log line within {timeout} s:\n" + "\n".join(self.raw[-30:])
-                    )
 
 
 @pytest.mark.timeout(120)
@@ -99,7 +65,7 @@ batch_lines = false
         stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
-    logs = LogReader(proc.stderr)
+    logs = LogLines(proc.stderr)  # a full stderr pipe would stall the daemon: read it on a thread
     try:
         ready = logs.wait_for("ready", timeout=60)
         camera = ready["sources"][0]["endpoint"]
