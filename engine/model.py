@@ -75,6 +75,18 @@ def _imagenet_state() -> dict[str, Any]:
     return state
 
 
+def model_from_state(state: dict[str, Any]) -> torch.nn.Module:
+    """The network a saved state dict belongs to: the patch memory (engine.patch_model, its settings travel in
+    the state) or the ResNet18 of :func:`build_model`."""
+    if isinstance(state, dict) and "bank" in state and "kernel" in state:
+        from engine.patch_model import PatchMemory
+
+        return PatchMemory.from_state(state).eval()
+    model = build_model(None)
+    model.load_state_dict(state)
+    return model
+
+
 class CamHead:
     """Builds the export graph: logits plus a class-activation map from the last conv features and the fc
     weights (no gradients), so the daemon and replay can show where the model looked."""
@@ -82,6 +94,20 @@ class CamHead:
     @staticmethod
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         import torch
+
+        if hasattr(model, "with_heatmap"):  # the patch memory: its z-map is the map
+
+            class _OwnMap(torch.nn.Module):
+                def __init__(self, net: torch.nn.Module) -> None:
+                    super().__init__()
+                    self.net = net
+
+                def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    net: Any = self.net
+                    out: tuple[torch.Tensor, torch.Tensor] = net.with_heatmap(x)
+                    return out
+
+            return _OwnMap(model)
 
         class _WithCam(torch.nn.Module):
             def __init__(self, net: torch.nn.Module) -> None:

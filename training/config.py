@@ -15,11 +15,16 @@ from typing import Any
 from engine.preprocess import PreprocessParams
 from training.augment import AugmentConfig
 
+ARCHS = ("patch_memory", "resnet18")
+
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
+    # The model: "patch_memory" (engine.patch_model: nearest good patch, fitted on the OK images; the default)
+    # or "resnet18" (engine.model: the assignment's classifier, trained by gradient descent).
+    arch: str = "patch_memory"
     # What the network sees (becomes model.json's preprocess section).
-    input_size: tuple[int, int] = (144, 448)  # (height, width)
+    input_size: tuple[int, int] = (160, 500)  # (height, width): the 320×1000 pose crop at half resolution
     pose: bool = True  # pose-normalised crop (engine.pose) before CLAHE; False = the whole frame
     pose_params: dict[str, Any] = field(default_factory=dict)  # overrides of engine.pose.PoseParams
     clahe_clip_limit: float = 2.0
@@ -50,9 +55,20 @@ class TrainConfig:
         None  # upper edge T2: the lowest threshold whose val false-reject rate ≤ this
     )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Patch memory only (training/patch_memory.py): patch side and stride (input pixels), principal
+    # components kept, neighbour search window ± (rows, columns) of grid cells.
+    patch_size: int = 16
+    patch_stride: int = 8
+    patch_dims: int = 64
+    patch_window: tuple[int, int] = (1, 2)
 
     def __post_init__(self) -> None:
         checks = {
+            "arch": self.arch in ARCHS,
+            "patch_size": self.patch_size >= 2,
+            "patch_stride": 1 <= self.patch_stride <= self.patch_size,
+            "patch_dims": 1 <= self.patch_dims <= self.patch_size**2,
+            "patch_window": min(self.patch_window) >= 0,
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 2,  # BatchNorm needs ≥ 2 samples per batch in training
             "lr": self.lr > 0,
@@ -84,10 +100,18 @@ class TrainConfig:
             pose=pose,
         )
 
+    def patch_settings(self) -> Any:
+        """training.patch_memory.PatchSettings from the ``patch_*`` options."""
+        from training.patch_memory import PatchSettings
+
+        return PatchSettings(
+            patch=self.patch_size, stride=self.patch_stride, dims=self.patch_dims, window=self.patch_window
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["augment"] = self.augment.to_dict()
-        for k in ("input_size", "clahe_tile_grid", "split"):
+        for k in ("input_size", "clahe_tile_grid", "split", "patch_window"):
             d[k] = list(d[k])
         return d
 
@@ -103,7 +127,7 @@ class TrainConfig:
         for k, v in d.items():
             if k == "augment":
                 kw[k] = AugmentConfig.from_dict({**base.augment.to_dict(), **v})
-            elif k in ("input_size", "clahe_tile_grid"):
+            elif k in ("input_size", "clahe_tile_grid", "patch_window"):
                 kw[k] = (int(v[0]), int(v[1])) if isinstance(v, list | tuple) else (int(v), int(v))
             elif k == "split":
                 kw[k] = (float(v[0]), float(v[1]), float(v[2]))
@@ -114,29 +138,33 @@ class TrainConfig:
 
 # The assignment's recipe as written (trained from scratch): whole frame, 256², ±10° rotation, flips.
 RECIPE = TrainConfig(
+    arch="resnet18",
     input_size=(256, 256),
     pose=False,
     augment=AugmentConfig(hflip=0.5, vflip=0.5, rotate_deg=10.0),
 )
 # Pose-normalised crop: the screw's axis horizontal, head left. Only mirrors across the axis, a little
 # rotation and perpendicular shift; no shift along the axis (it would hide a shortened tip), mild brightness.
-# Background swap + illumination: without them the models' NG evidence lay almost entirely on the background
-# (2 % of the CAM heat on the part, which covers 38 % of the crop) — the acquisition-session shortcut.
-POSE = TrainConfig(
+# The background options (background, background_swap) stay off: measured on 3-fold splits of screws-300 they
+# removed the models' use of the background but lowered AUROC even with the background neutralised
+# (docs/training.md, "Measured on screws-300").
+CNN = TrainConfig(
+    arch="resnet18",
     input_size=(144, 448),
     pose=True,
-    augment=AugmentConfig(
-        hflip=0.0,
-        vflip=0.5,
-        rotate_deg=3.0,
-        shift_y=0.03,
-        brightness=10.0,
-        contrast=0.1,
-        background=20.0,
-        background_swap=0.5,
-    ),
+    augment=AugmentConfig(hflip=0.0, vflip=0.5, rotate_deg=3.0, shift_y=0.03, brightness=10.0, contrast=0.1),
 )
-PRESETS: dict[str, TrainConfig] = {"default": POSE, "pose": POSE, "recipe": RECIPE}
+# The default: the patch memory on the pose crop at half resolution (160×500). Measured on 5 stratified folds of
+# screws-300 it ranks NG above OK far better than either ResNet18 preset (docs/training.md, section 8), needs
+# no NG images to fit and fits in seconds.
+PATCH = TrainConfig()
+PRESETS: dict[str, TrainConfig] = {
+    "default": PATCH,
+    "patch": PATCH,
+    "cnn": CNN,
+    "pose": CNN,
+    "recipe": RECIPE,
+}
 
 
 def load_config_file(path: str | Path, base: TrainConfig) -> TrainConfig:

@@ -19,6 +19,7 @@ import numpy as np
 from engine.backend import sigmoid
 from engine.package import Decision, load_package
 from engine.preprocess import Preprocessor, PreprocessParams, load_gray
+from training.augment import part_alpha, swap_background
 from training.data import DataError, Dataset, Sample, discover, subset
 from training.images import load_images, normalised
 from training.metrics import at_threshold, auroc, auroc_ci
@@ -34,6 +35,7 @@ class Scored:
     failed: dict[str, str]
     pixels: dict[str, np.ndarray]  # path → what the network saw (uint8), for the heatmap overlays
     cams: dict[str, np.ndarray]  # path → CAM (h, w) in the network's feature resolution
+    neutral_logits: np.ndarray | None = None  # the same images on one shared background (see score)
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,24 @@ def score(target: Target, ds: Dataset, samples: list[Sample], *, threads: int = 
     logits, cams = _infer_package(target.path, x) if target.kind == "package" else _infer_run(target.path, x)
     row = {s.path: i for i, s in enumerate(imgs.samples)}
     z = [logits[row[s.path]] if s.path in row else FAILED_LOGIT for s in samples]
+    neutral = None
+    ok = imgs.pixels[imgs.labels == 0]
+    if len(ok):
+        # Counterfactual: every part on the same background (the pixelwise median of the OK images). What the
+        # background said about the label is gone; a model that read the part scores as before.
+        donor = np.median(ok, axis=0).astype(np.uint8)
+        xn = normalised(pre, np.stack([swap_background(img, donor) for img in imgs.pixels]))
+        zn = (
+            _infer_package(target.path, xn)[0] if target.kind == "package" else _infer_run(target.path, xn)[0]
+        )
+        neutral = np.array([zn[row[s.path]] if s.path in row else FAILED_LOGIT for s in samples], np.float32)
     return Scored(
         samples=list(samples),
         logits=np.array(z, np.float32),
         failed=dict(imgs.failed),
         pixels={p: imgs.pixels[i] for p, i in row.items()},
         cams={p: cams[i] for p, i in row.items()} if cams is not None else {},
+        neutral_logits=neutral,
     )
 
 
@@ -189,8 +203,6 @@ def cam_on_part(scored: Scored) -> dict[str, Any]:
     everywhere; well below: it looks at the background (a shortcut such as session lighting or shadow)."""
     import cv2
 
-    from training.augment import part_alpha
-
     on_ng, on_all, area = [], [], []
     for s in scored.samples:
         if s.path not in scored.cams:
@@ -279,6 +291,9 @@ def evaluate(
     metrics["data"] = str(ds.root)
     metrics["brightness_baseline"] = _clean(brightness_baseline(ds, samples))
     metrics["cam_on_part"] = _clean(cam_on_part(scored))
+    if scored.neutral_logits is not None:
+        y = np.array([s.label for s in samples])
+        metrics["auroc_neutral_background"] = _clean(auroc(scored.neutral_logits, y))
     out_dir = Path(out) if out else target.path / f"eval-{part}"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -77,6 +77,8 @@ def _export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, *, exp
                 warnings.simplefilter(
                     "ignore", DeprecationWarning
                 )  # the legacy exporter warns; chosen knowingly
+                # The patch memory's shifted slices cannot be constant-folded; they are computed at run time.
+                warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
                 torch.onnx.export(
                     net,
                     (example,),

@@ -31,6 +31,9 @@ TEST_KEYS = (
     "per_type",
     "split",
     "evaluated",
+    "auroc_neutral_background",
+    "cam_on_part",
+    "brightness_baseline",
 )
 
 

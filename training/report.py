@@ -102,7 +102,7 @@ def figures(
     ax.legend()
     figs["scores"] = _save(fig, out / "scores.png")
 
-    if target.history:
+    if any("train_loss" in h for h in target.history):  # a fitted patch memory has no curves
         ep = [h["epoch"] for h in target.history]
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
         ax[0].plot(ep, [h["train_loss"] for h in target.history], label="train (balanced draws)")
@@ -183,6 +183,10 @@ def write_report(
         (
             "NG evidence on the part (CAM heat share on NG images; the part's share of the area)",
             f"{_fmt(m['cam_on_part']['ng'])} ({_fmt(m['cam_on_part']['part_area'])})",
+        ),
+        (
+            "AUROC with every part on one shared background (shortcut check)",
+            _fmt(m.get("auroc_neutral_background")),
         ),
         (
             "brightness-only AUROC (confound check)",

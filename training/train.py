@@ -1,4 +1,5 @@
-"""The training loop: ResNet18 (1 channel, 1 NG logit) on the cached, augmented training split.
+"""Training: ResNet18 (1 channel, 1 NG logit) on the cached, augmented training split, or the patch memory
+(engine.patch_model, ``arch = "patch_memory"``) fitted on the training split's OK images.
 
 Choices that are not the recipe's, and why (docs/training.md has the measurements):
 - Checkpoint choice, early stopping and the LR schedule follow validation AUROC (or a class-balanced loss),
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.model import build_model
+from engine.model import build_model, model_from_state
 from engine.preprocess import Preprocessor
 from training.augment import augment
 from training.calibrate import calibrate
@@ -255,6 +256,8 @@ def train(
         if len(set(imgs.labels.tolist())) < 2:
             raise DataError(f"after excluding unusable images the {name} split lacks a class")
     x_val, y_val = normalised(pre, va.pixels), va.labels
+    if cfg.arch == "patch_memory":
+        return _fit_patch_memory(run, d, ds, split, cfg, pre, tr, va, x_val, data_hash, t_start, log)
 
     device = _device(d)
     model: nn.Module = build_model(None if cfg.weights == "none" else cfg.weights).to(device)
@@ -387,6 +390,78 @@ def train(
     return summary
 
 
+def _fit_patch_memory(
+    run: Path,
+    d: Dist,
+    ds: Dataset,
+    split: Split,
+    cfg: TrainConfig,
+    pre: Preprocessor,
+    tr: Images,
+    va: Images,
+    x_val: np.ndarray,
+    data_hash: str,
+    t_start: float,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The patch memory (engine.patch_model) fitted on the training split's OK images; one "epoch".
+
+    Calibration uses every image the fit did not see as a neighbour: the validation split, the training
+    split's NG images (the fit ignores NG), and each training OK image scored leave-one-out (against the
+    memory without its own patches). With few NG per split this sets the threshold on many more NG images.
+    """
+    from training.patch_memory import fit
+
+    summary: dict[str, Any] = {}
+    if d.main:  # nothing to share between ranks: rank 0 fits, the others wait at the barrier
+        ok = tr.labels == 0
+        t0 = time.monotonic()
+        model, loo = fit(
+            normalised(pre, tr.pixels[ok]), tr.pixels[ok], cfg.patch_settings(), seed=cfg.seed, log=log
+        )
+        fit_s = time.monotonic() - t0
+        device = torch.device("cpu")
+        row: dict[str, Any] = {"epoch": 1, "fit_s": round(fit_s, 1), "lr": None}
+        row |= val_metrics(predict(model, x_val, device), va.labels)
+        row |= {"best": True, "epoch_s": round(fit_s, 1), "elapsed_s": round(time.monotonic() - t_start, 1)}
+        ck = {"model": model.state_dict(), "arch": cfg.arch, "epoch": 1, "config": cfg.to_dict(), "val": row}
+        _atomic_save(ck, run / BEST)
+        _atomic_save(ck | {"best": None, "best_epoch": 1, "bad_epochs": 0, "elapsed_s": fit_s}, run / LAST)
+        with open(run / METRICS, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log(f"fitted in {fit_s:.1f} s; val AUROC {row['val_auroc']:.3f}")
+        ng = tr.labels == 1
+        extra = (
+            np.concatenate([predict(model, normalised(pre, tr.pixels[ng]), device), loo]),
+            np.concatenate([np.ones(int(ng.sum()), np.int64), np.zeros(len(loo), np.int64)]),
+            "val + train NG + train OK (leave-one-out)",
+        )
+        summary = finish(
+            run,
+            ds,
+            split,
+            cfg,
+            pre,
+            va,
+            x_val,
+            device,
+            data_hash,
+            calibration_extra=extra,
+            stopped="fitted",
+            epochs_run=1,
+            best_epoch=1,
+            seconds=time.monotonic() - t_start,
+        )
+        cal = summary["calibration"]
+        log(
+            f"threshold {cal['threshold']:.4g} on {cal['n_ng']} NG / {cal['n_ok']} OK ({cal['split']}): "
+            f"recall {cal['recall']:.2f}, false-reject rate {cal['false_reject_rate']:.2f}"
+        )
+    if d.world > 1:
+        dist.barrier()
+    return summary
+
+
 def resume_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
     """The config a run was started with, with ``epochs``/``max_minutes``/``threads`` changed where given."""
     allowed = {"epochs", "max_minutes", "threads"}
@@ -409,14 +484,23 @@ def finish(
     x_val: np.ndarray,
     device: torch.device,
     data_hash: str,
+    *,
+    calibration_extra: tuple[np.ndarray, np.ndarray, str] | None = None,
     **info: Any,
 ) -> dict[str, Any]:
-    """Calibrate the best checkpoint on the validation split and write run.json."""
+    """Calibrate the best checkpoint on the validation split (plus ``calibration_extra``: logits, labels and
+    a name for the set, where the model has more images it never learnt from) and write run.json."""
     best = torch.load(run / BEST, map_location=device, weights_only=True)
-    model = build_model(None).to(device)
-    model.load_state_dict(best["model"])
+    model = model_from_state(best["model"]).to(device)
     logits = predict(model, x_val, device)
-    cal = calibrate(logits, va.labels, target_recall=cfg.target_recall, grey_zone_frr=cfg.grey_zone_frr)
+    cal_z, cal_y, cal_name = logits, va.labels, "val"
+    if calibration_extra is not None:
+        cal_z = np.concatenate([logits, calibration_extra[0]])
+        cal_y = np.concatenate([va.labels, calibration_extra[1]])
+        cal_name = calibration_extra[2]
+    cal = calibrate(
+        cal_z, cal_y, target_recall=cfg.target_recall, grey_zone_frr=cfg.grey_zone_frr, split=cal_name
+    )
     summary = {
         "data": str(ds.root.resolve()),
         "layout": ds.layout,
@@ -468,8 +552,7 @@ def load_run_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module,
             raise FileNotFoundError(f"{run} is not a finished training run: {name} is missing")
     cfg = TrainConfig.from_dict(json.loads((run / CONFIG).read_text(encoding="utf-8")))
     ck = torch.load(run / BEST, map_location=device, weights_only=True)
-    model = build_model(None)
-    model.load_state_dict(ck["model"])
+    model = model_from_state(ck["model"])
     summary = json.loads((run / RUN).read_text(encoding="utf-8"))
     return model.eval(), cfg, summary
 

@@ -103,7 +103,7 @@ class TorchBackend(Backend):
             raise
 
     def _load_model(self, torch: Any) -> Any:
-        from engine.model import build_model
+        from engine.model import model_from_state
 
         path = state_dict_path(self.package, self.options.get("weights"))
         if not path.is_file():
@@ -129,10 +129,9 @@ class TorchBackend(Backend):
             raise BackendError(f"{path} does not hold a state dict")
         if all(k.startswith("net.") for k in state):
             state = {k[4:]: v for k, v in state.items()}  # saved from the CamHead/logit-only export wrapper
-        model = build_model(None)
         try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
+            model = model_from_state(state)
+        except (RuntimeError, ValueError) as exc:
             raise BackendError(f"{path} does not fit engine.model's network: {exc}") from None
         model.eval().requires_grad_(False)
         return model

@@ -110,8 +110,43 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(
         )
         == 0
     )
-    a = torch.load(run / "last.pt", weights_only=False)["model"]
-    b = torch.load(part / "last.pt", weights_only=False)["model"]
+    a = torch.load(run / "last.pt", weights_only=True)["model"]
+    b = torch.load(part / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_patch_memory_train_evaluate_export_through_the_cli(synth: Path, tmp_path: Path) -> None:
+    """The default model kind: fitted on the training split's OK images only, calibrated on every image the
+    fit never used as a neighbour, exported as one ONNX graph that ONNX Runtime runs as torch does."""
+    run, model_dir = tmp_path / "run", tmp_path / "model"
+    cfg = tmp_path / "patch.json"
+    cfg.write_text(json.dumps({"patch_size": 8, "patch_stride": 4, "patch_dims": 16}))
+    args = ["--data", str(synth), "--out", str(run), "--no-pose", "--input-size", "64", "--config", str(cfg)]
+    assert main(["train", *args, "--no-progress", "--threads", "1"]) == 0
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["config"]["arch"] == "patch_memory" and summary["stopped"] == "fitted"
+    split = Split.load(run / "split.json")
+    n_train_ok = sum(1 for p in split.train if p.startswith("OK/"))
+    cal = summary["calibration"]
+    assert cal["split"] == "val + train NG + train OK (leave-one-out)"
+    assert cal["n_ng"] > 1 and cal["n_ok"] > n_train_ok // 2  # more than the 4-image val split alone
+    assert cal["recall"] == 1.0
+
+    assert main(["evaluate", str(run), "--data", str(synth)]) == 0
+    assert main(["export", str(run), "--out", str(model_dir)]) == 0
+    pkg = load_package(model_dir)
+    assert pkg.meta.training["config"]["arch"] == "patch_memory" and pkg.meta.heatmap_output == "cam"
+    ds = discover(synth)
+    pre = Preprocessor(pkg.meta.preprocess)
+    x = normalised(pre, load_images(ds, subset(ds, [s.path for s in ds.samples]), pre).pixels)
+    model, _, _ = load_run_model(run)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))[:, 0].numpy()
+    with create_backend("onnxruntime", pkg, max_batch=len(x)) as backend:
+        got = backend.infer(x)
+    assert np.max(np.abs(got - ref)) <= 1e-4
+    t = pkg.meta.decision.threshold
+    assert ((sigmoid(got) >= t) == (sigmoid(ref) >= t)).all()
+    assert json.loads((run / "eval-test" / "metrics.json").read_text())["auroc"] is not None

@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, split, metrics)")
     parser.add_argument(
-        "--preset", default="default", help="base configuration: default (pose crop), pose, recipe"
+        "--preset",
+        default="default",
+        help="base configuration: default (patch memory on the pose crop), cnn (ResNet18 on the pose crop), recipe (the assignment's ResNet18 on the whole frame)",
     )
     parser.add_argument("--config", type=Path, help="JSON or TOML file of training options (over the preset)")
     parser.add_argument("--epochs", type=int)

@@ -1,0 +1,168 @@
+"""Patch memory: a nearest-neighbour anomaly model on pose-normalised crops, as one exportable network.
+
+Every pose-normalised crop puts the same part of the screw at the same place, up to a few pixels and the thread's
+phase (how far the screw is turned about its own axis, which slides the thread pattern along the axis). So a
+patch of a good screw has a close twin among the good screws' patches *near the same place*; a scratch, a chipped
+head or a crushed crest does not. The model stores the good training screws' patch features (the memory bank)
+and scores a crop by how far its worst patch is from its nearest stored neighbour:
+
+1. features: one convolution, kernel ``patch × patch`` at ``stride``, whose filters are the leading principal
+   components of mean-subtracted good patches (so each feature vector is that patch's PCA code, independent of
+   the patch's mean brightness);
+2. distance: for every grid location, the squared distance to the nearest bank vector at the same location
+   shifted by one of ``offsets`` (grid cells; along the axis about half a thread pitch each way);
+3. z-score per location with the good screws' own leave-one-out distances (``mu``, ``sd``): background corners
+   and the thread's edge vary differently, and this puts them on one scale;
+4. score: the largest z over ``mask`` (where some good part lies, so the background and its cast shadow cannot
+   decide), mapped to a logit ``(score − shift) / scale``.
+
+Training is fitting, not gradient descent (training/patch_memory.py). The network is plain tensor algebra
+(Conv, Pad, Slice, MatMul, ReduceMin/Max), so it exports to ONNX and TensorRT like the ResNet18 and the daemon
+serves it through the same backends; ``with_heatmap`` gives the z-map as its class-activation map.
+
+This module imports torch at the top: only training, export and the torch backend import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCH = "patch_memory"
+FAR = 1.0e4  # a distance for "no neighbour here" (the shifted window left the grid); z-scores stay finite
+
+
+class PatchMemory(nn.Module):
+    kernel: torch.Tensor
+    bank: torch.Tensor
+    bank_sq: torch.Tensor
+    mask: torch.Tensor
+    offsets: torch.Tensor
+    stride: torch.Tensor
+    mu: torch.Tensor
+    sd: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(
+        self,
+        kernel: torch.Tensor,  # (K, 1, p, p)
+        bank: torch.Tensor,  # (L, K, N): grid location, feature, stored good patch
+        mask: torch.Tensor,  # (gh, gw) 1 where a part can lie, else 0
+        offsets: torch.Tensor,  # (n, 2) int: (dy, dx) grid-cell shifts searched
+        stride: int,
+        mu: torch.Tensor | None = None,  # (gh, gw)
+        sd: torch.Tensor | None = None,  # (gh, gw)
+        shift: float = 0.0,
+        scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        gh, gw = mask.shape
+        if kernel.ndim != 4 or kernel.shape[1] != 1 or bank.ndim != 3:
+            raise ValueError(f"kernel (K,1,p,p) and bank (L,K,N) expected, got {kernel.shape}, {bank.shape}")
+        if bank.shape[0] != gh * gw or bank.shape[1] != kernel.shape[0]:
+            raise ValueError(
+                f"bank {tuple(bank.shape)} does not fit grid {gh}×{gw} and {kernel.shape[0]} features"
+            )
+        f32 = torch.float32
+        self.register_buffer("kernel", kernel.to(f32).contiguous())
+        self.register_buffer("bank", bank.to(f32).contiguous())
+        self.register_buffer("bank_sq", (self.bank**2).sum(1, keepdim=True))  # (L, 1, N)
+        self.register_buffer("mask", mask.to(f32))
+        self.register_buffer("offsets", offsets.to(torch.int64).reshape(-1, 2))
+        self.register_buffer("stride", torch.tensor(int(stride), dtype=torch.int64))
+        self.register_buffer("mu", (mu if mu is not None else torch.zeros(gh, gw)).to(f32))
+        self.register_buffer("sd", (sd if sd is not None else torch.ones(gh, gw)).to(f32))
+        self.register_buffer("shift", torch.tensor(float(shift), dtype=f32))
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=f32))
+        self._grid = (int(gh), int(gw))
+        self._offsets = [(int(dy), int(dx)) for dy, dx in self.offsets.tolist()]
+        self._stride = int(stride)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PatchMemory:
+        """The model a ``state_dict()`` was saved from (every shape and setting is in the state itself)."""
+        missing = sorted(
+            {"kernel", "bank", "mask", "offsets", "stride", "mu", "sd", "shift", "scale"} - set(state)
+        )
+        if missing:
+            raise ValueError(f"not a patch-memory state dict: missing {missing}")
+        return cls(
+            state["kernel"],
+            state["bank"],
+            state["mask"],
+            state["offsets"],
+            int(state["stride"]),
+            state["mu"],
+            state["sd"],
+            float(state["shift"]),
+            float(state["scale"]),
+        )
+
+    @staticmethod
+    def is_state(state: dict[str, Any]) -> bool:
+        return "bank" in state and "kernel" in state
+
+    @property
+    def input_grid(self) -> tuple[int, int]:
+        return self._grid
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) normalised crops → (B, K, gh, gw) patch codes."""
+        f = F.conv2d(x.to(self.kernel.dtype), self.kernel, stride=self._stride)
+        if not torch.jit.is_tracing() and tuple(f.shape[2:]) != self._grid:
+            raise ValueError(
+                f"input {tuple(x.shape[2:])} gives a {tuple(f.shape[2:])} grid; fitted for {self._grid}"
+            )
+        return f
+
+    def distances(self, feats: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, gh, gw) codes → (B, gh, gw) squared distance to the nearest bank patch within the offsets.
+
+        All offsets go into one batched product, so the bank is read from memory once per batch, not once per
+        offset. ``exclude``: (B,) bank column of each query's own patches (leave-one-out while fitting)."""
+        b, k = feats.shape[0], feats.shape[1]
+        gh, gw = self._grid
+        cells = gh * gw
+        shifted = []
+        for dy, dx in self._offsets:
+            # Move the query by (dy, dx): the code at query cell m lands on bank cell m + (dy, dx).
+            q = F.pad(feats, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
+            shifted.append(q[:, :, max(-dy, 0) : max(-dy, 0) + gh, max(-dx, 0) : max(-dx, 0) + gw])
+        n_off = len(shifted)
+        qf = torch.cat(shifted, 0).reshape(n_off * b, k, cells).permute(2, 0, 1)  # (L, n_off·B, K)
+        d = (qf * qf).sum(2, keepdim=True) + self.bank_sq - 2.0 * torch.bmm(qf, self.bank)  # (L, n_off·B, N)
+        if exclude is not None:
+            rows = torch.arange(n_off * b)
+            d[:, rows, exclude.repeat(n_off)] = FAR
+        dmin = d.min(2).values.permute(1, 0).reshape(n_off * b, 1, gh, gw)  # at bank cell m + (dy, dx)
+        best: torch.Tensor | None = None
+        for i, (dy, dx) in enumerate(self._offsets):
+            # ... and back to the query cell m; cells whose m + (dy, dx) left the grid have no neighbour.
+            di = F.pad(
+                dmin[i * b : (i + 1) * b], (max(-dx, 0), max(dx, 0), max(-dy, 0), max(dy, 0)), value=FAR
+            )
+            di = di[:, :, max(dy, 0) : max(dy, 0) + gh, max(dx, 0) : max(dx, 0) + gw]
+            best = di if best is None else torch.minimum(best, di)
+        assert best is not None
+        return best[:, 0]
+
+    def zmap(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.distances(self.features(x)) - self.mu) / self.sd
+
+    def score_of(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, gh, gw) z-map → (B,) logit: the largest z where a part can lie."""
+        masked = z * self.mask + (self.mask - 1.0) * FAR
+        return (masked.flatten(1).max(1).values - self.shift) / self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) → (B, 1) NG logits, the ResNet18's contract."""
+        return self.score_of(self.zmap(x)).unsqueeze(1).to(x.dtype)
+
+    def with_heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) logits and the (B, gh, gw) map of z-scores above 0 on the part: where it looks unlike any good screw."""
+        z = self.zmap(x)
+        return self.score_of(z).to(x.dtype), (torch.clamp(z, min=0.0) * self.mask).to(x.dtype)

@@ -1,0 +1,111 @@
+"""Fitting engine.patch_model.PatchMemory on the good screws of the training split (no gradient descent).
+
+The fit sees only OK images: the NG images of the training split are left for calibration (see
+training.train), so the threshold is set on every NG image the fit never saw rather than on the few of the
+validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.patch_model import PatchMemory
+from training.augment import part_alpha
+
+CHUNK = 16  # images per distance batch: (L, CHUNK, N) floats stay a few hundred MB
+
+
+@dataclass(frozen=True, slots=True)
+class PatchSettings:
+    patch: int = 16  # patch side (input pixels)
+    stride: int = 8
+    dims: int = 64  # principal components kept per patch
+    window: tuple[int, int] = (1, 2)  # neighbours searched ± (rows, columns) of grid cells
+    pca_images: int = 60  # images whose patches the principal components are computed from
+    sd_floor: float = (
+        0.05  # sd ≥ this × its median over the grid: a location that never varies cannot explode
+    )
+    mask_share: float = 0.0  # a cell is scored when at least this share of the good parts cover it (0 = any)
+
+
+def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
+    """Grid cells where the part lies: a patch there overlaps the silhouette of more than ``mask_share`` of
+    the good screws. Dust on the background plate far from any screw then cannot reject a part."""
+    sil = torch.from_numpy(np.stack([part_alpha(img) > 0.5 for img in pixels_ok]).astype(np.float32))
+    share = F.max_pool2d(sil[:, None], s.patch, stride=s.stride)[:, 0].mean(0)
+    return (share > s.mask_share).float()
+
+
+def fit(
+    x_ok: np.ndarray,
+    pixels_ok: np.ndarray,
+    settings: PatchSettings = PatchSettings(),
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[PatchMemory, np.ndarray]:
+    """``x_ok``: float32 (N, 1, H, W) normalised good crops; ``pixels_ok``: the same as uint8 (N, H, W).
+
+    Returns the model and each good image's leave-one-out logit (scored against the memory without its own
+    patches: what a good screw the fit never saw would score)."""
+    s = settings
+    n, _, height, width = x_ok.shape
+    if n < 3:
+        raise ValueError(f"a patch memory needs at least 3 good training images, got {n}")
+    if min(height, width) < s.patch:
+        raise ValueError(f"input {height}×{width} is smaller than one {s.patch}-pixel patch")
+    x = torch.from_numpy(np.ascontiguousarray(x_ok, np.float32))
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n, generator=g)[: min(n, s.pca_images)]
+    patches = F.unfold(x[pick], s.patch, stride=s.stride).permute(0, 2, 1).reshape(-1, s.patch * s.patch)
+    patches = patches - patches.mean(1, keepdim=True)
+    dims = min(s.dims, patches.shape[1])
+    # Exact PCA from the (D × D) covariance: deterministic, unlike pca_lowrank's random projections.
+    cov = torch.cov(patches.T.double())
+    evals, evecs = torch.linalg.eigh(cov)
+    comps = evecs[:, torch.argsort(evals, descending=True)[:dims]].T.float()  # (K, D)
+    comps = comps * torch.sign(comps.sum(1, keepdim=True) + 1e-12)  # a fixed sign per component
+    comps = comps - comps.mean(1, keepdim=True)  # projecting x − mean(x) = projecting x on this
+    kernel = comps.reshape(dims, 1, s.patch, s.patch).contiguous()
+    with torch.no_grad():
+        feats = F.conv2d(x, kernel, stride=s.stride)
+    gh, gw = feats.shape[2:]
+    bank = feats.reshape(n, dims, gh * gw).permute(2, 1, 0).contiguous()
+    offsets = torch.tensor(
+        [
+            (dy, dx)
+            for dy in range(-s.window[0], s.window[0] + 1)
+            for dx in range(-s.window[1], s.window[1] + 1)
+        ]
+    )
+    mask = _mask(pixels_ok, s)
+    model = PatchMemory(kernel, bank, mask, offsets, s.stride)
+    log(
+        f"patch memory: {n} good images, {gh}×{gw} cells of {s.patch}² patches, {dims} components, "
+        f"{len(offsets)} offsets, {int(mask.sum())} cells on the part"
+    )
+    # Leave-one-out: each good image against the bank without itself gives the per-cell spread of good screws.
+    with torch.no_grad():
+        loo = torch.cat(
+            [
+                model.distances(feats[i : i + CHUNK], exclude=torch.arange(i, min(i + CHUNK, n)))
+                for i in range(0, n, CHUNK)
+            ]
+        )
+        mu = loo.mean(0)
+        sd = loo.std(0)
+        sd = torch.maximum(sd, s.sd_floor * sd.median()).clamp_min(1e-6)
+        model.mu.copy_(mu)
+        model.sd.copy_(sd)
+        scores = model.score_of((loo - mu) / sd)  # shift 0, scale 1 so far
+        shift = float(scores.mean() + 3.0 * scores.std())
+        scale = float(scores.std().clamp_min(1e-3))
+        model.shift.fill_(shift)
+        model.scale.fill_(scale)
+        loo_logits = ((scores - shift) / scale).numpy().astype(np.float32)
+    return model.eval(), loo_logits
