@@ -35,7 +35,7 @@ from daemon.camera_sim import CameraSim, SimFrame, synth_pool
 from daemon.settings import Settings
 
 Say = Callable[[str], None]
-PRODUCTION_INPUT = (144, 448)  # the pose preset's input size (training.config.POSE)
+PRODUCTION_INPUT = (160, 500)  # the default preset's input size (training.config.PATCH)
 
 
 class DemoError(RuntimeError):
@@ -48,7 +48,8 @@ class DemoConfig:
     data: Path | None = None  # labelled images to train on; None: synthetic screws
     seconds: float | None = None  # live view duration; None: until Ctrl-C
     fps: float = 5.0
-    input_size: tuple[int, int] = (48, 160)
+    input_size: tuple[int, int] = PRODUCTION_INPUT
+    preset: str = "default"  # training preset: default (patch memory, fitted in seconds) | cnn | recipe
     epochs: int = 30
     train_minutes: float = 3.0
     n_ok: int = 120
@@ -105,7 +106,7 @@ def _data_identity(data: Path) -> dict[str, Any]:
 def train_args(cfg: DemoConfig, data: Path, run_dir: Path) -> list[str]:
     h, w = cfg.input_size
     return [
-        "train", "--data", str(data), "--out", str(run_dir), "--preset", "pose", "--input-size", f"{h}x{w}",
+        "train", "--data", str(data), "--out", str(run_dir), "--preset", cfg.preset, "--input-size", f"{h}x{w}",
         "--epochs", str(cfg.epochs), "--max-minutes", str(cfg.train_minutes), "--seed", str(cfg.seed),
         "--no-progress",
     ]  # fmt: skip
@@ -124,8 +125,8 @@ def model_package(cfg: DemoConfig, data: Path, say: Say) -> Path:
     h, w = cfg.input_size
     if (h, w) != PRODUCTION_INPUT:
         say(
-            f"reduced input size {h}×{w} (production: {PRODUCTION_INPUT[0]}×{PRODUCTION_INPUT[1]}) and a "
-            f"{cfg.train_minutes:g}-minute budget, so training fits on a small CPU: expect a weaker model"
+            f"reduced input size {h}×{w} (production: {PRODUCTION_INPUT[0]}×{PRODUCTION_INPUT[1]}) "
+            f"so training fits on a small CPU: expect a weaker model"
         )
     _inspectd(train_args(cfg, data, run_dir), say, cfg.workdir / "train.log")
     _inspectd(["export", str(run_dir), "--out", str(pkg_dir), "--name", f"demo-{key[:6]}"], say,

@@ -56,11 +56,12 @@ class TrainConfig:
     )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Patch memory only (training/patch_memory.py): patch side and stride (input pixels), principal
-    # components kept, neighbour search window ± (rows, columns) of grid cells.
+    # components kept, neighbour search window ± (rows, columns) of grid cells, scored cells.
     patch_size: int = 16
     patch_stride: int = 8
     patch_dims: int = 64
     patch_window: tuple[int, int] = (1, 2)
+    patch_mask_share: float = 0.8  # score only cells covered by more than this share of the good parts
 
     def __post_init__(self) -> None:
         checks = {
@@ -69,6 +70,7 @@ class TrainConfig:
             "patch_stride": 1 <= self.patch_stride <= self.patch_size,
             "patch_dims": 1 <= self.patch_dims <= self.patch_size**2,
             "patch_window": min(self.patch_window) >= 0,
+            "patch_mask_share": 0.0 <= self.patch_mask_share < 1.0,
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 2,  # BatchNorm needs ≥ 2 samples per batch in training
             "lr": self.lr > 0,
@@ -105,7 +107,11 @@ class TrainConfig:
         from training.patch_memory import PatchSettings
 
         return PatchSettings(
-            patch=self.patch_size, stride=self.patch_stride, dims=self.patch_dims, window=self.patch_window
+            patch=self.patch_size,
+            stride=self.patch_stride,
+            dims=self.patch_dims,
+            window=self.patch_window,
+            mask_share=self.patch_mask_share,
         )
 
     def to_dict(self) -> dict[str, Any]:

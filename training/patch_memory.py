@@ -30,7 +30,7 @@ class PatchSettings:
     sd_floor: float = (
         0.05  # sd ≥ this × its median over the grid: a location that never varies cannot explode
     )
-    mask_share: float = 0.0  # a cell is scored when at least this share of the good parts cover it (0 = any)
+    mask_share: float = 0.8  # a cell is scored when more than this share of the good parts cover it (0 = any)
 
 
 def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:

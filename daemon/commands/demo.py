@@ -37,10 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, help="cache directory (default ~/.cache/inspectd/demo)")
     parser.add_argument("--retrain", action="store_true", help="train again even when a package is cached")
     parser.add_argument(
-        "--input-size", type=_size, default=(48, 160), help="network input HxW (default 48x160)"
+        "--preset",
+        default="default",
+        help="training preset: default (patch memory, fitted in seconds), cnn or recipe (ResNet18)",
     )
-    parser.add_argument("--epochs", type=int, default=30, help="at most this many epochs (default 30)")
-    parser.add_argument("--train-minutes", type=float, default=3.0, help="training time budget (default 3)")
+    parser.add_argument(
+        "--input-size", type=_size, default=(160, 500), help="network input HxW (default 160x500)"
+    )
+    parser.add_argument("--epochs", type=int, default=30, help="ResNet18 presets: at most this many epochs")
+    parser.add_argument(
+        "--train-minutes", type=float, default=3.0, help="ResNet18 presets: time budget (min)"
+    )
     parser.add_argument("--ok", type=int, default=120, dest="n_ok", help="synthetic OK screws (default 120)")
     parser.add_argument("--ng", type=int, default=40, dest="n_ng", help="synthetic NG screws (default 40)")
     parser.add_argument("--pool", type=int, default=24, help="distinct synthetic camera frames (default 24)")
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         fps=args.fps,
         input_size=args.input_size,
+        preset=args.preset,
         epochs=args.epochs,
         train_minutes=args.train_minutes,
         n_ok=args.n_ok,
@@ -156,13 +164,19 @@ def _model_info(meta: ModelMeta, real: Path | None) -> dict[str, Any]:
     n_ok = counts.get("OK", 0)
     what = "synthetic screws" if real is None else f"images of {real.name}"
     minutes = (meta.training.get("seconds") or 0) / 60
+    arch = (meta.training.get("config") or {}).get("arch", "resnet18")
+    how = (
+        f"patch memory fitted in {minutes * 60:.0f} s"
+        if arch == "patch_memory"
+        else f"ResNet18, {meta.training.get('epochs_run')} epoch(s) in {minutes:.1f} min"
+    )
     return {
         "model_id": meta.model_id,
         "input": f"{h}×{w}",
         "reduced": (h, w) != PRODUCTION_INPUT,
         "threshold": meta.decision.threshold,
         "trained_on": f"{n} {what} ({n_ok} OK / {n - n_ok} NG; 80/10/10 split), "
-        f"{meta.training.get('epochs_run')} epoch(s) in {minutes:.1f} min, val AUROC {_val_auroc(meta.metrics)}",
+        f"{how}, val AUROC {_val_auroc(meta.metrics)}",
     }
 
 

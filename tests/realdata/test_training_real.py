@@ -15,20 +15,41 @@ from engine.package import load_package
 pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_brief_training_on_real_screws_gives_a_package_and_a_report(realdata: Path, tmp_path: Path) -> None:
+def test_the_default_model_on_real_screws_ranks_ng_above_ok_on_its_held_back_test(
+    realdata: Path, tmp_path: Path
+) -> None:
+    """The default preset (patch memory on the 160×500 pose crop) as shipped, on the 80/10/10 split: fitting
+    takes well under a minute here, and the 30 test images were never used to choose any setting."""
+    run, model = tmp_path / "run", tmp_path / "model"
+    assert main(["train", "--data", str(realdata), "--out", str(run), "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--data", str(realdata)]) == 0
+    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert metrics["n"] == 30 and metrics["failed"] == {}
+    assert metrics["auroc"] >= 0.85  # measured 0.98 (docs/training.md §8); the recipe's CNN scored 0.75–0.86
+    assert main(["export", str(run), "--out", str(model)]) == 0
+    pkg = load_package(model)
+    assert pkg.meta.training["config"]["arch"] == "patch_memory" and pkg.meta.preprocess.pose is not None
+    assert pkg.meta.created_by["parity"]["verdicts_equal"] is True
+
+
+def test_brief_cnn_training_on_real_screws_gives_a_package_and_a_report(
+    realdata: Path, tmp_path: Path
+) -> None:
     run, model = tmp_path / "run", tmp_path / "model"
     args = [
         "--data",
         str(realdata),
         "--out",
         str(run),
+        "--preset",
+        "cnn",
         "--epochs",
         "1",
         "--input-size",
         "64x192",
         "--no-progress",
     ]
-    assert main(["train", *args]) == 0  # the default preset: pose-normalised crops
+    assert main(["train", *args]) == 0  # ResNet18 on pose-normalised crops
     assert main(["evaluate", str(run), "--data", str(realdata)]) == 0
     assert main(["export", str(run), "--out", str(model)]) == 0
     pkg = load_package(model)
