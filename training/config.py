@@ -59,9 +59,9 @@ class TrainConfig:
     # components kept, neighbour search window ± (rows, columns) of grid cells, scored cells.
     patch_size: int = 16
     patch_stride: int = 8
-    patch_dims: int = 64
+    patch_dims: int = 32
     patch_window: tuple[int, int] = (1, 2)
-    patch_mask_share: float = 0.8  # score only cells covered by more than this share of the good parts
+    patch_mask_share: float = 0.6  # score only cells covered by more than this share of the good parts
 
     def __post_init__(self) -> None:
         checks = {
@@ -161,7 +161,7 @@ CNN = TrainConfig(
     augment=AugmentConfig(hflip=0.0, vflip=0.5, rotate_deg=3.0, shift_y=0.03, brightness=10.0, contrast=0.1),
 )
 # The default: the patch memory on the pose crop at half resolution (160×500). Measured on 5 stratified folds of
-# screws-300 it ranks NG above OK far better than either ResNet18 preset (docs/training.md, section 8), needs
+# screws-300 it ranks NG above OK far better than either ResNet18 preset (docs/training.md, section 9), needs
 # no NG images to fit and fits in seconds.
 PATCH = TrainConfig()
 PRESETS: dict[str, TrainConfig] = {

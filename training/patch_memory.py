@@ -24,13 +24,13 @@ CHUNK = 16  # images per distance batch: (L, CHUNK, N) floats stay a few hundred
 class PatchSettings:
     patch: int = 16  # patch side (input pixels)
     stride: int = 8
-    dims: int = 64  # principal components kept per patch
+    dims: int = 32  # principal components kept per patch
     window: tuple[int, int] = (1, 2)  # neighbours searched ± (rows, columns) of grid cells
     pca_images: int = 60  # images whose patches the principal components are computed from
     sd_floor: float = (
         0.05  # sd ≥ this × its median over the grid: a location that never varies cannot explode
     )
-    mask_share: float = 0.8  # a cell is scored when more than this share of the good parts cover it (0 = any)
+    mask_share: float = 0.6  # a cell is scored when more than this share of the good parts cover it (0 = any)
 
 
 def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
