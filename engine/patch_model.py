@@ -13,8 +13,8 @@ and scores a crop by how far its worst patch is from its nearest stored neighbou
    shifted by one of ``offsets`` (grid cells; along the axis about half a thread pitch each way);
 3. z-score per location with the good screws' own leave-one-out distances (``mu``, ``sd``): background corners
    and the thread's edge vary differently, and this puts them on one scale;
-4. score: the largest z over ``mask`` (where some good part lies, so the background and its cast shadow cannot
-   decide), mapped to a logit ``(score − shift) / scale``.
+4. score: the mean of the ``top_k`` largest z over ``mask`` (where the good parts lie, so the background and
+   its cast shadow cannot decide), mapped to a logit ``(score − shift) / scale``.
 
 Training is fitting, not gradient descent (training/patch_memory.py). The network is plain tensor algebra
 (Conv, Pad, Slice, MatMul, ReduceMin/Max), so it exports to ONNX and TensorRT like the ResNet18 and the daemon
@@ -46,6 +46,7 @@ class PatchMemory(nn.Module):
     sd: torch.Tensor
     shift: torch.Tensor
     scale: torch.Tensor
+    top_k: torch.Tensor
 
     def __init__(
         self,
@@ -58,6 +59,7 @@ class PatchMemory(nn.Module):
         sd: torch.Tensor | None = None,  # (gh, gw)
         shift: float = 0.0,
         scale: float = 1.0,
+        top_k: int = 1,
     ) -> None:
         super().__init__()
         gh, gw = mask.shape
@@ -78,6 +80,10 @@ class PatchMemory(nn.Module):
         self.register_buffer("sd", (sd if sd is not None else torch.ones(gh, gw)).to(f32))
         self.register_buffer("shift", torch.tensor(float(shift), dtype=f32))
         self.register_buffer("scale", torch.tensor(float(scale), dtype=f32))
+        if not 1 <= int(top_k) <= int(mask.sum().item()):
+            raise ValueError(f"top_k {top_k} must be between 1 and the {int(mask.sum().item())} scored cells")
+        self.register_buffer("top_k", torch.tensor(int(top_k), dtype=torch.int64))
+        self._top_k = int(top_k)
         self._grid = (int(gh), int(gw))
         self._offsets = [(int(dy), int(dx)) for dy, dx in self.offsets.tolist()]
         self._stride = int(stride)
@@ -100,6 +106,7 @@ class PatchMemory(nn.Module):
             state["sd"],
             float(state["shift"]),
             float(state["scale"]),
+            int(state["top_k"]),
         )
 
     @staticmethod
@@ -123,7 +130,8 @@ class PatchMemory(nn.Module):
         """(B, K, gh, gw) codes → (B, gh, gw) squared distance to the nearest bank patch within the offsets.
 
         All offsets go into one batched product, so the bank is read from memory once per batch, not once per
-        offset. ``exclude``: (B,) bank column of each query's own patches (leave-one-out while fitting)."""
+        offset. ``exclude``: (B,) or (B, m) bank columns holding each query's own patches (leave-one-out while
+        fitting)."""
         b, k = feats.shape[0], feats.shape[1]
         gh, gw = self._grid
         cells = gh * gw
@@ -136,8 +144,9 @@ class PatchMemory(nn.Module):
         qf = torch.cat(shifted, 0).reshape(n_off * b, k, cells).permute(2, 0, 1)  # (L, n_off·B, K)
         d = (qf * qf).sum(2, keepdim=True) + self.bank_sq - 2.0 * torch.bmm(qf, self.bank)  # (L, n_off·B, N)
         if exclude is not None:
-            rows = torch.arange(n_off * b)
-            d[:, rows, exclude.repeat(n_off)] = FAR
+            cols = exclude.reshape(b, -1).repeat(n_off, 1)  # (n_off·B, m), in qf's row order
+            rows = torch.arange(n_off * b).unsqueeze(1).expand_as(cols)
+            d[:, rows, cols] = FAR
         dmin = d.min(2).values.permute(1, 0).reshape(n_off * b, 1, gh, gw)  # at bank cell m + (dy, dx)
         best: torch.Tensor | None = None
         for i, (dy, dx) in enumerate(self._offsets):
@@ -154,9 +163,11 @@ class PatchMemory(nn.Module):
         return (self.distances(self.features(x)) - self.mu) / self.sd
 
     def score_of(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, gh, gw) z-map → (B,) logit: the largest z where a part can lie."""
-        masked = z * self.mask + (self.mask - 1.0) * FAR
-        return (masked.flatten(1).max(1).values - self.shift) / self.scale
+        """(B, gh, gw) z-map → (B,) logit: the mean of the ``top_k`` largest z where the part lies (a lone
+        odd cell — a speck, a glint — counts for 1/top_k of a defect that spans several)."""
+        masked = (z * self.mask + (self.mask - 1.0) * FAR).flatten(1)
+        top = masked.max(1).values if self._top_k == 1 else masked.topk(self._top_k, dim=1).values.mean(1)
+        return (top - self.shift) / self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) → (B, 1) NG logits, the ResNet18's contract."""

@@ -62,6 +62,8 @@ class TrainConfig:
     patch_dims: int = 32
     patch_window: tuple[int, int] = (1, 2)
     patch_mask_share: float = 0.6  # score only cells covered by more than this share of the good parts
+    patch_top_k: int = 4  # score = mean of this many largest cell z-scores
+    patch_axial_phases: int = 2  # memory copies moved along the axis by 1/phases of a stride (thread phase)
 
     def __post_init__(self) -> None:
         checks = {
@@ -71,6 +73,8 @@ class TrainConfig:
             "patch_dims": 1 <= self.patch_dims <= self.patch_size**2,
             "patch_window": min(self.patch_window) >= 0,
             "patch_mask_share": 0.0 <= self.patch_mask_share < 1.0,
+            "patch_top_k": self.patch_top_k >= 1,
+            "patch_axial_phases": 1 <= self.patch_axial_phases <= self.patch_stride,
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 2,  # BatchNorm needs ≥ 2 samples per batch in training
             "lr": self.lr > 0,
@@ -112,6 +116,8 @@ class TrainConfig:
             dims=self.patch_dims,
             window=self.patch_window,
             mask_share=self.patch_mask_share,
+            top_k=self.patch_top_k,
+            axial_phases=self.patch_axial_phases,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class PatchSettings:
         0.05  # sd ≥ this × its median over the grid: a location that never varies cannot explode
     )
     mask_share: float = 0.6  # a cell is scored when more than this share of the good parts cover it (0 = any)
+    top_k: int = 4  # the score is the mean of this many largest cell z-scores (1 = the largest)
+    axial_phases: int = 2  # the memory also holds each good crop moved along the axis by k/phases of a stride
 
 
 def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
@@ -39,6 +41,13 @@ def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
     sil = torch.from_numpy(np.stack([part_alpha(img) > 0.5 for img in pixels_ok]).astype(np.float32))
     share = F.max_pool2d(sil[:, None], s.patch, stride=s.stride)[:, 0].mean(0)
     return (share > s.mask_share).float()
+
+
+def _move_along_axis(x: torch.Tensor, px: int) -> torch.Tensor:
+    """(N, 1, H, W) moved ``px`` columns towards the tip; the first column is repeated into the gap."""
+    if px <= 0:
+        return x
+    return torch.cat([x[..., :1].expand(*x.shape[:-1], px), x[..., :-px]], dim=-1)
 
 
 def fit(
@@ -74,8 +83,14 @@ def fit(
     kernel = comps.reshape(dims, 1, s.patch, s.patch).contiguous()
     with torch.no_grad():
         feats = F.conv2d(x, kernel, stride=s.stride)
+        # The thread's phase slides its pattern along the axis by any amount; the search moves in whole grid
+        # cells. Crops moved by a fraction of a cell fill in between, so a good thread finds a close twin.
+        moved = [feats] + [
+            F.conv2d(_move_along_axis(x, round(k * s.stride / s.axial_phases)), kernel, stride=s.stride)
+            for k in range(1, s.axial_phases)
+        ]
     gh, gw = feats.shape[2:]
-    bank = feats.reshape(n, dims, gh * gw).permute(2, 1, 0).contiguous()
+    bank = torch.cat(moved, 0).reshape(n * len(moved), dims, gh * gw).permute(2, 1, 0).contiguous()
     offsets = torch.tensor(
         [
             (dy, dx)
@@ -84,18 +99,25 @@ def fit(
         ]
     )
     mask = _mask(pixels_ok, s)
-    model = PatchMemory(kernel, bank, mask, offsets, s.stride)
+    if not mask.any():
+        raise ValueError(
+            f"no grid cell is covered by more than {s.mask_share:g} of the good parts' silhouettes; "
+            "lower patch_mask_share (or check that the images show dark parts on a light background)"
+        )
+    model = PatchMemory(kernel, bank, mask, offsets, s.stride, top_k=min(s.top_k, int(mask.sum())))
     log(
-        f"patch memory: {n} good images, {gh}×{gw} cells of {s.patch}² patches, {dims} components, "
-        f"{len(offsets)} offsets, {int(mask.sum())} cells on the part"
+        f"patch memory: {n} good images × {len(moved)} axial phase(s), {gh}×{gw} cells of {s.patch}² patches, "
+        f"{dims} components, {len(offsets)} offsets, {int(mask.sum())} cells on the part"
     )
-    # Leave-one-out: each good image against the bank without itself gives the per-cell spread of good screws.
+    # Leave-one-out: each good image against the bank without itself (and its moved copies) gives the per-cell
+    # spread of good screws.
     with torch.no_grad():
+        own = [  # bank columns of image i: i, i + n, i + 2n … (its moved copies)
+            torch.stack([torch.arange(i, min(i + CHUNK, n)) + p * n for p in range(len(moved))], 1)
+            for i in range(0, n, CHUNK)
+        ]
         loo = torch.cat(
-            [
-                model.distances(feats[i : i + CHUNK], exclude=torch.arange(i, min(i + CHUNK, n)))
-                for i in range(0, n, CHUNK)
-            ]
+            [model.distances(feats[i : i + CHUNK], exclude=own[j]) for j, i in enumerate(range(0, n, CHUNK))]
         )
         mu = loo.mean(0)
         sd = loo.std(0)
