@@ -105,11 +105,13 @@ def _data_identity(data: Path) -> dict[str, Any]:
 
 def train_args(cfg: DemoConfig, data: Path, run_dir: Path) -> list[str]:
     h, w = cfg.input_size
-    return [
+    args = [
         "train", "--data", str(data), "--out", str(run_dir), "--preset", cfg.preset, "--input-size", f"{h}x{w}",
-        "--epochs", str(cfg.epochs), "--max-minutes", str(cfg.train_minutes), "--seed", str(cfg.seed),
-        "--no-progress",
+        "--seed", str(cfg.seed), "--no-progress",
     ]  # fmt: skip
+    if cfg.preset not in ("default", "patch"):  # a ResNet18 preset: gradient descent under a budget
+        args += ["--epochs", str(cfg.epochs), "--max-minutes", str(cfg.train_minutes)]
+    return args
 
 
 def model_package(cfg: DemoConfig, data: Path, say: Say) -> Path:
