@@ -121,10 +121,19 @@ def fit(
         )
         mu = loo.mean(0)
         sd = loo.std(0)
-        sd = torch.maximum(sd, s.sd_floor * sd.median()).clamp_min(1e-6)
+        floor = s.sd_floor * sd.median()
+        sd = torch.maximum(sd, floor).clamp_min(1e-6)
         model.mu.copy_(mu)
         model.sd.copy_(sd)
-        scores = model.score_of((loo - mu) / sd)  # shift 0, scale 1 so far
+        # Each good image's own score, with the per-cell statistics taken without it (closed form): a glint that
+        # image i alone has would otherwise widen sd at that cell and hide itself. These scores are what a good
+        # screw the fit never saw would get; they set the logit scale and go into the calibration.
+        d = loo.double()
+        s1, s2 = d.sum(0), (d * d).sum(0)
+        mu_i = (s1 - d) / (n - 1)
+        var_i = ((s2 - d * d) - (n - 1) * mu_i * mu_i) / max(n - 2, 1)
+        sd_i = torch.maximum(var_i.clamp_min(0.0).sqrt(), floor.double()).clamp_min(1e-6)
+        scores = model.score_of(((d - mu_i) / sd_i).float())  # shift 0, scale 1 so far
         shift = float(scores.mean() + 3.0 * scores.std())
         scale = float(scores.std().clamp_min(1e-3))
         model.shift.fill_(shift)
