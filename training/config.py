@@ -128,6 +128,12 @@ class TrainConfig:
         return d
 
     @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> TrainConfig:
+        """A run's own saved config (config.json, run.json). Runs saved before ``arch`` existed were all
+        ResNet18, so a missing ``arch`` means that, not today's default."""
+        return cls.from_dict({"arch": "resnet18", **d})
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
         """``base`` updated by ``d``; nested ``augment`` keys update the base's augmentation."""
         base = base or cls()

@@ -57,6 +57,7 @@ def open_target(path: str | Path) -> Target:
         sp = meta.training.get("split")
         info = {
             "model_id": meta.model_id,
+            "arch": (meta.training.get("config") or {}).get("arch", "resnet18"),
             "calibration": meta.calibration,
             "training": {k: v for k, v in meta.training.items() if k not in ("split", "history")},
         }
@@ -69,11 +70,12 @@ def open_target(path: str | Path) -> Target:
         from training.train import history as run_history
 
         summary = json.loads((p / "run.json").read_text(encoding="utf-8"))
-        cfg = TrainConfig.from_dict(summary["config"])
+        cfg = TrainConfig.from_saved(summary["config"])
         cal = summary["calibration"]
         gz = cal.get("grey_zone")
         decision = Decision(cal["threshold"], (gz[0], gz[1]) if gz else None)
         info = {
+            "arch": cfg.arch,
             "calibration": cal,
             "best_epoch": summary.get("best_epoch"),
             "stopped": summary.get("stopped"),

@@ -166,7 +166,14 @@ def write_report(
     figs = figures(out, target, scored, metrics, n_ng_heatmaps)
     m = metrics
     ci = m.get("auroc_ci95") or [None, None]
+    patch = target.info.get("arch") == "patch_memory"
     rows = [
+        (
+            "model",
+            "patch memory: nearest good patch, z-scored per cell (heatmap: the z-map)"
+            if patch
+            else "ResNet18 (heatmap: class-activation map)",
+        ),
         ("images", f"{m['n']} ({m['n_ok']} OK / {m['n_ng']} NG), split “{m['split']}”"),
         ("AUROC (95 % bootstrap CI)", f"{_fmt(m['auroc'])} ({_fmt(ci[0])}–{_fmt(ci[1])})"),
         (
@@ -224,7 +231,7 @@ def write_report(
 <h1>Evaluation of {html.escape(target.kind)} <code>{html.escape(str(target.path))}</code></h1>
 <p>Data <code>{html.escape(str(m.get("data", "")))}</code>; scored with {html.escape(m.get("evaluated", {}).get("backend", ""))}.
 NG is the positive class; a grey-zone score counts as REJECT. The heatmaps show where the evidence for NG lies
-(the positive part of the class-activation map) on the image the network saw: check that it sits on the defect,
+({"where the crop is unlike every good screw: z-scores above 0 on the part" if patch else "the positive part of the class-activation map"}) on the image the model saw: check that it sits on the defect,
 not on the background or the image as a whole (the brightness confound).</p>
 <table>{"".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)}</table>
 <h2>Per defect type</h2><table><tr><th>type</th><th>n</th><th>recall (OK: pass rate)</th><th>AUROC vs all OK</th></tr>{per}</table>

@@ -470,7 +470,7 @@ def resume_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
         raise ValueError(
             f"--resume continues the run as configured; {bad} cannot change (only {sorted(allowed)})"
         )
-    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8")))
+    cfg = TrainConfig.from_saved(json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8")))
     return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -550,7 +550,7 @@ def load_run_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module,
     for name in (BEST, RUN, CONFIG):
         if not (run / name).is_file():
             raise FileNotFoundError(f"{run} is not a finished training run: {name} is missing")
-    cfg = TrainConfig.from_dict(json.loads((run / CONFIG).read_text(encoding="utf-8")))
+    cfg = TrainConfig.from_saved(json.loads((run / CONFIG).read_text(encoding="utf-8")))
     ck = torch.load(run / BEST, map_location=device, weights_only=True)
     model = model_from_state(ck["model"])
     summary = json.loads((run / RUN).read_text(encoding="utf-8"))

@@ -150,3 +150,4 @@ def test_patch_memory_train_evaluate_export_through_the_cli(synth: Path, tmp_pat
     t = pkg.meta.decision.threshold
     assert ((sigmoid(got) >= t) == (sigmoid(ref) >= t)).all()
     assert json.loads((run / "eval-test" / "metrics.json").read_text())["auroc"] is not None
+    assert "patch memory: nearest good patch" in (run / "eval-test" / "report.html").read_text()

@@ -164,6 +164,13 @@ def test_config_names_a_bad_field() -> None:
         TrainConfig(patch_size=8, patch_stride=9)
     cfg = TrainConfig.from_dict(json.loads(json.dumps(TrainConfig(patch_window=(0, 3)).to_dict())))
     assert cfg.patch_window == (0, 3) and cfg.patch_settings().window == (0, 3)
+    old = {
+        k: v
+        for k, v in TrainConfig(arch="resnet18").to_dict().items()
+        if k != "arch" and not k.startswith("patch")
+    }
+    assert TrainConfig.from_saved(old).arch == "resnet18"  # a run saved before the field existed
+    assert TrainConfig.from_saved(TrainConfig().to_dict()).arch == "patch_memory"
 
 
 def test_export_onnxruntime_equals_torch_at_any_batch(
