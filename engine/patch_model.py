@@ -92,7 +92,8 @@ class PatchMemory(nn.Module):
     def from_state(cls, state: dict[str, Any]) -> PatchMemory:
         """The model a ``state_dict()`` was saved from (every shape and setting is in the state itself)."""
         missing = sorted(
-            {"kernel", "bank", "mask", "offsets", "stride", "mu", "sd", "shift", "scale"} - set(state)
+            {"kernel", "bank", "mask", "offsets", "stride", "mu", "sd", "shift", "scale", "top_k"}
+            - set(state)
         )
         if missing:
             raise ValueError(f"not a patch-memory state dict: missing {missing}")
@@ -108,10 +109,6 @@ class PatchMemory(nn.Module):
             float(state["scale"]),
             int(state["top_k"]),
         )
-
-    @staticmethod
-    def is_state(state: dict[str, Any]) -> bool:
-        return "bank" in state and "kernel" in state
 
     @property
     def input_grid(self) -> tuple[int, int]:
