@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from daemon.cli import main  # noqa: E402
 from engine.backend import create_backend, sigmoid  # noqa: E402
-from engine.package import load_package  # noqa: E402
+from engine.package import ModelPackage, load_package  # noqa: E402
 from engine.preprocess import Preprocessor  # noqa: E402
 from engine.synth import write_dataset  # noqa: E402
 from training.data import discover, subset  # noqa: E402
@@ -36,6 +36,22 @@ TRAIN = [
     "--threads",
     "1",
 ]
+
+
+def assert_onnxruntime_equals_torch(run: Path, pkg: ModelPackage, data: Path) -> None:
+    """Every image, preprocessed by the daemon's code from model.json, through the run's torch model and the
+    package's ONNX Runtime backend: the logits within 1e-4 and the verdicts identical."""
+    ds = discover(data)
+    pre = Preprocessor(pkg.meta.preprocess)
+    x = normalised(pre, load_images(ds, subset(ds, [s.path for s in ds.samples]), pre).pixels)
+    model, _, _ = load_run_model(run)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))[:, 0].numpy()
+    with create_backend("onnxruntime", pkg, max_batch=len(x)) as backend:
+        got = backend.infer(x)
+    assert np.max(np.abs(got - ref)) <= 1e-4
+    t = pkg.meta.decision.threshold
+    assert ((sigmoid(got) >= t) == (sigmoid(ref) >= t)).all()
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +93,7 @@ def test_evaluate_export_and_onnxruntime_verdicts_equal_torch(run: Path, synth: 
     assert pkg.meta.metrics["test"]["auroc"] == run_metrics["auroc"]  # the evaluation travels with the model
     assert pkg.meta.training["split"]["test"] == list(Split.load(run / "split.json").test)
 
-    # Every image, preprocessed by the daemon's code from model.json, through both runtimes.
-    ds = discover(synth)
-    pre = Preprocessor(pkg.meta.preprocess)
-    x = normalised(pre, load_images(ds, subset(ds, [s.path for s in ds.samples]), pre).pixels)
-    model, _, _ = load_run_model(run)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x))[:, 0].numpy()
-    with create_backend("onnxruntime", pkg, max_batch=len(x)) as backend:
-        got = backend.infer(x)
-    assert np.max(np.abs(got - ref)) <= 1e-4
-    t = pkg.meta.decision.threshold
-    assert ((sigmoid(got) >= t) == (sigmoid(ref) >= t)).all()
+    assert_onnxruntime_equals_torch(run, pkg, synth)
 
     assert main(["evaluate", str(model_dir), "--data", str(synth), "--out", str(tmp_path / "ev")]) == 0
     pkg_metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -138,16 +143,6 @@ def test_patch_memory_train_evaluate_export_through_the_cli(synth: Path, tmp_pat
     assert main(["export", str(run), "--out", str(model_dir)]) == 0
     pkg = load_package(model_dir)
     assert pkg.meta.training["config"]["arch"] == "patch_memory" and pkg.meta.heatmap_output == "cam"
-    ds = discover(synth)
-    pre = Preprocessor(pkg.meta.preprocess)
-    x = normalised(pre, load_images(ds, subset(ds, [s.path for s in ds.samples]), pre).pixels)
-    model, _, _ = load_run_model(run)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x))[:, 0].numpy()
-    with create_backend("onnxruntime", pkg, max_batch=len(x)) as backend:
-        got = backend.infer(x)
-    assert np.max(np.abs(got - ref)) <= 1e-4
-    t = pkg.meta.decision.threshold
-    assert ((sigmoid(got) >= t) == (sigmoid(ref) >= t)).all()
+    assert_onnxruntime_equals_torch(run, pkg, synth)
     assert json.loads((run / "eval-test" / "metrics.json").read_text())["auroc"] is not None
     assert "patch memory: nearest good patch" in (run / "eval-test" / "report.html").read_text()
