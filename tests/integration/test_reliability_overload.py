@@ -191,15 +191,20 @@ def check_overload(r: dict[str, Any]) -> dict[str, float]:
     # Refusing costs CPU too (every excess frame is read, admitted, refused and published), and on 2 cores the
     # test's own sender and subscriber compete: measured 0.4–1.2 × capacity. A floor, against a collapse.
     assert goodput >= 0.25 * capacity, f"goodput {goodput:.0f}/s under overload vs capacity {capacity:.0f}/s"
-    # Memory: bounded during the burst and not growing through it.
+    # Memory: bounded during the burst and not growing through it. The bound is on the peak; the trend is on
+    # medians, because the peak has transient spikes (frames waiting a few hundred ms for a publisher thread
+    # that two busy cores starve: measured +8 to +28 MiB, in either third) while a leak moves the median. A
+    # 100 B/frame leak over the last two thirds of a 60 s burst is ~9 MiB here: caught.
     rss: RssSampler = r["rss"]
     m = r["marks"]
     before = max(rss.between(m["baseline"], m["burst"]))
     during = rss.between(m["burst"], m["recovery"])
     third = max(1, len(during) // 3)
-    growth = max(during[-third:]) - max(during[:third])
+    growth = float(np.median(during[-third:]) - np.median(during[:third]))
     assert max(during) - before < 64 * MiB, f"RSS grew {(max(during) - before) / MiB:.1f} MiB in the burst"
-    assert growth < 16 * MiB, f"RSS still growing: +{growth / MiB:.1f} MiB from the first to the last third"
+    assert growth < 8 * MiB, (
+        f"RSS still growing: median +{growth / MiB:.1f} MiB from the first to the last third"
+    )
     # Recovery: from some point after the burst, every frame is a model verdict at normal latency.
     base_lat = np.array([v["latency_ms"] for v in by_phase["base"]])
     assert {v["reason"] for v in by_phase["base"]} == {"model"}
@@ -225,7 +230,7 @@ def check_overload(r: dict[str, Any]) -> dict[str, float]:
         "baseline_p95_ms": round(float(np.percentile(base_lat, 95)), 1),
         "rss_before_mib": round(before / MiB, 1),
         "rss_burst_max_mib": round(max(during) / MiB, 1),
-        "rss_growth_first_to_last_third_mib": round(growth / MiB, 1),
+        "rss_median_growth_first_to_last_third_mib": round(growth / MiB, 1),
         "recovery_s": round(recovery_s, 2),
     }
     print("\noverload numbers:", numbers)
