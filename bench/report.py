@@ -141,7 +141,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"Machine: {m['cores']} cores, {m['cpu_model']}; load average before {m['loadavg_before']}, "
         f"after {m['loadavg_after']}. Model: `{r['model']['id']}`, input {r['model']['input_size']}; images: "
         f"{r['images']['n']} × {', '.join(r['images']['size'])} ({r['images']['source']}). Daemon: batch "
-        f"{cfg['max_batch']}, {cfg['inference_workers']} inference worker(s) × {cfg['intra_op_threads']} ONNX Runtime "
+        f"{_batch(r)}, {cfg['inference_workers']} inference worker(s) × {cfg['intra_op_threads']} ONNX Runtime "
         f"thread(s) + {cfg['preprocess_threads']} preprocessing thread(s), deadline {cfg['max_latency_ms']:g} ms; "
         f"{cfg['seconds']:g} s per phase."
     )
@@ -218,3 +218,10 @@ def markdown(r: dict[str, Any]) -> str:
     out.append("")
     out.append(f"GPU: {r['gpu']['reason'] if not r['gpu']['measured'] else 'see JSON'}.")
     return "\n".join(out) + "\n"
+
+
+def _batch(r: dict[str, Any]) -> str:
+    """The batch the daemon ran: max_batch, or what its start-up cap (batching.max_infer_share) made of it."""
+    configured = r["config"]["max_batch"]
+    ran = r["daemon"].get("max_batch", configured)
+    return f"{ran}" if ran == configured else f"{ran} (max_batch {configured}, capped to fit the deadline)"

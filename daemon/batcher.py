@@ -57,6 +57,13 @@ class Batch:
             f.result()  # preprocessing tasks settle their own failures and never raise
 
 
+def cap_batch(timings: dict[int, float], budget_s: float) -> int:
+    """The largest timed batch size whose inference fits ``budget_s`` (1 when none does: a frame must still
+    be inferred, and the deadline then rejects what is late)."""
+    fitting = [n for n, t in timings.items() if t <= budget_s]
+    return max(fitting, default=1)
+
+
 Preprocess = Callable[[Job, np.ndarray], None]  # (job, its batch row (1, H, W)) → fills the row, sets job.ok
 END = None  # end-of-stream marker on the batch queue
 

@@ -43,6 +43,7 @@ class InferenceWorker(StageThread):
         monotonic: Callable[[], float],
         failures_not_ready: int = 3,
         warmup: bool = True,
+        batch_budget_s: float | None = None,
         batch_lines: bool = True,
         name: str = "inference",
     ) -> None:
@@ -55,6 +56,9 @@ class InferenceWorker(StageThread):
         self._now = monotonic
         self.failures_not_ready = failures_not_ready
         self._warmup = warmup
+        self._batch_budget_s = batch_budget_s
+        self.batch_timings: dict[int, float] = {}  # batch size → warm-up seconds (when a budget was given)
+        self.warmup_sizes: tuple[int, ...] | None = None  # None: 1 and max_batch
         self._batch_lines = batch_lines
         self.name = name
         self._thread: threading.Thread | None = None
@@ -89,7 +93,16 @@ class InferenceWorker(StageThread):
             self.backend.__enter__()
             if self._warmup:
                 t0 = self._now()
-                self.backend.warmup()
+                if self._batch_budget_s is not None:
+                    # Timing 1, 2, 4, … is the warm-up; sizes past the budget are never run, so a CPU does not
+                    # allocate for a GPU's batch it will never form.
+                    self.backend.warmup((1,))
+                    self.batch_timings = self.backend.time_batches(self._batch_budget_s)
+                    self.backend.trim()  # the size found over budget will not run again: give back its memory
+                    # The batcher plans its first batches with this until real batches are measured.
+                    self.est_infer_s = min(self.batch_timings.values())
+                else:
+                    self.backend.warmup(self.warmup_sizes)
                 log.info(
                     "backend warmed up", ms=round((self._now() - t0) * 1000, 1), **self.backend.describe()
                 )

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.batcher import BufferPool, MicroBatcher
+from daemon.batcher import BufferPool, MicroBatcher, cap_batch
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
 from daemon.inference import InferenceWorker
@@ -80,6 +80,11 @@ class Pipeline:
                 monotonic=clock.monotonic,
                 failures_not_ready=d.engine_failures_not_ready,
                 warmup=settings.model.warmup,
+                batch_budget_s=(
+                    b.max_infer_share * self.max_latency_s
+                    if b.max_infer_share > 0 and settings.model.warmup and i == 0
+                    else None
+                ),
                 batch_lines=settings.logging.batch_lines,
                 name="inference" if i == 0 else f"inference-{i}",
             )
@@ -130,9 +135,37 @@ class Pipeline:
     def start(self, warmup_timeout_s: float = 300.0) -> None:
         self.ledger.start()
         self._warm_preprocessing()
-        for worker in self.workers:
-            worker.start(warmup_timeout_s)  # enters + warms its backend on its own thread
+        # Each worker enters + warms its backend on its own thread. The first one times the batch sizes; the
+        # others then warm up only up to the cap.
+        self.worker.start(warmup_timeout_s)
+        self._cap_batch()
+        for worker in self.workers[1:]:
+            if self.worker.batch_timings:
+                worker.warmup_sizes = tuple(sorted({1, self.batcher.max_batch}))
+            worker.start(warmup_timeout_s)
         self.batcher.start()
+
+    def _cap_batch(self) -> None:
+        """Never form a batch that cannot be inferred in time (a GPU's max_batch of 8 on a small CPU is 8 × the
+        latency of one frame); the timings come from the first worker's warm-up."""
+        timings = self.worker.batch_timings
+        if not timings:
+            return
+        configured = self.settings.batching.max_batch
+        budget_s = self.settings.batching.max_infer_share * self.max_latency_s
+        self.batcher.max_batch = cap_batch(timings, budget_s)
+        fields = {
+            "configured": configured,
+            "max_batch": self.batcher.max_batch,
+            "budget_ms": round(budget_s * 1000, 1),
+            "timings_ms": {n: round(t * 1000, 1) for n, t in timings.items()},
+        }
+        if timings.get(1, 0.0) > budget_s:
+            log.warning("one frame takes longer than the inference budget: expect deadline rejects", **fields)
+        elif self.batcher.max_batch < configured:
+            log.info("batch size capped to fit the deadline", **fields)
+        else:
+            log.info("batch size fits the deadline", **fields)
 
     def _warm_preprocessing(self) -> None:
         """Start every pool thread and build its CLAHE object now, not on the first parts of the shift."""

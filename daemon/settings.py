@@ -114,6 +114,10 @@ class BatchingSettings(_Section):
     # N single-threaded sessions (model.intra_op_threads = 1) use N cores without intra-op barriers
     # (docs/benchmarks.md). Keep buffers ≥ inference_workers + 1 so a batch can fill while all of them run.
     inference_workers: int = Field(default=1, ge=1, le=64)
+    # At start-up the batch size is capped to the largest one (of 1, 2, 4, … max_batch) whose warm-up inference
+    # takes at most this share of deadlines.max_latency_ms: a frame may wait for the batch in flight and then
+    # run in its own, so two of them must fit. 0 = always max_batch. Needs model.warmup.
+    max_infer_share: float = Field(default=0.4, ge=0, le=1)
 
     @model_validator(mode="after")
     def _buffers_for_workers(self) -> BatchingSettings:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import abc
 import importlib
 import importlib.util
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
@@ -100,6 +102,41 @@ class Backend(abc.ABC):
         sizes = batch_sizes or tuple(sorted({1, self.max_batch}))
         for n in sizes:
             self.infer(np.zeros((n, *self.input_spec.shape), dtype=np.float32))
+
+    def time_batches(
+        self,
+        budget_s: float,
+        repeats: int = 3,
+        clock: Callable[[], float] = time.perf_counter,
+        untimed: int = 2,
+    ) -> dict[int, float]:
+        """Median seconds per call at batch 1, 2, 4, … and ``max_batch``, stopping after the first size over
+        ``budget_s`` (a CPU need not spend seconds timing batches it will never run). Call after warmup."""
+        sizes = sorted(
+            {*(1 << k for k in range(self.max_batch.bit_length()) if 1 << k <= self.max_batch)}
+            | {self.max_batch}
+        )
+        timings: dict[int, float] = {}
+        for n in sizes:
+            x = np.zeros((n, *self.input_spec.shape), dtype=np.float32)
+            # The first runs at a new size grow the allocator (ONNX Runtime's arena, twice: the patch memory's
+            # batch 2 took 108 and 206 ms, then 57–68 ms): not what the daemon will see.
+            for _ in range(untimed):
+                self.infer(x)
+            runs = []
+            for _ in range(repeats):
+                t0 = clock()
+                self.infer(x)
+                runs.append(clock() - t0)
+            timings[n] = float(np.median(runs))
+            if timings[n] > budget_s:
+                break
+        return timings
+
+    def trim(self) -> None:
+        """Give back memory that batches larger than the ones to come left behind (an allocator's arena), e.g.
+        after :meth:`time_batches` ran a size the daemon will not use. Default: nothing to give back."""
+        return None
 
     @abc.abstractmethod
     def _open(self) -> None: ...

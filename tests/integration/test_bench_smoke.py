@@ -76,6 +76,9 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
 
     lim = r["machine_limit"]
     assert lim["raw"]["img_s"] == r["machine_limit_img_s"] > 0 and "process CPU time" in lim["method"]
+    # Charged at the batch the daemon ran (max_batch as capped at its start-up), which the table then holds.
+    assert 1 <= r["daemon"]["max_batch"] <= 2 and lim["batch"] == r["daemon"]["max_batch"]
+    assert str(lim["batch"]) in fp32
     sat = r["daemon"]["saturation"]
     for enc in ("raw", "png"):
         assert sat[enc]["sent"] > 0 and sat[enc]["missing"] == 0  # exactly one verdict per frame sent
