@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": ("daemon.commands.demo", "synth → train → export → serve → simulated camera, with a live view"),
     "synth": ("engine.commands.synth", "generate labelled synthetic screw images"),
-    "train": ("training.commands.train", "train the screw classifier into a run directory"),
+    "train": (
+        "training.commands.train",
+        "train the screw model (patch memory, or a ResNet18) into a run directory",
+    ),
     "evaluate": ("training.commands.evaluate", "evaluate a run or model package: report.html + metrics.json"),
     "export": (
         "training.commands.export",
