@@ -77,3 +77,23 @@ def tiny_package(directory, input_size=(64, 64), seed=0, threshold=0.5, name="ti
         created_by={"tool": "tests.helpers.tiny_package"},
     )
     return write_meta(d, meta)
+
+
+def pipeline_for(settings, package, backend):  # type: ignore[no-untyped-def]
+    """A daemon Pipeline over ``backend`` with the package's preprocessing and decision, metrics on a private
+    registry (so tests may build several)."""
+    from prometheus_client import CollectorRegistry
+
+    from daemon.decision import Decider
+    from daemon.metrics import Metrics
+    from daemon.pipeline import Pipeline
+    from engine.preprocess import Preprocessor
+
+    meta = package.meta
+    return Pipeline(
+        settings,
+        backend=backend,
+        preprocessor=Preprocessor(meta.preprocess),
+        decider=Decider(meta.decision, meta.model_id),
+        metrics=Metrics(CollectorRegistry(), "t", process_collector=False),
+    )

@@ -12,18 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
 from daemon.batcher import cap_batch
-from daemon.decision import Decider
-from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
 from daemon.settings import Backpressure, Settings
 from daemon.types import Frame, Reason
 from engine.backend import Backend
 from engine.package import ModelPackage, load_package
-from engine.preprocess import Preprocessor
-from tests.helpers import tiny_package
+from tests.helpers import pipeline_for, tiny_package
 
 
 class PerFrameBackend(Backend):
@@ -101,14 +97,7 @@ def _pipeline(
         deadlines={"max_latency_ms": 75.0},  # × 0.4 = a 30 ms budget: batch 4 (20 ms) fits, 8 (40 ms) not
         model={"warmup": warmup},
     )
-    meta = package.meta
-    return Pipeline(
-        settings,
-        backend=backend,
-        preprocessor=Preprocessor(meta.preprocess),
-        decider=Decider(meta.decision, meta.model_id),
-        metrics=Metrics(CollectorRegistry(), "t", process_collector=False),
-    )
+    return pipeline_for(settings, package, backend)
 
 
 @pytest.mark.timeout(30)

@@ -10,17 +10,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
-from daemon.decision import Decider
-from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, replica
 from daemon.settings import Backpressure, Settings
 from daemon.types import Frame, Reason
 from engine.backend import Backend
 from engine.package import ModelPackage, load_package
-from engine.preprocess import Preprocessor
-from tests.helpers import tiny_package
+from tests.helpers import pipeline_for, tiny_package
 
 
 class SlowBackend(Backend):
@@ -66,14 +62,7 @@ def pipeline(package: ModelPackage, workers: int, backend: Backend) -> Pipeline:
         settings = settings.model_copy(
             update={"batching": settings.batching.model_copy(update={"inference_workers": workers})}
         )
-    meta = package.meta
-    return Pipeline(
-        settings,
-        backend=backend,
-        preprocessor=Preprocessor(meta.preprocess),
-        decider=Decider(meta.decision, meta.model_id),
-        metrics=Metrics(CollectorRegistry(), "t", process_collector=False),
-    )
+    return pipeline_for(settings, package, backend)
 
 
 def frames(n: int) -> list[Frame]:
