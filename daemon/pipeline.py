@@ -67,7 +67,12 @@ class Pipeline:
             monotonic=clock.monotonic,
             observe_stage=metrics.observe_stage,
         )
-        # Until settings has batching.inference_workers (proposed in issue 8), one worker as before.
+        # Inference time one batch may take (batching.max_infer_share), timed at warm-up; None = no cap.
+        self._batch_budget_s = (
+            b.max_infer_share * self.max_latency_s
+            if b.max_infer_share > 0 and settings.model.warmup
+            else None
+        )
         n_workers = b.inference_workers
         self.workers = [
             InferenceWorker(
@@ -80,11 +85,7 @@ class Pipeline:
                 monotonic=clock.monotonic,
                 failures_not_ready=d.engine_failures_not_ready,
                 warmup=settings.model.warmup,
-                batch_budget_s=(
-                    b.max_infer_share * self.max_latency_s
-                    if b.max_infer_share > 0 and settings.model.warmup and i == 0
-                    else None
-                ),
+                batch_budget_s=self._batch_budget_s if i == 0 else None,
                 batch_lines=settings.logging.batch_lines,
                 name="inference" if i == 0 else f"inference-{i}",
             )
@@ -148,11 +149,10 @@ class Pipeline:
     def _cap_batch(self) -> None:
         """Never form a batch that cannot be inferred in time (a GPU's max_batch of 8 on a small CPU is 8 × the
         latency of one frame); the timings come from the first worker's warm-up."""
-        timings = self.worker.batch_timings
-        if not timings:
+        timings, budget_s = self.worker.batch_timings, self._batch_budget_s
+        if not timings or budget_s is None:
             return
         configured = self.settings.batching.max_batch
-        budget_s = self.settings.batching.max_infer_share * self.max_latency_s
         self.batcher.max_batch = cap_batch(timings, budget_s)
         fields = {
             "configured": configured,

@@ -112,10 +112,7 @@ class Backend(abc.ABC):
     ) -> dict[int, float]:
         """Median seconds per call at batch 1, 2, 4, … and ``max_batch``, stopping after the first size over
         ``budget_s`` (a CPU need not spend seconds timing batches it will never run). Call after warmup."""
-        sizes = sorted(
-            {*(1 << k for k in range(self.max_batch.bit_length()) if 1 << k <= self.max_batch)}
-            | {self.max_batch}
-        )
+        sizes = sorted({1 << k for k in range(self.max_batch.bit_length())} | {self.max_batch})
         timings: dict[int, float] = {}
         for n in sizes:
             x = np.zeros((n, *self.input_spec.shape), dtype=np.float32)
