@@ -68,6 +68,7 @@ class App:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.notifier = notifier if notifier is not None else SystemdNotifier()
         self.stop_requested = threading.Event()
+        self._t_publisher_bound = 0.0
         self.exit_code = 0
         self._backend = backend
         self._sources_in = sources
@@ -255,6 +256,7 @@ class App:
             monitor=self.peers,
         )
         self.publisher.start()
+        self._t_publisher_bound = time.monotonic()
 
     def start_pipeline(self) -> None:
         assert self.pipeline is not None
@@ -262,6 +264,13 @@ class App:
 
     def start_sources(self) -> None:
         assert self.pipeline is not None
+        # A verdict published before a subscriber has re-subscribed (after a restart) is lost to it: it sees the
+        # new boot start above seq 1. Frames not yet read are owed nothing, so reading waits out the grace.
+        grace_s = self.settings.publisher.join_grace_ms / 1000.0 - (
+            time.monotonic() - self._t_publisher_bound
+        )
+        if grace_s > 0:
+            self.stop_requested.wait(grace_s)
         for source in self.sources:
             source.start(self.pipeline)
 

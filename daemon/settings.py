@@ -163,6 +163,10 @@ class PublisherSettings(_Section):
     heartbeat_ms: float = Field(default=1000.0, gt=0)
     sndhwm: int = Field(default=100_000, ge=1)  # per subscriber; beyond it ZeroMQ drops (seq shows the gap)
     linger_ms: int = Field(default=2000, ge=0)  # at close: time to flush queued verdicts
+    # At start, no frame is read until this long after the bind: subscribers of the previous run re-subscribe
+    # first (ZeroMQ reconnects every 100 ms by default), instead of missing the new boot's first verdicts.
+    # Set it above the subscribers' ZMQ_RECONNECT_IVL.
+    join_grace_ms: float = Field(default=500.0, ge=0)
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 

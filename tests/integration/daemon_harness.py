@@ -80,7 +80,9 @@ def daemon_settings(model_dir: Path | None, **overrides: Any) -> Settings:
         "line": "test-line",
         "model": {"path": str(model_dir) if model_dir else None, "intra_op_threads": 1},
         "sources": {"camera": {"endpoint": EPHEMERAL}},
-        "publisher": {"endpoint": EPHEMERAL, "heartbeat_ms": 50, "linger_ms": 1000},
+        # join_grace_ms 0: a test subscriber learns an ephemeral endpoint from the ready line, so there is no
+        # subscriber of a previous run to wait for (tests of a restart on fixed ports set it).
+        "publisher": {"endpoint": EPHEMERAL, "heartbeat_ms": 50, "linger_ms": 1000, "join_grace_ms": 0},
         "metrics": {"port": 0},
         "batching": {"preprocess_threads": 1},
         # Generous by default: a shared, loaded CI machine must not turn a slow moment into deadline rejects.
@@ -121,9 +123,13 @@ class VerdictCollector:
         self._thread = threading.Thread(target=self._run, name="test-collector", daemon=True)
 
     def __enter__(self) -> VerdictCollector:
-        self._thread.start()
+        self.start()
         self.wait_heartbeat()  # the subscription is live: nothing sent from now on is lost (slow joiner)
         return self
+
+    def start(self) -> None:
+        """Connect and collect without waiting for the daemon (a line controller that is up before it)."""
+        self._thread.start()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

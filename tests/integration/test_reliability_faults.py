@@ -22,6 +22,7 @@ import zmq
 from structlog.testing import capture_logs
 
 from daemon.commands.watch import GapDetector
+from daemon.settings import PublisherSettings
 from daemon.wire import camera_message
 from engine.package import load_package
 from tests.helpers import tiny_package
@@ -61,7 +62,9 @@ class Streamer:
             if delay > 0:
                 time.sleep(delay)
             fid = f"k-{i:06d}"
-            try:  # NOBLOCK: while the daemon is down there is no peer; the camera knows the part was not sent
+            # NOBLOCK: ZeroMQ queues while the daemon is down (up to SNDHWM) and refuses beyond; a refused part
+            # was not sent, and the camera knows it.
+            try:
                 self.sock.send_multipart(camera_message(fid, self.image), flags=zmq.NOBLOCK)
                 self.sent.append((fid, time.monotonic()))
             except zmq.Again:
@@ -77,7 +80,15 @@ def test_kill_9_mid_stream_then_restart(tmp_path: Path) -> None:
         tmp_path / "pkg",
         line="kill9",
         sources={"camera": {"endpoint": cam_ep}},
-        publisher={"endpoint": pub_ep, "heartbeat_ms": 50},
+        # The shipped join grace: while the daemon was down the camera's PUSH queued frames (a connecting ZeroMQ
+        # socket keeps its queue across reconnects), and they arrive in a burst the moment the new daemon binds
+        # the camera. Without the grace they were decided before the subscriber re-subscribed: it saw the new
+        # boot start at seq 57 (once on a loaded CI machine).
+        publisher={
+            "endpoint": pub_ep,
+            "heartbeat_ms": 50,
+            "join_grace_ms": PublisherSettings.model_fields["join_grace_ms"].default,
+        },
         # A batch waits up to 150 ms for company at 40 fps: a handful of frames are always inside the daemon.
         batching={"max_batch": 8, "max_wait_ms": 150},
         deadlines={"max_latency_ms": 2000},
