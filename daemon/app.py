@@ -265,11 +265,11 @@ class App:
     def start_sources(self) -> None:
         assert self.pipeline is not None
         # A verdict published before a subscriber has re-subscribed (after a restart) is lost to it: it sees the
-        # new boot start above seq 1. Frames not yet read are owed nothing, so reading waits out the grace.
-        grace_s = self.settings.publisher.join_grace_ms / 1000.0 - (
-            time.monotonic() - self._t_publisher_bound
-        )
-        if grace_s > 0:
+        # new boot start above seq 1. Frames not yet read are owed nothing, so reading waits out the grace. On
+        # an ephemeral port (replay, demo, bench, tests) no earlier subscriber can exist: nothing to wait for.
+        pub = self.settings.publisher
+        grace_s = pub.join_grace_ms / 1000.0 - (time.monotonic() - self._t_publisher_bound)
+        if grace_s > 0 and not pub.endpoint.endswith(":*"):
             self.stop_requested.wait(grace_s)
         for source in self.sources:
             source.start(self.pipeline)

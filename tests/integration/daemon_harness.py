@@ -80,9 +80,7 @@ def daemon_settings(model_dir: Path | None, **overrides: Any) -> Settings:
         "line": "test-line",
         "model": {"path": str(model_dir) if model_dir else None, "intra_op_threads": 1},
         "sources": {"camera": {"endpoint": EPHEMERAL}},
-        # join_grace_ms 0: a test subscriber learns an ephemeral endpoint from the ready line, so there is no
-        # subscriber of a previous run to wait for (tests of a restart on fixed ports set it).
-        "publisher": {"endpoint": EPHEMERAL, "heartbeat_ms": 50, "linger_ms": 1000, "join_grace_ms": 0},
+        "publisher": {"endpoint": EPHEMERAL, "heartbeat_ms": 50, "linger_ms": 1000},
         "metrics": {"port": 0},
         "batching": {"preprocess_threads": 1},
         # Generous by default: a shared, loaded CI machine must not turn a slow moment into deadline rejects.

@@ -52,3 +52,12 @@ def test_no_frame_is_read_before_the_join_grace_and_a_waiting_subscriber_sees_se
             sub.__exit__(None, None, None)
     assert min(arrivals) - t_bound >= GRACE_MS / 1000.0  # nothing was read inside the grace
     assert [v["seq"] for v in got] == list(range(1, 21))  # so the subscriber missed nothing of the new boot
+
+
+@pytest.mark.timeout(60)
+def test_an_ephemeral_publisher_port_skips_the_grace(tmp_path: Path) -> None:
+    """Replay, the demo, the bench: a port chosen at bind time has no subscriber from a previous run."""
+    tiny_package(tmp_path / "pkg", input_size=(32, 32))
+    settings = daemon_settings(tmp_path / "pkg", line="grace", publisher={"join_grace_ms": 60_000.0})
+    with running_app(settings) as app:  # would take a minute to start if it waited
+        assert app.publisher_endpoint is not None and not app.publisher_endpoint.endswith(":*")
