@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.batcher import BufferPool, MicroBatcher, cap_batch
+from daemon.batcher import BufferPool, MicroBatcher
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
 from daemon.inference import InferenceWorker
@@ -141,7 +141,7 @@ class Pipeline:
         self.worker.start(warmup_timeout_s)
         self._cap_batch()
         for worker in self.workers[1:]:
-            if self.worker.batch_timings:
+            if self.worker.batch_cap is not None:
                 worker.warmup_sizes = tuple(sorted({1, self.batcher.max_batch}))
             worker.start(warmup_timeout_s)
         self.batcher.start()
@@ -149,11 +149,11 @@ class Pipeline:
     def _cap_batch(self) -> None:
         """Never form a batch that cannot be inferred in time (a GPU's max_batch of 8 on a small CPU is 8 × the
         latency of one frame); the timings come from the first worker's warm-up."""
-        timings, budget_s = self.worker.batch_timings, self._batch_budget_s
-        if not timings or budget_s is None:
+        timings, cap, budget_s = self.worker.batch_timings, self.worker.batch_cap, self._batch_budget_s
+        if cap is None or budget_s is None:
             return
         configured = self.settings.batching.max_batch
-        self.batcher.max_batch = cap_batch(timings, budget_s)
+        self.batcher.max_batch = cap
         fields = {
             "configured": configured,
             "max_batch": self.batcher.max_batch,

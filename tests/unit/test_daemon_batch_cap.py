@@ -108,7 +108,9 @@ def test_the_pipeline_never_forms_a_batch_over_the_cap(package: ModelPackage) ->
     try:
         assert p.batcher.max_batch == 4
         assert sorted(p.worker.batch_timings) == [1, 2, 4, 8]  # 8 was timed, found over budget, and dropped
-        assert backend.trims_after == [len(backend.sizes)]  # its memory given back right after the timing
+        # Its memory given back right after the timing, then grown again to the cap with one batch of 4, so
+        # the first real full batch does not pay for the allocation.
+        assert backend.trims_after == [len(backend.sizes) - 1] and backend.sizes[-1] == 4
         warm = len(backend.sizes)
         img = np.full((32, 32), 128, np.uint8)
         # Far from the deadline's reach: what is tested is the batch size, not the latency.
