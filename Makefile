@@ -23,6 +23,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -31,7 +32,7 @@ test: lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 contact-sheet: $(STAMP)
-	$(PY) -c 'from engine.synth import contact_sheet; contact_sheet("docs/synthetic-screws.png")'
+	$(PY) -c 'from tools.synth import contact_sheet; contact_sheet("docs/synthetic-screws.png")'
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 """The real daemon as a subprocess: ``inspectd serve --config FILE`` with a generated TOML config.
 
-Same code path as production (``daemon.cli`` → ``serve``), its own process, so its CPU time and peak RSS are
+Same code path as production (``inspectd.cli`` → ``serve``), its own process, so its CPU time and peak RSS are
 its own. Every endpoint is ephemeral (``tcp://127.0.0.1:*``, metrics port 0); the bound addresses are read from
 the daemon's ``ready`` log line, so there is no port race with anyone else on the machine. ``INSPECTD_*``
 variables are removed from its environment: the config file written here is the whole configuration.
@@ -90,7 +90,7 @@ class DaemonProcess:
     @staticmethod
     def command() -> list[str]:
         """``inspectd`` itself, run by this interpreter (the venv's, wherever it lives)."""
-        return [sys.executable, "-m", "daemon.cli"]
+        return [sys.executable, "-m", "inspectd.cli"]
 
     def _wait_ready(self) -> dict[str, Any]:
         assert self.proc is not None

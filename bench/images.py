@@ -16,10 +16,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from daemon.camera_sim import IMAGE_SUFFIXES, SimFrame, encode_frames, synth_pool
+from engine.dataset import image_files, label_from_folders
 from engine.preprocess import load_gray
+from tools.camera_sim import SimFrame, encode_frames, synth_pool
 
-# What inspectd camera sends (daemon.camera_sim.encode_frames): fast zlib level; decode speed barely depends on it.
+# What inspectd camera sends (tools.camera_sim.encode_frames): fast zlib level; decode speed barely depends on it.
 _PNG_LEVEL = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 
 
@@ -67,7 +68,7 @@ def load_images(source: str, count: int, *, seed: int = 0, size: int = 1024) -> 
 def _from_directory(directory: Path, count: int) -> BenchImages:
     if not directory.is_dir():
         raise FileNotFoundError(f"--images {directory}: not a directory (or 'synth')")
-    all_paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    all_paths = image_files(directory)
     if not all_paths:
         raise FileNotFoundError(f"--images {directory}: no images")
     paths = _spread(all_paths, count)
@@ -86,12 +87,7 @@ def _spread(paths: list[Path], count: int) -> list[Path]:
 
 
 def _label(path: Path, root: Path) -> str | None:
-    top = path.relative_to(root).parts[0].lower() if len(path.relative_to(root).parts) > 1 else ""
-    if top in ("good", "ok", "pass"):
-        return "OK"
-    if top in ("not-good", "ng", "bad", "defect", "reject"):
-        return "NG"
-    return None
+    return label_from_folders(path.relative_to(root).parts[:-1])
 
 
 def _encode(gray: np.ndarray) -> bytes:

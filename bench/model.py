@@ -67,9 +67,9 @@ def generated_package(cache: Path, params: PreprocessParams | None = None, *, se
 
 def int8_status(package: ModelPackage, generated: bool, images: Sequence[np.ndarray]) -> Int8Status:
     """Make (generated package) or find (given package) the INT8 variant, with its agreement record."""
-    from engine.quantize import INT8_FILE, QuantizeRefused, quantize_package, variant_record
+    from engine.quantize import INT8_FILE, QuantizeRefused, quantize_package
 
-    record = variant_record(package.meta, "int8")
+    record = package.meta.variant("int8")
     if record is not None and (package.directory / INT8_FILE).is_file():
         return Int8Status(True, "recorded", {"agreement": record.get("agreement", {})})
     if not generated:

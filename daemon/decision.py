@@ -14,7 +14,13 @@ from typing import Any
 
 from daemon.types import Frame, Outcome, Reason, Verdict
 from engine.gauges import GaugeSet, Violation
-from engine.package import Decision
+from engine.package import Call, Decision
+
+_CALLS = {
+    Call.PASS: (Outcome.PASS, Reason.MODEL),
+    Call.REJECT: (Outcome.REJECT, Reason.MODEL),
+    Call.GREY: (Outcome.REJECT, Reason.GREY_ZONE),
+}
 
 
 class Decider:
@@ -23,9 +29,6 @@ class Decider:
         self.gauges = gauges
         self.model_id = model_id
         self.threshold = float(decision.threshold)
-        # With a grey zone: < low PASS, ≥ high REJECT, in between REJECT grey_zone (a person re-inspects).
-        lo, hi = decision.grey_zone if decision.grey_zone is not None else (self.threshold, self.threshold)
-        self._low, self._high = float(lo), float(hi)
 
     def decide(
         self,
@@ -38,12 +41,7 @@ class Decider:
             return self.reject(
                 frame, Reason.ENGINE_ERROR, {"error": f"model returned score {score!r}"}, timings_ms
             )
-        if score < self._low:
-            outcome, reason = Outcome.PASS, Reason.MODEL
-        elif score >= self._high:
-            outcome, reason = Outcome.REJECT, Reason.MODEL
-        else:
-            outcome, reason = Outcome.REJECT, Reason.GREY_ZONE
+        outcome, reason = _CALLS[self.decision.classify(score)]
         detail: dict[str, Any] | None = None
         if violations:
             # Inference still ran, so the record shows whether the model alone would have caught the part.

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from daemon.types import Verdict
+from engine.dataset import CLASS_NAMES
 
 ENCODINGS = ("raw", "png", "bmp", "tiff", "jpeg")
 RAW_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype(np.uint8), "uint16": np.dtype("<u2")}
-LABELS = ("OK", "NG")
 MAX_FRAME_ID_CHARS = 256
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -79,8 +79,8 @@ def parse_header(raw: bytes | memoryview) -> CameraHeader:
             raise bad(f"t_capture must be a finite number (epoch seconds), got {t_capture!r}")
         t_capture = float(t_capture)
     label = h.get("label")
-    if label is not None and label not in LABELS:
-        raise bad(f"label must be one of {list(LABELS)} or absent, got {label!r}")
+    if label is not None and label not in CLASS_NAMES:
+        raise bad(f"label must be one of {list(CLASS_NAMES)} or absent, got {label!r}")
     shape: tuple[int, int] | None = None
     dtype: str | None = None
     if enc == "raw":

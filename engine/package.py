@@ -10,9 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from engine.preprocess import PreprocessParams
 
@@ -24,6 +28,14 @@ CLASS_ORDER = ("OK", "NG")  # the single logit is the NG (defect) logit
 
 class PackageError(ValueError):
     """A model package that cannot be served; the message says which file/field and why."""
+
+
+class Call(IntEnum):
+    """What the operating point says about a score (the daemon turns it into a verdict and its reason)."""
+
+    PASS = 0
+    REJECT = 1
+    GREY = 2  # REJECT grey_zone: a person re-inspects
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +56,25 @@ class Decision:
             lo, hi = self.grey_zone
             if not 0.0 <= lo <= hi <= 1.0:
                 raise PackageError(f"decision.grey_zone must be 0 ≤ low ≤ high ≤ 1, got {self.grey_zone}")
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high): below low PASS, at or above high REJECT, in between grey (low == high without one)."""
+        if self.grey_zone is None:
+            return float(self.threshold), float(self.threshold)
+        return float(self.grey_zone[0]), float(self.grey_zone[1])
+
+    def classify(self, score: float) -> Call:
+        """The one threshold / grey-zone rule: the daemon's decision, export's and the backends' parity checks
+        and the reports all call this. ``score`` is the NG probability, already checked to be finite."""
+        low, high = self.bounds
+        if score < low:
+            return Call.PASS
+        return Call.REJECT if score >= high else Call.GREY
+
+    def classify_all(self, scores: Iterable[float]) -> np.ndarray:
+        """:meth:`classify` over many scores, as int8 (0 PASS, 1 REJECT, 2 grey)."""
+        return np.array([self.classify(float(s)) for s in scores], dtype=np.int8)
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "grey_zone": list(self.grey_zone) if self.grey_zone else None}
@@ -79,6 +110,14 @@ class ModelMeta:
     )  # derived files (int8), written by inspectd quantize
     created_by: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def variant(self, name: str) -> dict[str, Any] | None:
+        """The record of a derived file (``int8``: ``model.int8.onnx``), or None."""
+        rec = self.variants.get(name)
+        return rec if isinstance(rec, dict) and "file" in rec else None
+
+    def with_variant(self, name: str, record: dict[str, Any]) -> ModelMeta:
+        return replace(self, variants={**self.variants, name: record})
 
     @property
     def model_id(self) -> str:
@@ -170,6 +209,28 @@ class ModelPackage:
     @property
     def engine_cache_dir(self) -> Path:
         return self.directory / "engines"
+
+
+def verify_variant_file(package: ModelPackage, path: Path) -> dict[str, Any]:
+    """The record of ``path`` if it is a recorded variant of this exact model.onnx; else PackageError."""
+    for rec in package.meta.variants.values():
+        if isinstance(rec, dict) and rec.get("file") == path.name:
+            break
+    else:
+        raise PackageError(
+            f"{path.name} is not recorded in {package.directory}/model.json; make it with 'inspectd quantize'"
+        )
+    if not path.is_file():
+        raise PackageError(f"{path} is recorded in model.json but missing")
+    if rec.get("source_onnx_sha256") != package.meta.onnx_sha256:
+        raise PackageError(
+            f"{path.name} was made from another model.onnx (sha256 {str(rec.get('source_onnx_sha256'))[:12]}…, "
+            f"package has {package.meta.onnx_sha256[:12]}…); re-run 'inspectd quantize'"
+        )
+    actual = sha256_file(path)
+    if actual != rec.get("sha256"):
+        raise PackageError(f"{path} sha256 {actual[:16]}… does not match its model.json record; refusing it")
+    return rec
 
 
 def load_package(directory: str | Path, *, verify: bool = True) -> ModelPackage:

@@ -17,22 +17,16 @@ from typing import Any
 import numpy as np
 
 from engine.backend import Backend, BackendError, create_backend, sigmoid
+from engine.dataset import CLASS_NAMES, IMAGE_SUFFIXES, image_files, label_from_folders
 from engine.package import Decision, ModelPackage, PackageError
 from engine.preprocess import DecodeError, Preprocessor, load_gray
 
-IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".pgm"}
-OK_FOLDERS = {"good", "ok", "pass"}
-NG_FOLDERS = {"not-good", "not_good", "ng", "bad", "defect", "reject"}
 VERDICT_NAMES = ("PASS", "REJECT", "GREY")
 
 
 def verdicts(logits: np.ndarray, decision: Decision) -> np.ndarray:
-    """0 PASS, 1 REJECT, 2 grey zone — the same rule as the daemon's decision stage."""
-    p = sigmoid(np.asarray(logits, dtype=np.float32))
-    if decision.grey_zone is None:
-        return (p >= decision.threshold).astype(np.int8)
-    lo, hi = decision.grey_zone
-    return np.where(p >= hi, 1, np.where(p < lo, 0, 2)).astype(np.int8)
+    """0 PASS, 1 REJECT, 2 grey zone: :meth:`Decision.classify`, the daemon's own rule, on each logit."""
+    return decision.classify_all(sigmoid(np.asarray(logits, dtype=np.float32)).ravel())
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +111,9 @@ def list_images(data_dir: Path) -> list[LabelledImage]:
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: not a directory")
     out = []
-    for p in sorted(root.rglob("*")):
-        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
-            continue
-        top = p.relative_to(root).parts[0].lower() if len(p.relative_to(root).parts) > 1 else ""
-        label = 0 if top in OK_FOLDERS else 1 if top in NG_FOLDERS else None
-        out.append(LabelledImage(p, label))
+    for p in image_files(root):
+        name = label_from_folders(p.relative_to(root).parts[:-1])
+        out.append(LabelledImage(p, None if name is None else CLASS_NAMES.index(name)))
     if not out:
         raise FileNotFoundError(f"--data {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return out
@@ -193,10 +184,8 @@ class Row:
 
 def available_candidates(package: ModelPackage) -> list[Candidate]:
     """Every backend configuration worth comparing; whether it can run here is found out by trying."""
-    from engine.quantize import variant_record
-
     out = [Candidate("onnxruntime cpu", "onnxruntime")]
-    rec = variant_record(package.meta, "int8")
+    rec = package.meta.variant("int8")
     if rec is not None:
         out.append(Candidate("onnxruntime cpu int8", "onnxruntime", {"model_file": rec["file"]}))
     out.append(Candidate("onnxruntime cuda", "onnxruntime", {"device": "cuda"}))

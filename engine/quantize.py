@@ -8,7 +8,7 @@ the file is only written when verdict flips stay within tolerance (default: none
 
 The result is recorded in ``model.json`` — file, sha256, the sha256 of the model.onnx it was made from,
 settings, calibration summary and agreement — so the ONNX Runtime backend refuses a stale or swapped INT8
-file. The record lives in ``model.json`` ``variants``; the two accessors here are the only code that knows where.
+file. The record lives in ``model.json`` ``variants``, read and written through :class:`engine.package.ModelMeta`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.backend import BackendError
-from engine.package import ModelMeta, ModelPackage, sha256_file, write_meta
+from engine.package import ModelPackage, sha256_file, write_meta
 from engine.parity import Comparison, Tolerance, compare
 
 INT8_FILE = "model.int8.onnx"
@@ -52,44 +51,6 @@ class QuantizeSettings:
     fp32_stem: bool = True
     fp32_head: bool = True
     chunk: int = 8  # calibration images per ORT run
-
-
-# ── where the record lives (one place) ─────────────────────────────────────────────────────────────────────
-
-
-def variants(meta: ModelMeta) -> dict[str, Any]:
-    return meta.variants
-
-
-def with_variant(meta: ModelMeta, name: str, record: dict[str, Any]) -> ModelMeta:
-    return replace(meta, variants={**meta.variants, name: record})
-
-
-def variant_record(meta: ModelMeta, name: str) -> dict[str, Any] | None:
-    rec = variants(meta).get(name)
-    return rec if isinstance(rec, dict) and "file" in rec else None
-
-
-def verify_variant_file(package: ModelPackage, path: Path) -> dict[str, Any]:
-    """The record of ``path`` if it is a recorded variant of this exact model.onnx; else BackendError."""
-    for rec in variants(package.meta).values():
-        if isinstance(rec, dict) and rec.get("file") == path.name:
-            break
-    else:
-        raise BackendError(
-            f"{path.name} is not recorded in {package.directory}/model.json; make it with 'inspectd quantize'"
-        )
-    if not path.is_file():
-        raise BackendError(f"{path} is recorded in model.json but missing")
-    if rec.get("source_onnx_sha256") != package.meta.onnx_sha256:
-        raise BackendError(
-            f"{path.name} was made from another model.onnx (sha256 {str(rec.get('source_onnx_sha256'))[:12]}…, "
-            f"package has {package.meta.onnx_sha256[:12]}…); re-run 'inspectd quantize'"
-        )
-    actual = sha256_file(path)
-    if actual != rec.get("sha256"):
-        raise BackendError(f"{path} sha256 {actual[:16]}… does not match its model.json record; refusing it")
-    return rec
 
 
 # ── quantise, measure, decide ──────────────────────────────────────────────────────────────────────────────
@@ -233,7 +194,7 @@ def quantize_package(
         "tolerance": asdict(tolerance),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    write_meta(package.directory, with_variant(meta, VARIANT, record))
+    write_meta(package.directory, meta.with_variant(VARIANT, record))
     return QuantizeResult(final, cmp, record)
 
 

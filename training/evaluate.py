@@ -10,43 +10,20 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.backend import sigmoid
+from engine.dataset import DataError, Dataset, Sample, discover, subset
 from engine.package import Decision, load_package
-from engine.preprocess import Preprocessor, PreprocessParams, load_gray
+from engine.preprocess import Preprocessor, load_gray
+from engine.split import Split
 from training.augment import part_alpha, swap_background
-from training.data import DataError, Dataset, Sample, discover, subset
 from training.images import load_images, normalised
 from training.metrics import at_threshold, auroc, auroc_ci
-from training.split import Split
-
-FAILED_LOGIT = 30.0  # stands for "REJECT because preprocessing failed" in the score lists
-
-
-@dataclass
-class Scored:
-    samples: list[Sample]
-    logits: np.ndarray  # (N,) NG logits; FAILED_LOGIT where preprocessing failed
-    failed: dict[str, str]
-    pixels: dict[str, np.ndarray]  # path → what the network saw (uint8), for the heatmap overlays
-    cams: dict[str, np.ndarray]  # path → CAM (h, w) in the network's feature resolution
-    neutral_logits: np.ndarray | None = None  # the same images on one shared background (see score)
-
-
-@dataclass(frozen=True)
-class Target:
-    kind: str  # "package" | "run"
-    path: Path
-    preprocess: PreprocessParams
-    decision: Decision
-    split: Split | None
-    history: list[dict[str, Any]]
-    info: dict[str, Any]
+from training.scored import FAILED_LOGIT, Scored, Target
 
 
 def open_target(path: str | Path) -> Target:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.dataset import Dataset, Sample
 from engine.preprocess import DecodeError, Preprocessor, load_gray
-from training.data import Dataset, Sample
 
 
 def default_cache_dir() -> Path:

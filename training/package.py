@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from engine.dataset import discover, subset
 from engine.package import Decision, ModelMeta
 from engine.preprocess import Preprocessor
-from training.data import discover, subset
+from engine.split import Split
 from training.export import export_package
 from training.images import load_images, normalised
-from training.split import Split
 from training.train import SPLIT, history, load_run_model
 
 MAX_VERIFY = 64

@@ -6,16 +6,14 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import cv2
 import numpy as np
 
 from engine.backend import sigmoid
+from engine.heatmap import overlay
 from training.metrics import pr_curve, roc_curve
-
-if TYPE_CHECKING:  # pragma: no cover
-    from training.evaluate import Scored, Target
+from training.scored import Scored, Target
 
 
 def _plt() -> Any:
@@ -31,18 +29,6 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return path
-
-
-def overlay(img8: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """RGB: the image the network saw, with the positive (NG-evidence) part of the CAM in a colour map."""
-    heat = np.maximum(cam.astype(np.float32), 0.0)
-    heat = cv2.resize(heat, (img8.shape[1], img8.shape[0]), interpolation=cv2.INTER_LINEAR)
-    peak = float(heat.max())
-    heat = (255 * heat / peak).astype(np.uint8) if peak > 0 else np.zeros_like(img8)
-    colour = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    gray = cv2.cvtColor(img8, cv2.COLOR_GRAY2RGB)
-    alpha = (0.55 * heat.astype(np.float32) / 255.0)[..., None]
-    return (gray * (1 - alpha) + colour * alpha).astype(np.uint8)
 
 
 def figures(

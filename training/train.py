@@ -31,15 +31,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.dataset import DataError, Dataset, discover, subset
 from engine.model import build_model, model_from_state
 from engine.preprocess import Preprocessor
+from engine.split import Split, make_kfold, make_split
 from training.augment import augment
 from training.calibrate import calibrate
 from training.config import TrainConfig
-from training.data import DataError, Dataset, discover, subset
 from training.images import Images, load_images, normalised
 from training.metrics import auroc
-from training.split import Split, make_kfold, make_split
 
 CONFIG, SPLIT, METRICS, LAST, BEST, RUN = (
     "config.json",

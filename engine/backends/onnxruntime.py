@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine.backend import Backend, BackendError
-from engine.package import ModelPackage
+from engine.package import ModelPackage, PackageError, verify_variant_file
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
@@ -64,9 +64,10 @@ class OnnxRuntimeBackend(Backend):
         path = self.package.directory / self._model_file
         if path.name == self.package.onnx_path.name:
             return path  # verified by load_package
-        from engine.quantize import verify_variant_file
-
-        verify_variant_file(self.package, path)
+        try:
+            verify_variant_file(self.package, path)
+        except PackageError as exc:
+            raise BackendError(str(exc)) from None
         return path
 
     def _open(self) -> None:

@@ -34,11 +34,11 @@ def _cuda_devices() -> int:
 if _cuda_devices() == 0:
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from daemon.cli import main  # noqa: E402
 from engine.backend import create_backend  # noqa: E402
 from engine.package import load_package  # noqa: E402
 from engine.parity import compare, list_images, preprocess_images  # noqa: E402
 from engine.trt_build import EngineCache, EngineKeyMismatch  # noqa: E402
+from inspectd.cli import main  # noqa: E402
 from tests.helpers import drawn_image, tiny_package  # noqa: E402
 
 SIZE = (256, 256)

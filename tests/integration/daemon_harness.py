@@ -33,7 +33,7 @@ EPHEMERAL = "tcp://127.0.0.1:*"
 # -- model and images -----------------------------------------------------------------------------------
 def synth_images(n: int, size: int = 128, seed: int = 0, ng_every: int = 3) -> list[tuple[np.ndarray, str]]:
     """n synthetic screws (uint8 gray) with labels; every ``ng_every``-th is NG with a cycling defect."""
-    from engine.synth import DEFECT_TYPES, render_screw
+    from tools.synth import DEFECT_TYPES, render_screw
 
     out = []
     for i in range(n):

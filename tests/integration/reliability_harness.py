@@ -81,7 +81,7 @@ class DaemonProcess:
     def __enter__(self) -> DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTD_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", "inspectd.cli", "serve", "--config", str(self.config)],
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,

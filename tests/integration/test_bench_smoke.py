@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
+from inspectd.cli import main
 from tests.helpers import tiny_package
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.commands import watch
 from engine.package import ModelPackage, load_package
+from inspectd.cli import main
 from tests.helpers import tiny_package
 from tests.integration.daemon_harness import VerdictCollector, daemon_settings, running_app
+from tools.commands import watch
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_camera_synth_and_watch(package: ModelPackage) -> None:
 
 @pytest.mark.timeout(60)
 def test_camera_from_a_folder_as_png(package: ModelPackage, tmp_path: Path) -> None:
-    from engine.synth import write_dataset
+    from tools.synth import write_dataset
 
     write_dataset(tmp_path / "ds", n_ok=2, n_ng=2, seed=0, size=96)
     settings = daemon_settings(package.directory)

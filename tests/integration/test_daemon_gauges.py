@@ -12,9 +12,9 @@ import pytest
 from engine.gauges import GaugeSet, learn_bands
 from engine.package import Decision, ModelPackage, load_package, write_meta
 from engine.pose import PoseParams, estimate_pose
-from engine.synth import render_screw
 from tests.helpers import tiny_package
 from tests.integration.daemon_harness import CameraPusher, VerdictCollector, daemon_settings, running_app
+from tools.synth import render_screw
 
 pytestmark = pytest.mark.integration
 

@@ -58,7 +58,7 @@ batch_lines = false
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTD_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "inspectd.cli", "serve", "--config", str(cfg)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

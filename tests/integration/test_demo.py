@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
 from engine.package import load_package
+from inspectd.cli import main
 
 pytest.importorskip("torch")  # the demo trains; the train extra must be installed
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]

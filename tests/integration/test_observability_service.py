@@ -151,7 +151,7 @@ def test_example_config_passes_check_config(tmp_path: Path) -> None:
     # The example must be valid for `inspectd check-config`, which also loads the model package it names;
     # --model points that at a real package here, everything else is the file as shipped.
     tiny_package(tmp_path / "model")
-    cmd = [sys.executable, "-m", "daemon.cli", "check-config", "--config", str(EXAMPLE_TOML)]
+    cmd = [sys.executable, "-m", "inspectd.cli", "check-config", "--config", str(EXAMPLE_TOML)]
     out = subprocess.run(
         [*cmd, "--model", str(tmp_path / "model")], capture_output=True, text=True, timeout=50
     )
@@ -176,7 +176,7 @@ def test_config_error_exits_with_the_status_the_unit_does_not_restart(tmp_path: 
     typo = EXAMPLE_TOML.read_text(encoding="utf-8").replace("\nport = 9108", "\nprot = 9108")
     bad.write_text(typo, encoding="utf-8")
     out = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "serve", "--config", str(bad)],
+        [sys.executable, "-m", "inspectd.cli", "serve", "--config", str(bad)],
         capture_output=True,
         text=True,
         timeout=50,

@@ -21,7 +21,6 @@ import pytest
 import zmq
 from structlog.testing import capture_logs
 
-from daemon.commands.watch import GapDetector
 from daemon.settings import PublisherSettings
 from daemon.wire import camera_message
 from engine.package import load_package
@@ -29,6 +28,7 @@ from tests.helpers import tiny_package
 from tests.hostile_inputs import encode
 from tests.integration.daemon_harness import CameraPusher, VerdictCollector, daemon_settings, running_app
 from tests.integration.reliability_harness import DaemonProcess, free_port
+from tools.commands.watch import GapDetector
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20

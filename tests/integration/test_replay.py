@@ -16,12 +16,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from daemon.cli import main
-from daemon.replay import replay_settings, select
-from daemon.replay import run as run_replay
 from engine.package import Decision, ModelPackage, load_package, write_meta
-from engine.synth import write_dataset
+from inspectd.cli import main
+from replay.runner import replay_settings
+from replay.runner import run as run_replay
+from replay.selection import select
 from tests.integration.daemon_harness import calibrated_package, daemon_settings, offline_scores
+from tools.synth import write_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parents[2]
@@ -217,11 +218,11 @@ def test_replay_never_imports_torch(package: ModelPackage, data: Path, tmp_path:
     """The QA command reads ground truth with training's dataset code: that must stay torch-free."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from daemon.cli import main\n"
+        "from inspectd.cli import main\n"
         f"rc = main(['replay', {str(data)!r}, '--model', {str(package.directory)!r}, '--out', "
         f"{str(tmp_path / 'r')!r}, '--no-progress', '--max-latency-ms', '5000'])\n"
         "assert rc == 0, rc\n"
-        "assert 'training.data' in sys.modules and 'training.report' in sys.modules\n"
+        "assert 'engine.dataset' in sys.modules and 'training.report' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=100)
 

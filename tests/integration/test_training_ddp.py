@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from engine.synth import write_dataset
+from tools.synth import write_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -30,7 +30,7 @@ def test_torchrun_two_processes_train_one_run(tmp_path: Path) -> None:
         "--nproc_per_node",
         "2",
         "-m",
-        "daemon.cli",
+        "inspectd.cli",
         "train",
         "--data",
         str(tmp_path / "data"),

@@ -11,14 +11,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from daemon.cli import main  # noqa: E402
 from engine.backend import create_backend, sigmoid  # noqa: E402
+from engine.dataset import discover, subset  # noqa: E402
 from engine.package import ModelPackage, load_package  # noqa: E402
 from engine.preprocess import Preprocessor  # noqa: E402
-from engine.synth import write_dataset  # noqa: E402
-from training.data import discover, subset  # noqa: E402
+from engine.split import Split  # noqa: E402
+from inspectd.cli import main  # noqa: E402
+from tools.synth import write_dataset  # noqa: E402
 from training.images import load_images, normalised  # noqa: E402
-from training.split import Split  # noqa: E402
 from training.train import load_run_model  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from daemon.cli import main
 from engine.package import load_package
+from inspectd.cli import main
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon.cli import main
 from engine.backend import BackendError, create_backend
 from engine.package import Decision, load_package
 from engine.parity import Tolerance, compare, list_images, stratified_sample, verdicts
-from engine.quantize import QuantizeRefused, QuantizeSettings, quantize_package, variant_record
+from engine.quantize import QuantizeRefused, QuantizeSettings, quantize_package
+from inspectd.cli import main
 from tests.helpers import drawn_image, tiny_package
 
 SIZE = (48, 48)
@@ -62,7 +62,7 @@ def test_quantize_writes_records_and_serves_int8(setup) -> None:  # type: ignore
     )
     assert result.path == pkg_dir / "model.int8.onnx" and result.comparison.flips == 0
     pkg = load_package(pkg_dir)  # model.json rewritten, still a valid package
-    rec = variant_record(pkg.meta, "int8")
+    rec = pkg.meta.variant("int8")
     assert rec is not None and rec["file"] == "model.int8.onnx"
     assert rec["source_onnx_sha256"] == pkg.meta.onnx_sha256
     assert rec["quantization"]["per_channel"] is True and rec["quantization"]["reduce_range"] is True
@@ -209,6 +209,6 @@ def test_quantize_cli_calibrates_on_another_folder(
     assert main(["quantize", str(pkg_dir), "--data", str(data), "--calib-data", str(calib_dir.parent)]) == 0
     out = capsys.readouterr().out
     assert "calibrated on 5 images; on 18 validation images" in out  # every image of --data validates
-    rec = variant_record(load_package(pkg_dir).meta, "int8")
+    rec = load_package(pkg_dir).meta.variant("int8")
     assert rec is not None and rec["agreement"]["n"] == 18
     assert rec["calibration"] == {**rec["calibration"], "n_images": 5, "data": str(calib_dir.parent)}

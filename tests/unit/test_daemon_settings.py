@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
 from daemon.settings import Backpressure, ConfigError, Settings, load_settings, to_toml
+from inspectd.cli import main
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from daemon.commands.watch import GapDetector
+from tools.commands.watch import GapDetector
 
 
 def v(seq: int, boot: str = "b1") -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""engine.gauges and ``inspectd calibrate-gauges`` on synthetic screws (engine.synth) and hand-made measurements."""
+"""engine.gauges and ``inspectd calibrate-gauges`` on synthetic screws (tools.synth) and hand-made measurements."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from engine.gauges import (
     pose_mismatch,
 )
 from engine.pose import Measurements, PoseParams, estimate_pose
-from engine.synth import image_seed, render_screw, write_dataset
+from tools.synth import image_seed, render_screw, write_dataset
 
 N_OK, N_SHORT = 40, 10
 
@@ -253,8 +253,8 @@ def package(tmp_path: Path) -> Path:
 def test_cli_writes_gauges_into_model_json(
     screws: Path, package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from daemon.cli import main
     from engine.package import load_package
+    from inspectd.cli import main
 
     before = load_package(package).meta
     figure = tmp_path / "gauges.png"
@@ -289,8 +289,8 @@ def test_cli_writes_gauges_into_model_json(
 def test_cli_chosen_bands_dry_run_and_package_pose(
     screws: Path, package: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from daemon.cli import main
     from engine.package import load_package, write_meta
+    from inspectd.cli import main
 
     # A model that crops by pose: the gauges must be measured with its pose parameters, and say so.
     meta = load_package(package).meta
@@ -329,7 +329,7 @@ def test_cli_chosen_bands_dry_run_and_package_pose(
 def test_cli_refuses_too_few_ok_images(
     screws: Path, package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from daemon.cli import main
+    from inspectd.cli import main
 
     few = tmp_path / "few"
     shutil.copytree(screws, few)
@@ -349,7 +349,7 @@ def test_cli_refuses_too_few_ok_images(
 def test_cli_refuses_a_package_whose_onnx_was_swapped(
     screws: Path, package: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from daemon.cli import main
+    from inspectd.cli import main
 
     with open(package / "model.onnx", "ab") as fh:
         fh.write(b"\0")

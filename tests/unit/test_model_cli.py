@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import COMMANDS, main
+from inspectd.cli import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_daemon_and_engine_import_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None; "
-        "import daemon, daemon.cli, engine, engine.preprocess, engine.package, engine.backend, engine.model; "
+        "import daemon, inspectd.cli, engine, engine.preprocess, engine.package, engine.backend, engine.model; "
         "assert 'training' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -263,7 +263,7 @@ def test_pose_to_dict_is_json() -> None:
 
 
 def test_on_engine_synth_if_present() -> None:
-    synth = pytest.importorskip("engine.synth")
+    synth = pytest.importorskip("tools.synth")
     for seed in range(6):
         img, meta = synth.render_screw(seed)
         pose = estimate_pose(img)

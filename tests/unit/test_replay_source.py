@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from daemon.settings import Backpressure
-from daemon.sources.replay import ReplayItem, ReplaySource
 from daemon.types import Frame, Outcome, Reason, Verdict
+from replay.source import ReplayItem, ReplaySource
 
 pytestmark = pytest.mark.timeout(30)
 

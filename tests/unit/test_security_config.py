@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
-from daemon.cli import main
 from daemon.security import SecurityError, generate_keys, is_loopback, load_secret_key
 from daemon.settings import ConfigError, Settings, load_settings
+from inspectd.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""engine.synth: deterministic synthetic screws whose classes differ by the defect, not by a global statistic."""
+"""tools.synth: deterministic synthetic screws whose classes differ by the defect, not by a global statistic."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.synth import DEFECT_TYPES, contact_sheet, image_seed, render_screw, write_dataset
+from tools.synth import DEFECT_TYPES, contact_sheet, image_seed, render_screw, write_dataset
 
 
 def silhouette_length(img: np.ndarray) -> float:

@@ -8,11 +8,11 @@ from pathlib import Path
 import cv2
 import pytest
 
-from daemon.cli import main
 from engine.backend import create_backend
 from engine.package import load_package
 from engine.parity import list_images, preprocess_images, verdicts
 from engine.trt_build import EngineCache
+from inspectd.cli import main
 from tests.helpers import drawn_image, tiny_package
 from tests.unit import fake_cudart, fake_tensorrt
 

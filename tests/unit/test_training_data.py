@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from training.data import DataError, defect_type_from_name, discover, subset
-from training.split import Split, allocate, make_kfold, make_split
+from engine.dataset import DataError, defect_type_from_name, discover, subset
+from engine.split import Split, allocate, make_kfold, make_split
 
 
 def _png(path: Path, value: int = 128) -> None:

@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("torch")
 
+from engine.dataset import DataError, discover
+from engine.split import Split, make_split
 from training.config import TrainConfig
-from training.data import DataError, discover
 from training.kfold import summarise
-from training.split import Split, make_split
 from training.train import SPLIT, resolve_split, resume_config
 
 

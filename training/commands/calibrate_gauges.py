@@ -106,8 +106,8 @@ class Measured:
 
 def measure(data: Path, params: PoseParams) -> Measured:
     """Measure every image of the dataset; unreadable images and pose failures are collected, not raised."""
+    from engine.dataset import discover
     from engine.preprocess import DecodeError, load_gray
-    from training.data import discover
 
     ds = discover(data, check_readable=False)  # every image is decoded below anyway
     ok: list[Measurements] = []
@@ -179,8 +179,8 @@ def report(
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.dataset import DataError
     from engine.package import PackageError, load_package, sha256_file, write_meta
-    from training.data import DataError
 
     def fail(msg: str) -> int:
         print(f"inspectd calibrate-gauges: {msg}", file=sys.stderr)

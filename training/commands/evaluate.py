@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.data import DataError
+    from engine.dataset import DataError
     from training.evaluate import evaluate
 
     try:

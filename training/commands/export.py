@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.data import DataError
+    from engine.dataset import DataError
     from training.export import ExportError
     from training.package import export_run
 

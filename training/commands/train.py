@@ -107,7 +107,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.data import DataError
+    from engine.dataset import DataError
     from training.train import train
 
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from training.data import DataError, Sample
+from engine.dataset import DataError, Sample
 
 SPLIT_VERSION = 1
 PARTS = ("train", "val", "test")

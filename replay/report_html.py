@@ -2,7 +2,7 @@
 self-contained ``report.html`` (images embedded), laid out like ``inspectd evaluate``'s report.
 
 Figures are drawn with OpenCV, not matplotlib: replay runs where the daemon runs, and matplotlib is only in the
-``train`` extra. Heatmaps reuse training's overlay (torch-free) on the class-activation map that the package's
+``train`` extra. Heatmaps are :func:`engine.heatmap.overlay` on the class-activation map that the package's
 second ONNX output (``heatmap_output``) gives, computed for the misclassified files only.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from engine.heatmap import overlay
 from engine.package import ModelPackage
 from engine.preprocess import DecodeError, Preprocessor, load_gray
 
@@ -68,9 +69,6 @@ def heatmaps(
 ) -> dict[str, str]:
     """file → PNG (relative to ``out``): what the network saw, with the NG evidence (CAM) over it when the
     package exports one. Only for ``records`` (the misclassified), at most ``limit``."""
-    from daemon.replay import training_module
-
-    overlay = training_module("report").overlay  # numpy + OpenCV only (torch-free; checked by a test)
     meta = package.meta
     pre = Preprocessor(meta.preprocess)
     session = _session(package)

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.synth import write_dataset
+    from tools.synth import write_dataset
 
     if args.ok < 0 or args.ng < 0 or args.ok + args.ng == 0:
         raise SystemExit("inspectd synth: --ok and --ng must be ≥ 0 and not both 0")

@@ -28,7 +28,7 @@ def _rate(text: str) -> float | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from daemon.replay_report import GATES
+    from replay.report import GATES
 
     parser.add_argument(
         "data",
@@ -87,11 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.replay import ReplayError, replay_settings, select
-    from daemon.replay import run as run_replay
-    from daemon.replay_report import load_report
     from daemon.settings import ConfigError, load_settings
     from engine.package import PackageError, load_package
+    from replay import ReplayError
+    from replay.report import load_report
+    from replay.runner import replay_settings
+    from replay.runner import run as run_replay
+    from replay.selection import select
 
     overrides: dict[str, Any] = {"model": {"path": str(args.model)}, "logging": {"level": args.log_level}}
     if args.max_latency_ms is not None:
@@ -128,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
         print("inspectd replay: interrupted; no report written", file=sys.stderr)
         return 130
     bar.close()
-    from daemon.replay_output import build_report
-    from daemon.replay_report import GATES
+    from replay.output import build_report
+    from replay.report import GATES
 
     gates = {flag: getattr(args, flag) for flag in GATES}
     report = build_report(

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import cv2
 
+# The one table of what an image file and a class folder are called: training, replay, the bench, the parity
+# checks and the simulated camera all read labelled folders through this module.
 IMAGE_SUFFIXES = frozenset({".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".pgm"})
+CLASS_NAMES = ("OK", "NG")  # label 0, label 1: the names on the camera wire, in reports and in labels.csv
 OK_NAMES = frozenset({"ok", "good", "pass", "passed", "okay", "normal"})
 NG_NAMES = frozenset(
     {"ng", "not-good", "not_good", "notgood", "nok", "bad", "defect", "defective", "fail", "failed", "reject"}
@@ -101,8 +104,20 @@ def discover(root: str | Path, *, check_readable: bool = True) -> Dataset:
     return _checked(ds, check_readable)
 
 
-def _images(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursive), sorted."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def label_from_folders(parts: Iterable[str]) -> str | None:
+    """ "OK" or "NG" from the nearest class-folder name among ``parts`` (a relative path's folders, outermost
+    first: ``("good",)``, ``("not-good", "scratch_head")``), else None."""
+    for name in reversed([p.lower() for p in parts]):
+        if name in OK_NAMES:
+            return CLASS_NAMES[0]
+        if name in NG_NAMES:
+            return CLASS_NAMES[1]
+    return None
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -130,11 +145,11 @@ def _from_folders(root: Path) -> Dataset:
         )
     samples: list[Sample] = []
     for d in ok:
-        samples += [Sample(_rel(p, root), 0, "") for p in _images(d)]
+        samples += [Sample(_rel(p, root), 0, "") for p in image_files(d)]
     for d in ng:
-        samples += [_ng_sample(p, root, d) for p in _images(d)]
+        samples += [_ng_sample(p, root, d) for p in image_files(d)]
     for d in ok + ng:
-        if not _images(d):
+        if not image_files(d):
             raise DataError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return Dataset(root, "folders", tuple(samples))
 
@@ -142,12 +157,14 @@ def _from_folders(root: Path) -> Dataset:
 def _from_mvtec(root: Path) -> Dataset:
     """MVTec AD: train/good and test/good are OK, test/<defect>/ are NG of that type; ground_truth/ is ignored.
 
-    All images are pooled and re-split by :mod:`training.split` (MVTec's own train split holds no NG parts).
+    All images are pooled and re-split by :mod:`engine.split` (MVTec's own train split holds no NG parts).
     """
-    samples = [Sample(_rel(p, root), 0, "") for p in _images(root / "train" / "good")]
+    samples = [Sample(_rel(p, root), 0, "") for p in image_files(root / "train" / "good")]
     for d in sorted(x for x in (root / "test").iterdir() if x.is_dir()):
         label = 0 if d.name.lower() in OK_NAMES else 1
-        samples += [Sample(_rel(p, root), label, "" if label == 0 else d.name.lower()) for p in _images(d)]
+        samples += [
+            Sample(_rel(p, root), label, "" if label == 0 else d.name.lower()) for p in image_files(d)
+        ]
     return Dataset(root, "mvtec", tuple(samples))
 
 

@@ -1,27 +1,24 @@
 """Replay: every image of a labelled folder through the daemon's own pipeline, verdicts collected for a report.
 
 Nothing here scores images itself. The images enter the real :class:`~daemon.app.App` through a
-:class:`~daemon.sources.replay.ReplaySource` (source → decode/preprocess pool → micro-batcher → backend →
+:class:`~replay.source.ReplaySource` (source → decode/preprocess pool → micro-batcher → backend →
 decision → ledger → publisher), built from the same settings file the station runs (``--config``) with only
 what a replay must not share with a running daemon changed: an ephemeral verdict endpoint, no camera/folder
 sources, no audit archive, metrics off unless asked for. Verdicts are collected twice: by an in-process
 listener (which sees the ground truth and the stage timings) and by a real ZeroMQ subscriber, which checks that
 what went out on the wire is complete and gapless.
 
-The ground truth comes from training's dataset discovery (class folders, MVTec layout, labels CSV), imported
-here and only here: ``training.data`` and ``training.split`` import numpy and OpenCV, never torch (a test
-keeps it that way), and ``inspectd serve`` never imports this module.
+What to replay, with its ground truth, is :mod:`replay.selection`'s; ``inspectd serve`` never imports this
+package (an import-graph contract in ``make lint``).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -29,132 +26,9 @@ from prometheus_client import CollectorRegistry
 
 from daemon.app import App
 from daemon.settings import SecuritySettings, Settings
-from daemon.sources.replay import ReplayItem, ReplaySource
 from daemon.types import Frame, Verdict
-from engine.package import ModelPackage
-
-LABELS = ("OK", "NG")
-
-
-class ReplayError(ValueError):
-    """The replay cannot run as asked (data, split, model); the message says what to fix."""
-
-
-def training_module(name: str) -> Any:
-    """``training.<name>``, imported at call time. Only its torch-free modules are used (data, split, report).
-
-    Through ``importlib`` so that mypy, which checks daemon/ and engine/ only, does not follow into training's
-    code and report its findings as ours.
-    """
-    return importlib.import_module(f"training.{name}")
-
-
-# -- what to replay ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Selection:
-    root: Path
-    layout: str  # folders | mvtec | csv | unlabelled
-    part: str  # all | train | val | test
-    items: list[ReplayItem]
-    notes: list[str] = field(default_factory=list)
-
-
-def select(
-    data: Path,
-    *,
-    labels: Path | None = None,
-    part: str = "all",
-    split_file: Path | None = None,
-    package: ModelPackage | None = None,
-) -> Selection:
-    """The images to replay, with their ground truth, in a stable order (sorted by relative path)."""
-    td, ts = training_module("data"), training_module("split")
-    source = _source(data, labels)
-    notes: list[str] = []
-    try:
-        ds = td.discover(source, check_readable=False)  # unreadable files are replayed: decode_error REJECTs
-    except td.DataError as exc:
-        if source.is_file() or not source.is_dir() or part != "all":
-            raise ReplayError(str(exc)) from None
-        notes.append(f"not a labelled dataset ({exc}); labels from class-folder names where there are any")
-        return Selection(source, "unlabelled", part, _loose(source), notes)
-
-    split: Any = None
-    try:
-        if split_file is not None:
-            split = ts.Split.load(split_file)
-        elif package is not None and package.meta.training.get("split"):
-            split = ts.Split.from_dict(package.meta.training["split"])
-    except td.DataError as exc:
-        raise ReplayError(str(exc)) from None
-    if part == "all":
-        samples = sorted(ds.samples, key=lambda s: s.path)
-    else:
-        if split is None:
-            raise ReplayError(
-                f"--split {part}: the model package records no split; pass --split-file SPLIT_JSON or --split all"
-            )
-        try:
-            samples = td.subset(ds, split.part(part))
-        except td.DataError as exc:
-            raise ReplayError(str(exc)) from None
-        samples = sorted(samples, key=lambda s: s.path)
-        if split.data_hash and split.data_hash != ds.content_hash():
-            notes.append(
-                f"{ds.root} differs from the data the split was made on (content hash): some files changed"
-            )
-    items = [
-        ReplayItem(
-            path=ds.abspath(s),
-            frame_id=s.path,
-            label=LABELS[s.label],
-            defect_type=(s.defect_type or "ng") if s.label else None,
-        )
-        for s in samples
-    ]
-    if not items:
-        raise ReplayError(f"nothing to replay: the {part} part of the split is empty")
-    if part == "all" and split is not None:  # say so when "everything" includes what the model learnt from
-        seen = set(split.train) | set(split.val)
-        overlap = sum(1 for i in items if i.frame_id in seen)
-        if overlap:
-            notes.append(
-                f"{overlap} of these {len(items)} images are in the model's train/val split; "
-                "use --split test for the held-out images only"
-            )
-    return Selection(ds.root, ds.layout, part, items, notes)
-
-
-def _source(data: Path, labels: Path | None) -> Path:
-    if labels is None:
-        return data
-    if not labels.is_file():
-        raise ReplayError(f"--labels {labels}: no such file")
-    if data.is_dir() and labels.resolve().parent != data.resolve():
-        raise ReplayError(
-            f"--labels {labels}: a labels CSV names its images relative to its own folder (as for training); "
-            f"put it in {data} or pass the CSV in place of the folder"
-        )
-    return labels
-
-
-def _loose(root: Path) -> list[ReplayItem]:
-    """Every image under ``root``; the label from the nearest class-folder name above it (OK/good…, NG/bad…)."""
-    data_mod = training_module("data")
-    ok_names, ng_names, suffixes = data_mod.OK_NAMES, data_mod.NG_NAMES, data_mod.IMAGE_SUFFIXES
-    items = []
-    for p in sorted(x for x in root.rglob("*") if x.is_file() and x.suffix.lower() in suffixes):
-        rel = p.relative_to(root)
-        label = None
-        for parent in reversed(rel.parts[:-1]):
-            if parent.lower() in ok_names | ng_names:
-                label = "OK" if parent.lower() in ok_names else "NG"
-                break
-        kind = (data_mod.defect_type_from_name(p.stem) or "ng") if label == "NG" else None
-        items.append(ReplayItem(p, rel.as_posix(), label, kind))
-    if not items:
-        raise ReplayError(f"no images under {root} ({', '.join(sorted(suffixes))})")
-    return items
+from replay import ReplayError
+from replay.source import ReplayItem, ReplaySource
 
 
 # -- collecting verdicts -----------------------------------------------------------------------------------

@@ -19,9 +19,8 @@ import numpy as np
 import zmq
 
 from daemon.wire import camera_message
+from engine.dataset import image_files, label_from_folders
 from engine.preprocess import load_gray
-
-IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +32,7 @@ class SimFrame:
 
 def synth_pool(n: int, *, size: int = 1024, seed: int = 0, ng_fraction: float = 0.3) -> list[SimFrame]:
     """n rendered screws; about ``ng_fraction`` of them NG, cycling through the defect types."""
-    from engine.synth import DEFECT_TYPES, render_screw  # numpy + OpenCV only
+    from tools.synth import DEFECT_TYPES, render_screw  # numpy + OpenCV only
 
     rng = np.random.default_rng(seed)
     frames = []
@@ -52,24 +51,15 @@ def folder_pool(directory: Path, limit: int | None = None) -> list[SimFrame]:
     if csv_path.is_file():
         with open(csv_path, newline="") as fh:
             labels = {row["file"]: row["label"] for row in csv.DictReader(fh)}
-    paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = image_files(directory)
     if not paths:
         raise FileNotFoundError(f"no images under {directory}")
     frames = []
     for p in paths[:limit]:
         rel = p.relative_to(directory).as_posix()
-        label = labels.get(rel) or _label_from_parent(p.parent.name)
+        label = labels.get(rel) or label_from_folders(p.relative_to(directory).parts[:-1])
         frames.append(SimFrame(p.stem, load_gray(str(p)), label))
     return frames
-
-
-def _label_from_parent(name: str) -> str | None:
-    n = name.lower()
-    if n in ("ok", "good", "pass"):
-        return "OK"
-    if n in ("ng", "bad", "defect", "reject"):
-        return "NG"
-    return None
 
 
 def encode_frames(frames: list[SimFrame], encoding: str) -> list[tuple[SimFrame, np.ndarray | bytes]]:

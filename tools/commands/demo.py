@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.demo import (
+    from engine.package import load_package
+    from tools.demo import (
         Camera,
         DemoConfig,
         DemoError,
@@ -66,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
         start_daemon,
         synthetic_data,
     )
-    from daemon.demo_view import LiveView, Tally, summary
-    from engine.package import load_package
+    from tools.demo_view import LiveView, Tally, summary
 
     t_start = time.monotonic()
     out = sys.stdout
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _model_info(meta: ModelMeta, real: Path | None) -> dict[str, Any]:
-    from daemon.demo import PRODUCTION_INPUT
+    from tools.demo import PRODUCTION_INPUT
 
     h, w = meta.preprocess.input_size
     counts = meta.training.get("counts", {})

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.replay import RunResult, Selection
-from daemon.replay_html import confusion_png, heatmaps, write_html
-from daemon.replay_report import REPORT_JSON, REPORT_VERSION, check_gates, compare, summarise
 from daemon.settings import Settings
 from engine.package import ModelMeta, ModelPackage
+from replay.report import REPORT_JSON, REPORT_VERSION, check_gates, compare, summarise
+from replay.report_html import confusion_png, heatmaps, write_html
+from replay.runner import RunResult
+from replay.selection import Selection
 
 
 def _version() -> str:

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.camera_sim import CameraSim, folder_pool, synth_pool
+    from tools.camera_sim import CameraSim, folder_pool, synth_pool
 
     if args.count is not None and args.count < 1:
         raise SystemExit("inspectd camera: --count must be ≥ 1")

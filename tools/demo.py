@@ -31,8 +31,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from daemon.app import App
-from daemon.camera_sim import CameraSim, SimFrame, synth_pool
 from daemon.settings import Settings
+from tools.camera_sim import CameraSim, SimFrame, synth_pool
 
 Say = Callable[[str], None]
 PRODUCTION_INPUT = (160, 500)  # the default preset's input size (training.config.PATCH)
@@ -77,7 +77,7 @@ def find_real_data() -> Path | None:
 
 # -- step 1: data ------------------------------------------------------------------------------------------
 def synthetic_data(cfg: DemoConfig, say: Say) -> Path:
-    from engine.synth import write_dataset  # numpy + OpenCV
+    from tools.synth import write_dataset  # numpy + OpenCV
 
     out = cfg.workdir / f"synth-{cfg.n_ok}ok-{cfg.n_ng}ng-s{cfg.seed}"
     done = out / ".complete"
@@ -139,7 +139,7 @@ def model_package(cfg: DemoConfig, data: Path, say: Say) -> Path:
 def _inspectd(argv: list[str], say: Say, log_path: Path) -> None:
     """Run ``inspectd ARGV`` in a subprocess, echoing the command and streaming its output, indented."""
     say("$ inspectd " + " ".join(argv))
-    cmd = [sys.executable, "-m", "daemon.cli", *argv]
+    cmd = [sys.executable, "-m", "inspectd.cli", *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -187,9 +187,9 @@ def camera_frames(cfg: DemoConfig, data: Path | None, package: Path, say: Say) -
     if data is None:
         say(f"rendering {cfg.pool} new synthetic screws for the camera (not in the training set)")
         return synth_pool(cfg.pool, size=1024, seed=cfg.seed + 1000)
-    from daemon.replay import select  # training's dataset discovery (torch-free) for the labels
     from engine.package import load_package
     from engine.preprocess import load_gray
+    from replay.selection import select  # ground truth for the labels
 
     sel = select(data, part="test", package=load_package(package))
     say(f"camera: the {len(sel.items)} held-out test images of {data}, cycled")

@@ -1,8 +1,9 @@
-"""``inspectd`` — one console script, one subcommand per module.
+"""``inspectd`` — the product's verb table: it parses the verb and dispatches, nothing else.
 
-Only the chosen subcommand's module is imported, so ``inspectd serve`` never imports training code or
-torch, and ``inspectd --help`` starts instantly. Each command module provides ``add_arguments(parser)`` and
-``run(args) -> int``; its docstring's first line is its help.
+Each verb lives with the part it belongs to (``daemon.commands``, ``tools.commands``, ``replay.command``,
+``training.commands``, ``engine.commands``, ``bench.command``) and provides ``add_arguments(parser)`` and
+``run(args) -> int``. Only the chosen verb's module is imported, so ``inspectd serve`` never imports training
+code or torch, and ``inspectd --help`` starts instantly.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("daemon.commands.serve", "run the inspection daemon"),
     "check-config": ("daemon.commands.check_config", "validate the configuration and print it"),
-    "camera": ("daemon.commands.camera", "simulated camera: push frames to the daemon"),
-    "watch": ("daemon.commands.watch", "print verdicts live and report gaps"),
+    "camera": ("tools.commands.camera", "simulated camera: push frames to the daemon"),
+    "watch": ("tools.commands.watch", "print verdicts live and report gaps"),
     "keys": ("daemon.commands.keys", "generate CURVE key pairs for the daemon, cameras and subscribers"),
     "replay": (
-        "daemon.commands.replay",
+        "replay.command",
         "replay a labelled folder through the daemon's pipeline: report, compare, CI gates",
     ),
-    "demo": ("daemon.commands.demo", "synth → train → export → serve → simulated camera, with a live view"),
-    "synth": ("engine.commands.synth", "generate labelled synthetic screw images"),
+    "demo": ("tools.commands.demo", "synth → train → export → serve → simulated camera, with a live view"),
+    "synth": ("tools.commands.synth", "generate labelled synthetic screw images"),
     "train": (
         "training.commands.train",
         "train the screw model (patch memory, or a ResNet18) into a run directory",
