@@ -280,11 +280,13 @@ class Settings(BaseSettings):
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE.get())
 
 
-def _deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, section by section (nested mappings merged, other values replaced);
+    neither argument is changed. The one merge of configuration layers: CLI overrides, tests, the bench."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
+            out[key] = deep_update(out[key], value)
         else:
             out[key] = value
     return out
@@ -309,7 +311,7 @@ def load_settings(config: Path | None = None, overrides: Mapping[str, Any] | Non
             raise ConfigError(f"{path}: {exc}") from None
     token = _TOML_FILE.set(path)
     try:
-        return Settings(**_deep_update({}, overrides or {}))
+        return Settings(**deep_update({}, overrides or {}))
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, path)) from None
     finally:
