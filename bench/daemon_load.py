@@ -29,10 +29,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from bench.daemon_proc import DaemonProcess
+from daemon.sequence import SequenceTracker
 from daemon.wire import camera_message
+from engine.stats import percentiles
+from tools.daemon_process import DaemonProcess
 
 INSPECTED = frozenset({"model", "grey_zone", "out_of_tolerance"})
+PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "n")  # latency_ms and daemon_latency_ms in bench.json
 Payload = np.ndarray | bytes
 
 
@@ -61,7 +64,7 @@ class LoadClient:
         self._lock = threading.Lock()
         self._heartbeat = threading.Event()
         self._stop = threading.Event()
-        self._seq_gaps = 0
+        self._sequence = SequenceTracker()  # the receive thread's alone
         self._thread = threading.Thread(target=self._receive, name="bench-sub", daemon=True)
 
     def __enter__(self) -> LoadClient:
@@ -82,7 +85,6 @@ class LoadClient:
         sock.setsockopt(zmq.RCVHWM, 0)  # never drop a verdict on our side
         sock.setsockopt(zmq.SUBSCRIBE, self._line.encode())
         sock.connect(self._endpoint)
-        last_seq = None
         try:
             while not self._stop.is_set():
                 if not sock.poll(50):
@@ -90,12 +92,10 @@ class LoadClient:
                 _, payload = sock.recv_multipart()
                 t = time.monotonic()
                 msg = json.loads(payload)
+                self._sequence.feed(msg)
                 if msg["type"] != "verdict":
                     self._heartbeat.set()
                     continue
-                if last_seq is not None and msg["seq"] != last_seq + 1:
-                    self._seq_gaps += 1
-                last_seq = msg["seq"]
                 with self._lock:
                     phase = self._phase
                 if phase is None or not msg["frame_id"].startswith(phase.prefix):
@@ -243,7 +243,8 @@ class LoadClient:
 
     @property
     def seq_gaps(self) -> int:
-        return self._seq_gaps
+        """Holes in the verdicts' ``seq`` (each a run of lost verdicts), by :class:`SequenceTracker`'s rule."""
+        return len(self._sequence.gaps)
 
 
 def _little(phase: _Phase, now: float, w: float, target_s: float, max_window: int) -> float:
@@ -268,20 +269,6 @@ def _summary(phase: _Phase, encoding: str) -> dict[str, Any]:
         "reasons": dict(sorted(reasons.items())),
         "deadline_misses": reasons.get("deadline", 0),
         "overload": reasons.get("overload", 0),
-        "latency_ms": percentiles(latencies),
-        "daemon_latency_ms": percentiles(list(phase.daemon_ms.values())),
-    }
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "max": None, "n": 0}
-    a = np.asarray(values, dtype=np.float64)
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {
-        "p50": round(float(p50), 2),
-        "p95": round(float(p95), 2),
-        "p99": round(float(p99), 2),
-        "max": round(float(a.max()), 2),
-        "n": int(a.size),
+        "latency_ms": percentiles(latencies, PERCENTILE_KEYS, digits=2),
+        "daemon_latency_ms": percentiles(phase.daemon_ms.values(), PERCENTILE_KEYS, digits=2),
     }

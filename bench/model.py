@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from engine.backends.torch import STATE_DICT_NAME
 from engine.package import Decision, ModelPackage, load_package
 from engine.preprocess import Preprocessor, PreprocessParams
 
 GENERATED_NAME = "bench-resnet18"
-STATE_DICT = "model.pt"  # engine.backends.torch's file name for the weights beside model.onnx
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ def generated_package(cache: Path, params: PreprocessParams | None = None, *, se
     params = params or PreprocessParams()
     key = hashlib.sha256(json.dumps({**params.to_dict(), "seed": seed}, sort_keys=True).encode()).hexdigest()
     out = cache / f"{GENERATED_NAME}-{key[:10]}"
-    if (out / "model.json").is_file() and (out / STATE_DICT).is_file():
+    if (out / "model.json").is_file() and (out / STATE_DICT_NAME).is_file():
         return load_package(out)
     import torch
 
@@ -61,7 +61,7 @@ def generated_package(cache: Path, params: PreprocessParams | None = None, *, se
         name=GENERATED_NAME,
         training={"note": "random weights: for speed measurements only", "seed": seed},
     )
-    torch.save(model.state_dict(), out / STATE_DICT)
+    torch.save(model.state_dict(), out / STATE_DICT_NAME)
     return load_package(out)
 
 

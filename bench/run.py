@@ -21,11 +21,12 @@ from typing import Any
 
 from bench.baseline import naive_loop
 from bench.daemon_load import INSPECTED, LoadClient
-from bench.daemon_proc import DaemonProcess, bench_settings
+from bench.daemon_proc import bench_settings
 from bench.images import BenchImages, load_images
 from bench.model import Int8Status, default_cache, generated_package, int8_status
 from bench.stages import BackendSpec, Cost, available_specs, backend_costs, stage_costs
 from engine.package import ModelPackage, load_package
+from tools.daemon_process import DaemonProcess
 
 Log = Callable[[str], None]
 

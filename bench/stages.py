@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine.backend import create_backend
+from engine.backend import backend_options, create_backend
 from engine.package import ModelPackage
 from engine.preprocess import INTERPOLATIONS, Preprocessor, decode
 
@@ -137,11 +137,15 @@ def _frame_functions(
 
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
-    """One backend configuration to measure: a name for the tables, the kind, and its options."""
+    """One backend configuration to measure: a name for the tables, the kind, and its options (as configured:
+    they go into the report; checked here against the backend's options type, so a misspelt key fails now)."""
 
     label: str
     kind: str
     options: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        backend_options(self.kind, self.options)
 
 
 def available_specs(package: ModelPackage, *, int8: bool, threads: Sequence[int]) -> list[BackendSpec]:
@@ -168,11 +172,11 @@ def backend_costs(
     batch_sizes: Sequence[int] = (1, 4, 8, 16, 32),
     *,
     min_seconds: float = 1.0,
-    **options: Any,
+    **options: object,
 ) -> dict[int, dict[str, float]]:
     """img/s, ms/batch and core-ms/img of one backend at each batch size, on random inputs of the real shape
     (CNN inference time does not depend on pixel values)."""
-    backend = create_backend(kind, package, max_batch=max(batch_sizes), **options)
+    backend = create_backend(kind, package, max_batch=max(batch_sizes), options=options)
     rng = np.random.default_rng(0)
     results: dict[int, dict[str, float]] = {}
     with backend:

@@ -1,6 +1,8 @@
-"""inspectd daemon: sources, batching, fail-safe decisions, verdict publishing, metrics, CLI.
+"""inspectd daemon: the serving core — sources, preprocessing pool, micro-batcher, inference workers,
+fail-safe decisions, verdict publisher, audit archive, metrics, logging, settings, and its own verbs
+(``serve``, ``check-config``, ``keys``).
 
-Runs on numpy + OpenCV + ONNX Runtime + pyzmq alone: the serving path never imports torch or the training
-package. Only the QA commands do: ``replay`` reads ground truth with training's torch-free dataset modules, and
-``demo`` runs ``inspectd train``/``export`` in subprocesses.
+Runs on numpy + OpenCV + ONNX Runtime + pyzmq alone. It never imports torch, training, replay, the tools or
+the bench (import contracts in ``make lint``; ``tests/unit/test_daemon_imports.py`` for lazy imports): those
+are its clients.
 """

@@ -28,14 +28,14 @@ from daemon.peers import PeerMonitor
 from daemon.pipeline import Pipeline
 from daemon.publisher import AfterPublish, VerdictPublisher
 from daemon.security import CurveServer, SecurityError, is_loopback
-from daemon.settings import Settings
+from daemon.settings import ConfigError, Settings
 from daemon.sinks import AfterPublishWorker
 from daemon.sources import Source, VerdictListener
 from daemon.sources.camera import CameraSource
 from daemon.sources.folder import FolderSource
 from daemon.systemd_notify import SystemdNotifier
 from daemon.watch_package import PackageWatcher
-from engine.backend import Backend, create_backend, resolve_kind
+from engine.backend import Backend, OptionsError, create_backend
 from engine.gauges import GaugeSet, load_gauges
 from engine.package import ModelMeta, ModelPackage, load_package
 from engine.preprocess import Preprocessor
@@ -196,11 +196,15 @@ class App:
         meta = self.package.meta
         backend = self._backend
         if backend is None:
-            kind = resolve_kind(self.settings.model.backend)
-            opts: dict[str, Any] = dict(self.settings.model.options)
-            if kind == "onnxruntime":
-                opts.setdefault("intra_op_threads", self.settings.model.intra_op_threads)
-            backend = create_backend(kind, self.package, max_batch=self.settings.batching.max_batch, **opts)
+            model = self.settings.model
+            try:  # checked when the settings were loaded; settings made otherwise are checked here
+                options = model.backend_options()
+            except OptionsError as exc:
+                where = f"model.options.{exc.key}" if exc.key else "model.options"
+                raise ConfigError(f"{where}: {exc}") from None
+            backend = create_backend(
+                model.backend, self.package, max_batch=self.settings.batching.max_batch, options=options
+            )
         if backend.max_batch < self.settings.batching.max_batch:
             raise StartupError(
                 f"backend max_batch {backend.max_batch} < batching.max_batch {self.settings.batching.max_batch}"
@@ -241,7 +245,7 @@ class App:
             self.after_publish.start()
 
     def start_publisher(self) -> None:
-        assert self.ctx is not None and self.pipeline is not None
+        assert self.ctx is not None and self.pipeline is not None and self.metrics is not None
         self.publisher = VerdictPublisher(
             self.settings.publisher,
             self.ctx,
@@ -300,7 +304,7 @@ class App:
             startup_s=round(startup_s, 2),
             publisher=self.publisher_endpoint,
             metrics_port=self.metrics_port,
-            max_batch=self.pipeline.batcher.max_batch if self.pipeline is not None else None,
+            max_batch=self.pipeline.max_batch if self.pipeline is not None else None,
             sources=[s.describe() for s in self.sources],
             security=self.curve.describe() if self.curve is not None else {"curve": False},
             **(self._backend.describe() if self._backend else {}),

@@ -24,6 +24,30 @@ from daemon.threads import StageThread
 log = get_logger(__name__)
 
 
+class BatchLimit:
+    """The one home of the largest batch the pipeline forms. ``configured`` is ``batching.max_batch`` (the rows
+    of every batch buffer); ``value`` starts there and is capped once, at start-up, by the first inference
+    worker to what the backend infers within its share of the deadline (:func:`cap_batch`). The pipeline owns
+    it; the batcher and the inference workers read it here and keep no copy."""
+
+    __slots__ = ("capped", "configured", "value")
+
+    def __init__(self, configured: int) -> None:
+        if configured < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {configured}")
+        self.configured = configured
+        self.value = configured
+        self.capped = False  # True once set from measured timings
+
+    def cap(self, n: int) -> None:
+        """Form batches of at most ``n`` (never more than the buffers hold, never fewer than 1)."""
+        self.value = max(1, min(n, self.configured))
+        self.capped = True
+
+    def __repr__(self) -> str:
+        return f"BatchLimit(value={self.value}, configured={self.configured}, capped={self.capped})"
+
+
 class BufferPool:
     """A fixed set of float32 (max_batch, 1, H, W) arrays, reused for the life of the process."""
 
@@ -77,7 +101,7 @@ class MicroBatcher(StageThread):
         preprocess: Preprocess,
         executor: Executor | None,
         *,
-        max_batch: int,
+        max_batch: BatchLimit | int,
         max_wait_s: float,
         monotonic: Callable[[], float],
         est_infer_s: Callable[[], float] = lambda: 0.0,
@@ -88,12 +112,17 @@ class MicroBatcher(StageThread):
         self.out: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._preprocess = preprocess
         self._executor = executor
-        self.max_batch = max_batch
+        self.limit = max_batch if isinstance(max_batch, BatchLimit) else BatchLimit(max_batch)
         self.max_wait_s = max_wait_s
         self._now = monotonic
         self._est_infer_s = est_infer_s
         self._thread: threading.Thread | None = None
         self.batches = 0
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch formed now (read from the limit the pipeline owns)."""
+        return self.limit.value
 
     def start(self) -> None:
         self._spawn(self.run, "batcher")
@@ -127,7 +156,7 @@ class MicroBatcher(StageThread):
             return batch
         self._add(batch, first)
         flush_at = self._flush_at(first)
-        while len(batch.jobs) < self.max_batch:
+        while len(batch.jobs) < self.limit.value:
             # Past flush time, frames already queued still join (no waiting): the batch is going anyway.
             job = self._next(timeout=max(0.0, flush_at - self._now()))
             if job is None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from daemon.batcher import END, Batch, BufferPool, cap_batch
+from daemon.batcher import END, Batch, BatchLimit, BufferPool, cap_batch
 from daemon.decision import Decider
 from daemon.ledger import Ledger
 from daemon.logs import get_logger
+from daemon.metrics import MetricsSink
 from daemon.threads import StageThread
 from daemon.types import Outcome, Reason
 from engine.backend import Backend, sigmoid
@@ -38,8 +38,9 @@ class InferenceWorker(StageThread):
         pool: BufferPool,
         ledger: Ledger,
         decider: Decider,
-        metrics: Any,
+        metrics: MetricsSink,
         *,
+        batch_limit: BatchLimit,
         monotonic: Callable[[], float],
         failures_not_ready: int = 3,
         warmup: bool = True,
@@ -56,10 +57,11 @@ class InferenceWorker(StageThread):
         self._now = monotonic
         self.failures_not_ready = failures_not_ready
         self._warmup = warmup
+        # The pipeline's batch limit: the worker given a budget caps it at warm-up (from the timings below);
+        # the others read it then and warm up only up to it.
+        self.batch_limit = batch_limit
         self._batch_budget_s = batch_budget_s
         self.batch_timings: dict[int, float] = {}  # batch size → warm-up seconds (when a budget was given)
-        self.batch_cap: int | None = None  # the largest of those within the budget
-        self.warmup_sizes: tuple[int, ...] | None = None  # None: 1 and max_batch
         self._batch_lines = batch_lines
         self.name = name
         self._thread: threading.Thread | None = None
@@ -94,20 +96,24 @@ class InferenceWorker(StageThread):
             self.backend.__enter__()
             if self._warmup:
                 t0 = self._now()
+                limit = self.batch_limit
                 if self._batch_budget_s is not None:
                     # Timing 1, 2, 4, … is the warm-up; sizes past the budget are never run, so a CPU does not
                     # allocate for a GPU's batch it will never form.
                     self.backend.warmup((1,))
-                    self.batch_timings = self.backend.time_batches(self._batch_budget_s)
-                    self.batch_cap = cap_batch(self.batch_timings, self._batch_budget_s)
+                    self.batch_timings = self.backend.time_batches(
+                        self._batch_budget_s, largest=limit.configured
+                    )
+                    limit.cap(cap_batch(self.batch_timings, self._batch_budget_s))
                     # The size found over budget will not run again: give back its memory, then grow the
                     # allocator again to the cap, or the first real full batch pays for it (785 ms, measured).
                     self.backend.trim()
-                    self.backend.warmup((self.batch_cap,))
+                    self.backend.warmup((limit.value,))
                     # The batcher plans its first batches with this until real batches are measured.
-                    self.est_infer_s = self.batch_timings[self.batch_cap]
+                    self.est_infer_s = self.batch_timings[limit.value]
                 else:
-                    self.backend.warmup(self.warmup_sizes)
+                    # Capped by the first worker: only the sizes that will run. Else the backend's default.
+                    self.backend.warmup(tuple(sorted({1, limit.value})) if limit.capped else None)
                 log.info(
                     "backend warmed up", ms=round((self._now() - t0) * 1000, 1), **self.backend.describe()
                 )

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -24,7 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 from daemon.types import Outcome, Reason, Verdict
 
 # The *_created series serve no dashboard or alert here; they only add scrape volume.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 STAGES = ("decode", "preprocess", "queue", "infer", "publish")
 # Arrival → verdict published. The line budget is tens to hundreds of ms; 1 ms … 2 s brackets it.
@@ -55,6 +55,25 @@ MESSAGE_ERROR_KINDS = ("multipart", "header", "unattributed")
 def _verdict_label_pairs() -> list[tuple[str, str]]:
     # A PASS is only ever the model's (or the gauges') decision; anything else is a REJECT.
     return [(Outcome.PASS.value, Reason.MODEL.value)] + [(Outcome.REJECT.value, r.value) for r in Reason]
+
+
+class MetricsSink(Protocol):
+    """What the pipeline stages report: exactly the calls the pipeline (daemon/pipeline.py), the inference
+    workers (daemon/inference.py) and the publisher (daemon/publisher.py) make. :class:`Metrics` is one (mypy
+    checks it below); a test may hand in a recording double instead. Implementations must be thread-safe:
+    every stage thread calls them."""
+
+    def frame_received(self, source: str) -> None: ...
+
+    def message_error(self, kind: str) -> None: ...
+
+    def observe_stage(self, stage: str, seconds: float) -> None: ...
+
+    def observe_batch(self, size: int) -> None: ...
+
+    def late_result(self, n: int) -> None: ...
+
+    def observe_verdict(self, v: Verdict, latency_s: float) -> None: ...
 
 
 class Metrics:
@@ -191,6 +210,10 @@ class Metrics:
 
     def set_model_info(self, labels: dict[str, str]) -> None:
         self.model_info.labels(self.line).info({k: str(v) for k, v in labels.items()})
+
+
+if TYPE_CHECKING:  # mypy proves that the Prometheus metrics are what the stages report to
+    _METRICS_ARE_A_SINK: type[MetricsSink] = Metrics
 
 
 class MetricsServer:

@@ -13,17 +13,17 @@ import contextlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
-from daemon.batcher import BufferPool, MicroBatcher
+from daemon.batcher import BatchLimit, BufferPool, MicroBatcher
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
 from daemon.inference import InferenceWorker
 from daemon.intake import IntakeQueue
 from daemon.ledger import Job, Ledger, Settled
 from daemon.logs import get_logger
+from daemon.metrics import MetricsSink
 from daemon.prep import FramePreprocessor
 from daemon.settings import Backpressure, Settings
 from daemon.types import Frame, Reason, Verdict
@@ -41,7 +41,7 @@ class Pipeline:
         backend: Backend,
         preprocessor: Preprocessor,
         decider: Decider,
-        metrics: Any,
+        metrics: MetricsSink,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         b, d = settings.batching, settings.deadlines
@@ -52,7 +52,9 @@ class Pipeline:
         self.max_latency_s = d.max_latency_ms / 1000.0
         self.ledger = Ledger(max_latency_s=self.max_latency_s, expire=self._expire, monotonic=clock.monotonic)
         self.intake = IntakeQueue(b.queue_size)
-        self.pool = BufferPool(b.buffers, b.max_batch, preprocessor.params.input_size)
+        # The one home of the batch size: batching.max_batch, capped at start-up (see _log_batch_cap).
+        self.batch_limit = BatchLimit(b.max_batch)
+        self.pool = BufferPool(b.buffers, self.batch_limit.configured, preprocessor.params.input_size)
         self.executor = (
             ThreadPoolExecutor(b.preprocess_threads, thread_name_prefix="preprocess")
             if b.preprocess_threads > 0
@@ -82,6 +84,7 @@ class Pipeline:
                 self.ledger,
                 decider,
                 metrics,
+                batch_limit=self.batch_limit,
                 monotonic=clock.monotonic,
                 failures_not_ready=d.engine_failures_not_ready,
                 warmup=settings.model.warmup,
@@ -98,7 +101,7 @@ class Pipeline:
             self.ledger,
             prep,
             self.executor,
-            max_batch=b.max_batch,
+            max_batch=self.batch_limit,
             max_wait_s=b.max_wait_ms / 1000.0,
             monotonic=clock.monotonic,
             est_infer_s=lambda: self.worker.est_infer_s,
@@ -106,6 +109,11 @@ class Pipeline:
         for worker in self.workers:
             worker.batches = self.batcher.out
         self._deadline_detail = {"max_latency_ms": d.max_latency_ms}
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch the pipeline forms: ``batching.max_batch``, or the cap found at start-up."""
+        return self.batch_limit.value
 
     @property
     def settled(self) -> queue.SimpleQueue[Settled | None]:
@@ -136,33 +144,29 @@ class Pipeline:
     def start(self, warmup_timeout_s: float = 300.0) -> None:
         self.ledger.start()
         self._warm_preprocessing()
-        # Each worker enters + warms its backend on its own thread. The first one times the batch sizes; the
-        # others then warm up only up to the cap.
+        # Each worker enters + warms its backend on its own thread. The first one times the batch sizes and caps
+        # the batch limit; the others then warm up only up to the cap.
         self.worker.start(warmup_timeout_s)
-        self._cap_batch()
+        self._log_batch_cap()
         for worker in self.workers[1:]:
-            if self.worker.batch_cap is not None:
-                worker.warmup_sizes = tuple(sorted({1, self.batcher.max_batch}))
             worker.start(warmup_timeout_s)
         self.batcher.start()
 
-    def _cap_batch(self) -> None:
+    def _log_batch_cap(self) -> None:
         """Never form a batch that cannot be inferred in time (a GPU's max_batch of 8 on a small CPU is 8 × the
-        latency of one frame); the timings come from the first worker's warm-up."""
-        timings, cap, budget_s = self.worker.batch_timings, self.worker.batch_cap, self._batch_budget_s
-        if cap is None or budget_s is None:
+        latency of one frame): the first worker capped :attr:`batch_limit` from its warm-up timings."""
+        limit, timings, budget_s = self.batch_limit, self.worker.batch_timings, self._batch_budget_s
+        if not limit.capped or budget_s is None:
             return
-        configured = self.settings.batching.max_batch
-        self.batcher.max_batch = cap
         fields = {
-            "configured": configured,
-            "max_batch": self.batcher.max_batch,
+            "configured": limit.configured,
+            "max_batch": limit.value,
             "budget_ms": round(budget_s * 1000, 1),
             "timings_ms": {n: round(t * 1000, 1) for n, t in timings.items()},
         }
         if timings.get(1, 0.0) > budget_s:
             log.warning("one frame takes longer than the inference budget: expect deadline rejects", **fields)
-        elif self.batcher.max_batch < configured:
+        elif limit.value < limit.configured:
             log.info("batch size capped to fit the deadline", **fields)
         else:
             log.info("batch size fits the deadline", **fields)
@@ -229,4 +233,4 @@ class Pipeline:
 
 def replica(backend: Backend) -> Backend:
     """Another instance of ``backend`` (its own session/context) for another inference worker."""
-    return type(backend)(backend.package, max_batch=backend.max_batch, **backend.options)
+    return type(backend)(backend.package, max_batch=backend.max_batch, options=backend.options)

@@ -19,6 +19,7 @@ import zmq
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.ledger import Settled
 from daemon.logs import get_logger
+from daemon.metrics import MetricsSink
 from daemon.peers import PeerMonitor
 from daemon.settings import PublisherSettings
 from daemon.threads import StageThread
@@ -42,7 +43,7 @@ class VerdictPublisher(StageThread):
         *,
         line: str,
         boot_id: str,
-        metrics: Any,
+        metrics: MetricsSink,
         ready: Callable[[], bool],
         after_publish: AfterPublish | None = None,
         clock: Clock = SYSTEM_CLOCK,

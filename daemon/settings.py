@@ -17,13 +17,24 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from engine.backend import BackendError, BackendOptions, OptionsError, backend_options, resolve_kind
 
 DEFAULT_CONFIG = Path("/etc/inspectd/inspectd.toml")
 MiB = 1024 * 1024
@@ -94,14 +105,50 @@ class SourcesSettings(_Section):
     folder: FolderSettings = FolderSettings()
 
 
+# A value in ``model.options`` as TOML and the environment give it; its type is the backend's to check.
+OptionValue = str | int | float | bool | list[str | int]
+
+
 class ModelSettings(_Section):
     path: Path | None = None  # the model package directory (model.onnx + model.json)
     backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "onnxruntime"
     intra_op_threads: int = Field(default=1, ge=0)  # ONNX Runtime threads; 0 = its choice (all cores)
-    options: dict[str, str | int | float | bool] = Field(default_factory=dict)  # passed to the backend
+    # The chosen backend's own options, as configured (printed back by check-config); checked here against
+    # its options type (engine.backends.*), so an unknown or mistyped key fails the configuration by name.
+    options: dict[str, OptionValue] = Field(default_factory=dict)
     warmup: bool = True  # run every batch size once before READY
     verify_sha256: bool = True  # refuse a package whose model.onnx does not match model.json
     watch_s: float = Field(default=5.0, ge=0)  # how often to check the package on disk for changes; 0 = off
+
+    @field_validator("options")
+    @classmethod
+    def _options_of_the_backend(
+        cls, v: dict[str, OptionValue], info: ValidationInfo
+    ) -> dict[str, OptionValue]:
+        if "backend" not in info.data or "intra_op_threads" not in info.data:
+            return v  # refused already; its own error says why
+        try:
+            _backend_options(info.data["backend"], info.data["intra_op_threads"], v)
+        except OptionsError as exc:
+            raise PydanticCustomError(
+                "backend_options", "{message}", {"message": str(exc), "problems": exc.problems}
+            ) from None
+        except BackendError:
+            pass  # the backend's module cannot be imported here: creating it at start-up says so
+        return v
+
+    def backend_options(self) -> BackendOptions:
+        """``options`` as the typed options of the backend that ``backend`` resolves to (ONNX Runtime's
+        ``intra_op_threads`` defaults to ``model.intra_op_threads``)."""
+        return _backend_options(self.backend, self.intra_op_threads, self.options)
+
+
+def _backend_options(backend: str, intra_op_threads: int, options: Mapping[str, object]) -> BackendOptions:
+    kind = resolve_kind(backend)
+    raw = dict(options)
+    if kind == "onnxruntime":
+        raw.setdefault("intra_op_threads", intra_op_threads)
+    return backend_options(kind, raw)
 
 
 class BatchingSettings(_Section):
@@ -323,6 +370,10 @@ def format_errors(exc: ValidationError, path: Path | None) -> str:
     lines = [f"invalid configuration{where}:"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "backend_options":  # model.options: one line per option, named model.options.KEY
+            for option, msg in err.get("ctx", {}).get("problems", ()):
+                lines.append(f"  {key}.{option}: {msg}" if option is not None else f"  {key}: {msg}")
+            continue
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)

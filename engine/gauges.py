@@ -1,15 +1,9 @@
-"""Dimensional gauging: tolerance bands on ``engine.pose`` measurements, learned from OK parts.
+"""Dimensional gauging at run time: tolerance bands on ``engine.pose`` measurements, and the check against them.
 
-A band is ``[quantile(q_lo) − margin, quantile(q_hi) + margin]`` of the OK parts' values, one-sided where only one
-direction is a defect (straightness: a bent part is *more* crooked, never less). Quantiles, not median ± k·MAD:
-on screws-300 OK lengths have a sharp lower edge (905 px) and a long upper tail (to 942 px), so a symmetric
-MAD band either cuts into the upper tail (16/250 OK rejected at 3·MAD) or opens far below the lower edge and lets
-the shortened fronts through (6/10 caught at 5·MAD); the quantile band follows each edge (2/250, 9/10).
-The margin is in pixels because it stands for the measurement's repeatability and the quantile's sampling error,
-not for the spread of the parts.
-
-The ``GaugeSet`` is what ``model.json`` holds under ``gauges``; ``check`` is the run-time test (µs per part).
-numpy only (plus engine.pose); the figure imports matplotlib when it is drawn.
+The ``GaugeSet`` is what ``model.json`` holds under ``gauges``; ``load_gauges`` opens it for the daemon and
+``check`` is the run-time test (µs per part). ``values`` and ``outside`` are the same test over many parts at once.
+Bands are learned from OK parts by ``training.gauge_fit`` (``inspectd calibrate-gauges``); the OK-vs-NG figure is
+``engine.gauge_plot``. numpy only (plus engine.pose).
 """
 
 from __future__ import annotations
@@ -17,8 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -34,12 +27,7 @@ UNITS: dict[str, str] = {
     "area_px2": "px2",
 }
 MEASUREMENTS: tuple[str, ...] = tuple(UNITS)
-# Measured on screws-300 (docs/gauging.md): length catches 9/10 shortened fronts at 2/250 OK rejected, and
-# straightness the bent one it misses at no further OK cost. Head width, tip width and area catch no NG part the
-# two miss, so each would only add false-reject risk on parts not yet seen (every band rejects ~1 % of new OK
-# parts by construction of its quantiles, before the margin).
-DEFAULT_BANDS: tuple[str, ...] = ("length_px", "straightness_px")
-DEFAULT_ONE_SIDED: Mapping[str, Literal["low", "high"]] = {"straightness_px": "high"}
+# Defaults of a GaugeSet's learning parameters (training.gauge_fit explains them).
 DEFAULT_QUANTILES: tuple[float, float] = (0.005, 0.995)
 DEFAULT_MARGIN_PX = 2.0  # ~10× a part's length repeatability (0.17 px s.d. over 12 rotations of its photo)
 SCHEMA_VERSION = 1
@@ -250,179 +238,9 @@ def values(measurements: Sequence[Measurements], name: str) -> np.ndarray:
 def outside(measurements: Sequence[Measurements], band: Band) -> np.ndarray:
     """Boolean mask: which parts fall outside ``band`` (vectorised ``not band.contains``)."""
     v = values(measurements, band.name)
-    inside = ~np.isnan(v)
+    inside: np.ndarray = ~np.isnan(v)
     if band.low is not None:
         inside &= v >= band.low
     if band.high is not None:
         inside &= v <= band.high
     return ~inside
-
-
-def _check_options(
-    names: Sequence[str], q: tuple[float, float], margin_px: float, one_sided: Mapping[str, str]
-) -> None:
-    unknown = [n for n in (*names, *one_sided) if n not in UNITS]
-    if unknown:
-        raise ValueError(f"unknown measurement(s) {unknown}; gaugeable: {list(MEASUREMENTS)}")
-    if not names:
-        raise ValueError("no measurements to learn bands for")
-    if not 0.0 <= q[0] < q[1] <= 1.0:
-        raise ValueError(f"quantiles must satisfy 0 ≤ low < high ≤ 1, got {q}")
-    if not margin_px >= 0.0:
-        raise ValueError(f"margin_px must be ≥ 0, got {margin_px}")
-    bad = {k: v for k, v in one_sided.items() if v not in ("low", "high")}
-    if bad:
-        raise ValueError(f"one_sided values must be 'low' or 'high' (the side that is limited), got {bad}")
-
-
-def learn_bands(
-    measurements: Sequence[Measurements],
-    *,
-    names: Sequence[str] = DEFAULT_BANDS,
-    q: tuple[float, float] = DEFAULT_QUANTILES,
-    margin_px: float = DEFAULT_MARGIN_PX,
-    one_sided: Mapping[str, str] | None = None,
-) -> tuple[Band, ...]:
-    """Bands ``[quantile(q[0]) − margin, quantile(q[1]) + margin]`` from OK parts' measurements.
-
-    ``one_sided`` maps a measurement to the one side that is limited (``"high"``: only too large is a defect);
-    ``None`` uses ``DEFAULT_ONE_SIDED`` (straightness), ``{}`` makes every band two-sided. The area band's margin
-    is ``margin_px`` × the median length: a margin-wide strip along the whole part.
-    """
-    sides = DEFAULT_ONE_SIDED if one_sided is None else one_sided
-    _check_options(names, q, margin_px, sides)
-    if len(measurements) < 2:
-        raise ValueError(f"need at least 2 OK parts to learn bands, got {len(measurements)}")
-    bands = []
-    for name in names:
-        v = values(measurements, name)
-        if not np.isfinite(v).all():
-            raise ValueError(f"{name}: {int((~np.isfinite(v)).sum())} non-finite value(s) among the OK parts")
-        lo, hi = (float(x) for x in np.quantile(v, q))
-        margin = (
-            margin_px * float(np.median(values(measurements, "length_px")))
-            if UNITS[name] == "px2"
-            else margin_px
-        )
-        side = sides.get(name)
-        # Limits kept to 0.01 px, rounded outwards: model.json and verdicts show the band that is applied, and
-        # rounding never narrows it.
-        low = None if side == "high" else math.floor((lo - margin) * 100.0) / 100.0
-        high = None if side == "low" else math.ceil((hi + margin) * 100.0) / 100.0
-        bands.append(Band(name, low, high, UNITS[name]))
-    return tuple(bands)
-
-
-def kfold_flags(
-    measurements_ok: Sequence[Measurements],
-    *,
-    k: int = 5,
-    seed: int = 0,
-    names: Sequence[str] = DEFAULT_BANDS,
-    q: tuple[float, float] = DEFAULT_QUANTILES,
-    margin_px: float = DEFAULT_MARGIN_PX,
-    one_sided: Mapping[str, str] | None = None,
-) -> dict[str, np.ndarray]:
-    """Per band, which OK parts fall outside the band learned on the folds that exclude them.
-
-    Folds are a seeded random permutation dealt round-robin, so their sizes differ by at most one.
-    """
-    n = len(measurements_ok)
-    if k < 2:
-        raise ValueError(f"k must be ≥ 2, got {k}")
-    if n < 2 * k:
-        raise ValueError(f"{n} OK parts are too few for {k}-fold estimates (need ≥ {2 * k})")
-    fold = np.empty(n, np.intp)
-    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % k
-    flags = {name: np.zeros(n, bool) for name in names}
-    for f in range(k):
-        train = [m for m, g in zip(measurements_ok, fold, strict=True) if g != f]
-        judged = np.flatnonzero(fold == f)
-        held = [measurements_ok[int(i)] for i in judged]
-        for band in learn_bands(train, names=names, q=q, margin_px=margin_px, one_sided=one_sided):
-            flags[band.name][judged] = outside(held, band)
-    return flags
-
-
-def kfold_cost(
-    measurements_ok: Sequence[Measurements],
-    k: int = 5,
-    seed: int = 0,
-    **learn: Any,
-) -> dict[str, float]:
-    """Per band, the OK false-reject rate estimated by k-fold (bands learned without the judged part).
-
-    ``learn`` is passed to ``learn_bands`` (names, q, margin_px, one_sided).
-    """
-    flags = kfold_flags(measurements_ok, k=k, seed=seed, **learn)
-    return {name: float(f.mean()) for name, f in flags.items()}
-
-
-def created_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def gauge_figure(
-    ok: Sequence[Measurements],
-    ng: Mapping[str, Sequence[Measurements]] | Sequence[Measurements],
-    gauges: GaugeSet | Sequence[Band] | None,
-    names: Sequence[str] = MEASUREMENTS,
-) -> bytes:
-    """PNG: one histogram per measurement, OK vs NG (stacked by defect type), the bands drawn on top.
-
-    Each panel's title counts the parts outside its band. Drawn with matplotlib's object API on an Agg canvas:
-    no pyplot, so no global figure state and no display backend (safe in report threads).
-    """
-    from io import BytesIO
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    groups = {k: list(g) for k, g in (ng.items() if isinstance(ng, Mapping) else [("NG", ng)]) if len(g)}
-    bands = {b.name: b for b in (gauges.bands if isinstance(gauges, GaugeSet) else (gauges or ()))}
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    # Fixed spacing instead of a layout engine, and step histograms (one polygon per group, not one rectangle
-    # per bin): together 5× faster to draw, which matters when a report embeds several of these.
-    fig = Figure(figsize=(5.0 * cols, 3.4 * rows), dpi=100)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.09, top=0.92, wspace=0.22, hspace=0.5)
-    FigureCanvasAgg(fig)
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        _panel(ax, name, list(ok), groups, bands.get(name))
-        if i == 0:
-            ax.legend(fontsize=7)
-    buf = BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _panel(
-    ax: Any, name: str, ok: list[Measurements], groups: dict[str, list[Measurements]], band: Band | None
-) -> None:
-    v_ok = values(ok, name)
-    v_ng = {k: values(g, name) for k, g in groups.items()}
-    edges_of_band = [e for e in ((band.low, band.high) if band else ()) if e is not None]
-    span = np.concatenate([v_ok, *v_ng.values(), np.array(edges_of_band, np.float64)])
-    span = span[np.isfinite(span)]
-    lo, hi = (float(span.min()), float(span.max())) if span.size else (0.0, 1.0)
-    bins = np.linspace(lo, max(hi, lo + 1.0), 41).tolist()
-    ax.hist(v_ok, bins=bins, histtype="stepfilled", color="0.7", label=f"OK ({len(v_ok)})")
-    if v_ng:
-        labels = [f"{k} ({len(v)})" for k, v in v_ng.items()]
-        ax.hist(list(v_ng.values()), bins=bins, histtype="stepfilled", stacked=True, alpha=0.85, label=labels)
-    title = f"{name}  (no band)"
-    if band is not None:
-        for edge in edges_of_band:
-            ax.axvline(edge, color="crimson", lw=1.5, ls="--")
-        low = band.low if band.low is not None else lo
-        ax.axvspan(low, band.high if band.high is not None else hi, color="green", alpha=0.07, lw=0)
-        n_ng = sum(len(g) for g in groups.values())
-        ng_out = sum(int(outside(g, band).sum()) for g in groups.values())
-        title = (
-            f"{name}  band {band.describe()}\n"
-            f"OK out {int(outside(ok, band).sum())}/{len(ok)}, NG out {ng_out}/{n_ng}"
-        )
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel(UNITS[name])
-    ax.set_ylabel("parts")

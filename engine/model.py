@@ -25,7 +25,7 @@ def build_model(weights: str | Path | None = None) -> torch.nn.Module:
     import torch
     from torchvision.models import resnet18
 
-    model = resnet18(weights=None)
+    model: torch.nn.Module = resnet18(weights=None)
     state: dict[str, Any] | None = None
     if weights is None or str(weights).lower() == "none":
         pass

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.backend import Backend, BackendError, create_backend, sigmoid
+from engine.backend import Backend, BackendError, BackendOptions, backend_options, create_backend, sigmoid
 from engine.dataset import CLASS_NAMES, IMAGE_SUFFIXES, image_files, label_from_folders
 from engine.package import Decision, ModelPackage, PackageError
 from engine.preprocess import DecodeError, Preprocessor, load_gray
@@ -170,7 +170,12 @@ def run_backend(backend: Backend, batch: np.ndarray) -> np.ndarray:
 class Candidate:
     label: str
     kind: str
-    options: dict[str, Any] = field(default_factory=dict)
+    options: BackendOptions | None = None  # made by engine.backend.backend_options; None = the defaults
+
+    @classmethod
+    def of(cls, label: str, kind: str, **options: object) -> Candidate:
+        """A candidate whose options are checked now (an unknown key raises OptionsError here)."""
+        return cls(label, kind, backend_options(kind, options) if options else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,11 +192,11 @@ def available_candidates(package: ModelPackage) -> list[Candidate]:
     out = [Candidate("onnxruntime cpu", "onnxruntime")]
     rec = package.meta.variant("int8")
     if rec is not None:
-        out.append(Candidate("onnxruntime cpu int8", "onnxruntime", {"model_file": rec["file"]}))
-    out.append(Candidate("onnxruntime cuda", "onnxruntime", {"device": "cuda"}))
-    out.append(Candidate("torch cpu", "torch", {"device": "cpu"}))
-    out.append(Candidate("torch cuda fp16", "torch", {"device": "cuda"}))
-    out.append(Candidate("tensorrt fp16", "tensorrt", {"precision": "fp16"}))
+        out.append(Candidate.of("onnxruntime cpu int8", "onnxruntime", model_file=rec["file"]))
+    out.append(Candidate.of("onnxruntime cuda", "onnxruntime", device="cuda"))
+    out.append(Candidate.of("torch cpu", "torch", device="cpu"))
+    out.append(Candidate.of("torch cuda fp16", "torch", device="cuda"))
+    out.append(Candidate.of("tensorrt fp16", "tensorrt", precision="fp16"))
     return out
 
 
@@ -211,7 +216,7 @@ def check_backends(
     for cand in candidates:
         t0 = time.perf_counter()
         try:
-            backend = create_backend(cand.kind, package, max_batch=max_batch, **cand.options)
+            backend = create_backend(cand.kind, package, max_batch=max_batch, options=cand.options)
             with backend:
                 logits = run_backend(backend, batch)
                 precision = backend.precision

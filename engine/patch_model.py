@@ -120,7 +120,8 @@ class PatchMemory(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) normalised crops → (B, K, gh, gw) patch codes."""
         f = F.conv2d(x.to(self.kernel.dtype), self.kernel, stride=self._stride)
-        if not torch.jit.is_tracing() and tuple(f.shape[2:]) != self._grid:
+        tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]  # not re-exported
+        if not tracing and tuple(f.shape[2:]) != self._grid:
             raise ValueError(
                 f"input {tuple(x.shape[2:])} gives a {tuple(f.shape[2:])} grid; fitted for {self._grid}"
             )

@@ -186,9 +186,12 @@ class Preprocessor:
                 pose = pose_mod.estimate_pose(gray, pose_params)
             gray = pose_mod.normalise(gray, pose, pose_params)
         h, w = self.params.input_size
+        out: np.ndarray
         if self.params.order == "clahe_then_resize":
-            return cv2.resize(self._clahe().apply(gray), (w, h), interpolation=self._interp)
-        return self._clahe().apply(cv2.resize(gray, (w, h), interpolation=self._interp))
+            out = cv2.resize(self._clahe().apply(gray), (w, h), interpolation=self._interp)
+        else:
+            out = self._clahe().apply(cv2.resize(gray, (w, h), interpolation=self._interp))
+        return out
 
     def normalise_into(self, img8: np.ndarray, out: np.ndarray) -> None:
         """uint8 (H, W) → float32 (H, W) view ``out``: (x/255 − mean)/std, without temporaries beyond one."""

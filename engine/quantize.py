@@ -72,7 +72,7 @@ def ort_static_int8(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
         def __init__(self) -> None:
             self._chunks = iter(range(0, len(calib), settings.chunk))
 

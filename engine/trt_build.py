@@ -26,13 +26,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from engine.backend import BackendError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "fp32")
+Precision = Literal["fp16", "fp32"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 MIN_TENSORRT_MAJOR = 10
 DEFAULT_WORKSPACE_MB = 1024
 _SAFE = re.compile(r"[^A-Za-z0-9.]+")

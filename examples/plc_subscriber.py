@@ -8,13 +8,15 @@ import sys
 
 import zmq
 
+from daemon.sequence import SequenceTracker  # stdlib only: seq per boot_id, gaps, restarts
+
 endpoint = sys.argv[1] if len(sys.argv) > 1 else "tcp://127.0.0.1:5556"
 line = sys.argv[2] if len(sys.argv) > 2 else "line-1"
 sub = zmq.Context().socket(zmq.SUB)
 sub.connect(endpoint)
 sub.setsockopt_string(zmq.SUBSCRIBE, line)  # topic = line id (prefix match: use distinct line ids)
 sub.setsockopt(zmq.RCVTIMEO, 3000)  # no heartbeat for 3 s: treat the daemon as down
-boot, last = None, None
+sequence = SequenceTracker()
 while True:
     try:
         _topic, payload = sub.recv_multipart()
@@ -22,12 +24,8 @@ while True:
         print("NO HEARTBEAT - daemon down? fail safe: divert every part", flush=True)
         continue
     msg = json.loads(payload)
-    if msg["boot_id"] != boot:  # daemon (re)started: seq restarts at 1
-        boot, last = msg["boot_id"], (0 if boot else None)
-    seq = msg["seq"] if msg["type"] == "verdict" else msg["seq_last"] + 1
-    if last is not None and seq > last + 1:
-        print(f"GAP: verdicts {last + 1}..{seq - 1} lost - divert those parts", flush=True)
-    last = seq if msg["type"] == "verdict" else seq - 1
+    for note in sequence.feed(msg):  # "GAP: missed seq a..b": those parts have no verdict - divert them
+        print(note, flush=True)
     if msg["type"] == "verdict":
         gate = "divert" if msg["verdict"] == "REJECT" else "pass"
         print(f"{msg['seq']} {msg['frame_id']} {msg['verdict']} {msg['reason']} -> {gate}", flush=True)

@@ -98,7 +98,8 @@ def build_report(
 
 def gauges_section(meta: ModelMeta, selection: Selection, out: Path) -> dict[str, Any]:
     """Measure every labelled image the way the daemon did and draw OK vs NG per measurement, bands on top."""
-    from engine.gauges import gauge_figure, load_gauges
+    from engine.gauge_plot import gauge_figure
+    from engine.gauges import load_gauges
     from engine.pose import PoseError, estimate_pose
     from engine.preprocess import DecodeError, load_gray
 

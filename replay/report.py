@@ -16,24 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from engine.stats import percentiles
 
 REPORT_JSON = "replay.json"
 REPORT_VERSION = 1
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "max": None, "mean": None}
-    a = np.asarray(values, dtype=np.float64)
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {
-        "p50": round(float(p50), 3),
-        "p95": round(float(p95), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(a.max()), 3),
-        "mean": round(float(a.mean()), 3),
-    }
+# latency_ms and stage_ms in replay.json: milliseconds to the microsecond
+PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "mean")
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -75,9 +65,10 @@ def summarise(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         "per_type": per_type,
         "reject_reasons": dict(sorted(by_reason.items(), key=lambda kv: -kv[1]["total"])),
         "fail_safe_rejects": sum(1 for r in rejects if r["reason"] not in ("model", "grey_zone")),
-        "latency_ms": percentiles([r["latency_ms"] for r in records]),
+        "latency_ms": percentiles([r["latency_ms"] for r in records], PERCENTILE_KEYS),
         "stage_ms": {
-            s: percentiles([r["timings_ms"][s] for r in records if s in r["timings_ms"]]) for s in stages
+            s: percentiles([r["timings_ms"][s] for r in records if s in r["timings_ms"]], PERCENTILE_KEYS)
+            for s in stages
         },
         "throughput": {
             "images": len(records),

@@ -25,6 +25,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from daemon.app import App
+from daemon.sequence import SequenceTracker
 from daemon.settings import SecuritySettings, Settings
 from daemon.types import Frame, Verdict
 from replay import ReplayError
@@ -81,17 +82,24 @@ class VerdictRecorder:
 
 class WireCheck:
     """A real SUB socket on its own thread (and its own context, so the App can terminate its context while
-    this one still listens): counts the verdicts a line controller would have received, and seq gaps."""
+    this one still listens): counts the verdicts a line controller would have received, and seq gaps (by
+    :class:`~daemon.sequence.SequenceTracker`, the rule every subscriber uses)."""
 
     def __init__(self, endpoint: str, line: str) -> None:
         self.endpoint, self.line = endpoint, line
         self.frame_ids: set[str] = set()
-        self.gaps = 0
-        self.last_seq = 0
+        self.sequence = SequenceTracker()
         self.heartbeat = threading.Event()
         self._stop = threading.Event()
+        self._cv = threading.Condition()  # a verdict arrived, or the thread ended
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._thread = threading.Thread(target=self._run, name="replay-sub", daemon=True)
+
+    @property
+    def gaps(self) -> int:
+        """Holes in ``seq`` (each a run of verdicts published and not received)."""
+        with self._cv:
+            return len(self.sequence.gaps)
 
     def start(self, timeout: float = 10.0) -> None:
         self._thread.start()
@@ -100,9 +108,10 @@ class WireCheck:
 
     def stop(self, expect: int, timeout: float = 3.0) -> None:
         """After the App has stopped (everything published and flushed): wait for ``expect`` verdicts."""
-        end = time.monotonic() + timeout
-        while len(self.frame_ids) < expect and time.monotonic() < end and self._thread.is_alive():
-            time.sleep(0.02)
+        with self._cv:
+            self._cv.wait_for(
+                lambda: len(self.frame_ids) >= expect or not self._thread.is_alive(), timeout=timeout
+            )
         self._stop.set()
         self._thread.join(5.0)
         self._ctx.term()
@@ -118,15 +127,17 @@ class WireCheck:
                     continue
                 _, payload = sock.recv_multipart()
                 msg = json.loads(payload)
+                with self._cv:
+                    self.sequence.feed(msg)
+                    if msg["type"] == "verdict":
+                        self.frame_ids.add(msg["frame_id"])
+                        self._cv.notify_all()
                 if msg["type"] == "heartbeat":
                     self.heartbeat.set()
-                    continue
-                if self.last_seq and msg["seq"] != self.last_seq + 1:
-                    self.gaps += 1
-                self.last_seq = msg["seq"]
-                self.frame_ids.add(msg["frame_id"])
         finally:
             sock.close()
+            with self._cv:
+                self._cv.notify_all()
 
 
 # -- running -----------------------------------------------------------------------------------------------

@@ -2,7 +2,38 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float, what: str | Callable[[], str], *, poll_s: float = 0.05
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that: for a condition the code under
+    test signals no other way (a counter, a file, a thread's state). After ``timeout`` seconds it raises
+    AssertionError naming ``what`` (a callable is called then, for details only known at failure: a log tail).
+
+    The first looks come fast and the pause grows to ``poll_s``: a condition that already holds costs nothing,
+    a long wait costs little CPU on a loaded machine. The predicate gets one last look at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        result = predicate()
+        if result:
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(
+                f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}"
+            )
+        time.sleep(min(pause, remaining))
+        pause = min(2 * pause, poll_s)
 
 
 def drawn_image(size: int = 1024, seed: int = 7) -> np.ndarray:
@@ -79,9 +110,9 @@ def tiny_package(directory, input_size=(64, 64), seed=0, threshold=0.5, name="ti
     return write_meta(d, meta)
 
 
-def pipeline_for(settings, package, backend):  # type: ignore[no-untyped-def]
-    """A daemon Pipeline over ``backend`` with the package's preprocessing and decision, metrics on a private
-    registry (so tests may build several)."""
+def pipeline_for(settings, package, backend, metrics=None):  # type: ignore[no-untyped-def]
+    """A daemon Pipeline over ``backend`` with the package's preprocessing and decision; ``metrics`` (a
+    ``daemon.metrics.MetricsSink``) or Prometheus metrics on a private registry (so tests may build several)."""
     from prometheus_client import CollectorRegistry
 
     from daemon.decision import Decider
@@ -95,5 +126,7 @@ def pipeline_for(settings, package, backend):  # type: ignore[no-untyped-def]
         backend=backend,
         preprocessor=Preprocessor(meta.preprocess),
         decider=Decider(meta.decision, meta.model_id),
-        metrics=Metrics(CollectorRegistry(), "t", process_collector=False),
+        metrics=metrics
+        if metrics is not None
+        else Metrics(CollectorRegistry(), "t", process_collector=False),
     )

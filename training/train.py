@@ -13,6 +13,11 @@ Choices that are not the recipe's, and why (docs/training.md has the measurement
 - ``torchrun`` works unchanged: with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel, every
   rank draws the same epoch order and takes its own stride of it; rank 0 validates, decides and writes, and
   broadcasts its decisions so the ranks never disagree about stopping.
+
+:func:`train` is a list of steps, each a function of the ones before: :func:`start_run` (ranks, run directory,
+threads, seed) → :func:`load_data` → :func:`split_data` → :func:`preprocess` → :func:`fit_patch_memory` or
+:func:`fit_cnn` (each writes best.pt, last.pt and metrics.jsonl) → :func:`calibrate_best` → :func:`write_run`
+(run.json). What flows between them: :class:`RunSetup`, :class:`Prepared` and :class:`Fitted`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from engine.model import build_model, model_from_state
 from engine.preprocess import Preprocessor
 from engine.split import Split, make_kfold, make_split
 from training.augment import augment
-from training.calibrate import calibrate
+from training.calibrate import Calibration, calibrate
 from training.config import TrainConfig
 from training.images import Images, load_images, normalised
 from training.metrics import auroc
@@ -203,6 +208,47 @@ def _score(m: dict[str, float], cfg: TrainConfig) -> tuple[float, float]:
     return (-m["val_balanced_loss"], m["val_auroc"])
 
 
+# ------------------------------------------------------------------------------------------------- the steps
+@dataclass(frozen=True, slots=True)
+class RunSetup:
+    """Where and how this process trains: the run directory, the configuration, its rank, log and clock."""
+
+    run: Path
+    cfg: TrainConfig
+    dist: Dist
+    threads: int  # torch threads
+    log: Callable[[str], None]  # silent on ranks > 0
+    t_start: float  # time.monotonic() when train() began
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The data a fit learns from and calibration is measured on: the dataset, its split, and the training and
+    validation images after the deterministic preprocessing (``x_val``: validation, normalised as served)."""
+
+    ds: Dataset
+    data_hash: str
+    split: Split
+    pre: Preprocessor
+    tr: Images
+    va: Images
+    x_val: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Fitted:
+    """What a fit hands to calibration once best.pt is written: the device to evaluate it on, how the fit ended
+    (run.json's ``stopped``, ``epochs_run``, ``best_epoch``, ``seconds``) and ``calibration_extra``: logits,
+    labels and a name for images beyond the validation split that the model never learnt from (or None)."""
+
+    device: torch.device
+    stopped: str
+    epochs_run: int
+    best_epoch: int
+    seconds: float
+    calibration_extra: tuple[np.ndarray, np.ndarray, str] | None = None
+
+
 def train(
     data: str | Path,
     run_dir: str | Path,
@@ -216,6 +262,27 @@ def train(
     """Train into ``run_dir`` (config.json, split.json, metrics.jsonl, last.pt, best.pt, run.json); returns
     the run summary that is also written to run.json. On ``resume`` pass the run's own config
     (:func:`resume_config`); only the epoch count, time budget and threads may differ."""
+    setup = start_run(run_dir, cfg, resume=resume, log=log)
+    ds, data_hash = load_data(data, setup)
+    split = split_data(ds, data_hash, split_file, setup)
+    prep = preprocess(ds, data_hash, split, setup)
+    if cfg.arch == "patch_memory":
+        fitted = fit_patch_memory(setup, prep)
+    else:
+        fitted = fit_cnn(setup, prep, resume=resume, progress=progress)
+    summary: dict[str, Any] = {}
+    if setup.dist.main and fitted is not None:
+        logits, cal = calibrate_best(setup, prep, fitted)
+        summary = write_run(setup, prep, fitted, logits, cal)
+        setup.log(_result_line(summary, cfg))
+    if setup.dist.world > 1:
+        dist.barrier()
+    return summary
+
+
+def start_run(run_dir: str | Path, cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> RunSetup:
+    """Join the ranks (under torchrun), check that ``run_dir`` may be started (or resumed), create it, and set
+    torch's threads and seed."""
     t_start = time.monotonic()
     d = init_distributed()
     if not d.main:
@@ -232,33 +299,148 @@ def train(
     threads = cfg.threads or auto_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
+    return RunSetup(run, cfg, d, threads, log, t_start)
 
+
+def load_data(data: str | Path, setup: RunSetup) -> tuple[Dataset, str]:
+    """The labelled images in ``data`` (unreadable ones listed and excluded) and their content hash."""
     ds = discover(data)
-    log(f"{ds.describe()}; torch threads {threads}")
+    setup.log(f"{ds.describe()}; torch threads {setup.threads}")
     if ds.unreadable:
-        log(f"warning: {len(ds.unreadable)} unreadable image(s) excluded: {', '.join(ds.unreadable[:10])}")
-    data_hash = ds.content_hash()
-    split = _broadcast(d, resolve_split(ds, cfg, run, split_file, data_hash) if d.main else None)
-    if d.main:
-        (run / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-        split.save(run / SPLIT)
-    log(f"split ({split.method}, seed {split.seed}): {split.describe(ds.samples)}")
+        setup.log(
+            f"warning: {len(ds.unreadable)} unreadable image(s) excluded: {', '.join(ds.unreadable[:10])}"
+        )
+    return ds, ds.content_hash()
 
-    pre = Preprocessor(cfg.preprocess())
+
+def split_data(ds: Dataset, data_hash: str, split_file: Path | None, setup: RunSetup) -> Split:
+    """Rank 0's split (:func:`resolve_split`) on every rank; rank 0 writes it and the config into the run."""
+    d = setup.dist
+    split: Split = _broadcast(
+        d, resolve_split(ds, setup.cfg, setup.run, split_file, data_hash) if d.main else None
+    )
+    if d.main:
+        (setup.run / CONFIG).write_text(json.dumps(setup.cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        split.save(setup.run / SPLIT)
+    setup.log(f"split ({split.method}, seed {split.seed}): {split.describe(ds.samples)}")
+    return split
+
+
+def preprocess(ds: Dataset, data_hash: str, split: Split, setup: RunSetup) -> Prepared:
+    """The training and validation images through the deterministic preprocessing (cached); images that fail
+    it are listed and excluded, and each split must still hold both classes."""
+    pre = Preprocessor(setup.cfg.preprocess())
     t0 = time.monotonic()
     tr = load_images(ds, subset(ds, split.train), pre)
     va = load_images(ds, subset(ds, split.val), pre)
-    log(f"preprocessed {len(tr.samples) + len(va.samples)} images in {time.monotonic() - t0:.1f} s")
+    setup.log(f"preprocessed {len(tr.samples) + len(va.samples)} images in {time.monotonic() - t0:.1f} s")
     for name, imgs in (("train", tr), ("val", va)):
         for path, why in imgs.failed.items():
-            log(f"warning: {name} image {path} excluded: {why}")
+            setup.log(f"warning: {name} image {path} excluded: {why}")
     for name, imgs in (("train", tr), ("val", va)):
         if len(set(imgs.labels.tolist())) < 2:
             raise DataError(f"after excluding unusable images the {name} split lacks a class")
-    x_val, y_val = normalised(pre, va.pixels), va.labels
-    if cfg.arch == "patch_memory":
-        return _fit_patch_memory(run, d, ds, split, cfg, pre, tr, va, x_val, data_hash, t_start, log)
+    return Prepared(ds, data_hash, split, pre, tr, va, normalised(pre, va.pixels))
 
+
+def fit_patch_memory(setup: RunSetup, prep: Prepared) -> Fitted | None:
+    """The patch memory (engine.patch_model) fitted on the training split's OK images; one "epoch".
+
+    Calibration uses every image the fit did not see as a neighbour: the validation split, the training
+    split's NG images (the fit ignores NG), and each training OK image scored leave-one-out (against the
+    memory without its own patches). With few NG per split this sets the threshold on many more NG images.
+    Nothing is shared between ranks: rank 0 fits (the others return None and wait at train()'s barrier).
+    """
+    from training.patch_memory import fit
+
+    if not setup.dist.main:
+        return None
+    cfg, tr = setup.cfg, prep.tr
+    ok = tr.labels == 0
+    t0 = time.monotonic()
+    model, loo = fit(
+        normalised(prep.pre, tr.pixels[ok]), tr.pixels[ok], cfg.patch_settings(), seed=cfg.seed, log=setup.log
+    )
+    fit_s = time.monotonic() - t0
+    device = torch.device("cpu")
+    row: dict[str, Any] = {"epoch": 1, "fit_s": round(fit_s, 1), "lr": None}
+    row |= val_metrics(predict(model, prep.x_val, device), prep.va.labels)
+    row |= {"best": True, "epoch_s": round(fit_s, 1), "elapsed_s": round(time.monotonic() - setup.t_start, 1)}
+    ck = {"model": model.state_dict(), "arch": cfg.arch, "epoch": 1, "config": cfg.to_dict(), "val": row}
+    _atomic_save(ck, setup.run / BEST)
+    _atomic_save(ck | {"best": None, "best_epoch": 1, "bad_epochs": 0, "elapsed_s": fit_s}, setup.run / LAST)
+    with open(setup.run / METRICS, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+    setup.log(f"fitted in {fit_s:.1f} s; val AUROC {row['val_auroc']:.3f}")
+    ng = tr.labels == 1
+    extra = (
+        np.concatenate([predict(model, normalised(prep.pre, tr.pixels[ng]), device), loo]),
+        np.concatenate([np.ones(int(ng.sum()), np.int64), np.zeros(len(loo), np.int64)]),
+        "val + train NG + train OK (leave-one-out)",
+    )
+    return Fitted(
+        device,
+        stopped="fitted",
+        epochs_run=1,
+        best_epoch=1,
+        seconds=time.monotonic() - setup.t_start,
+        calibration_extra=extra,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Cnn:
+    """The network and what trains it. ``net`` is ``model`` or, with several ranks, its DDP wrapper."""
+
+    model: nn.Module
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.ReduceLROnPlateau
+    loss_fn: nn.Module
+    device: torch.device
+
+
+@dataclass(slots=True)
+class _Progress:
+    """The epoch loop's state between epochs (last.pt carries it across a resume)."""
+
+    start_epoch: int = 1
+    best: tuple[float, float] | None = None  # the best epoch's _score
+    best_epoch: int = 0
+    bad: int = 0  # epochs since the best one
+    elapsed0: float = 0.0  # seconds spent before this process resumed the run
+
+
+def fit_cnn(setup: RunSetup, prep: Prepared, *, resume: bool, progress: bool) -> Fitted:
+    """The ResNet18 by gradient descent, one epoch at a time until the epochs, the patience or the time budget
+    run out (or continued from last.pt on ``resume``); rank 0 validates, decides and writes best.pt/last.pt."""
+    cfg, d = setup.cfg, setup.dist
+    cnn = _build_cnn(setup, prep)
+    p = _resume_progress(setup, cnn) if resume else _Progress()
+    stopped = "epochs"
+    epoch = p.start_epoch - 1
+    durations: list[float] = []
+    for epoch in range(p.start_epoch, cfg.epochs + 1):
+        t_epoch = time.monotonic()
+        row = _train_epoch(setup, prep, cnn, epoch, progress)
+        elapsed = _end_epoch(setup, prep, cnn, p, row, t_epoch)
+        durations.append(time.monotonic() - t_epoch)
+        # rank 0's clock decides: ranks that disagreed would deadlock
+        stop = _broadcast(d, _stop_reason(cfg, p, epoch, elapsed, durations))
+        if stop:
+            stopped = stop
+            break
+    return Fitted(
+        cnn.device,
+        stopped=stopped,
+        epochs_run=epoch,
+        best_epoch=p.best_epoch,
+        seconds=p.elapsed0 + time.monotonic() - setup.t_start,
+    )
+
+
+def _build_cnn(setup: RunSetup, prep: Prepared) -> _Cnn:
+    cfg, d = setup.cfg, setup.dist
     device = _device(d)
     model: nn.Module = build_model(None if cfg.weights == "none" else cfg.weights).to(device)
     net: nn.Module = model
@@ -270,198 +452,164 @@ def train(
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
     )
-    n_ok, n_ng = int((tr.labels == 0).sum()), int((tr.labels == 1).sum())
+    labels = prep.tr.labels
+    n_ok, n_ng = int((labels == 0).sum()), int((labels == 1).sum())
     pos_weight = torch.tensor([n_ok / n_ng if cfg.balance == "pos_weight" else 1.0], device=device)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    return _Cnn(model, net, opt, sched, nn.BCEWithLogitsLoss(pos_weight=pos_weight), device)
 
-    start_epoch, best, best_epoch, bad, elapsed0 = 1, None, 0, 0, 0.0
-    if resume:
-        ck = torch.load(run / LAST, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start_epoch, best, best_epoch, bad = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["bad_epochs"]
-        elapsed0 = ck["elapsed_s"]
-        best = tuple(best) if best is not None else None
-        log(f"resuming after epoch {ck['epoch']} (best epoch {best_epoch})")
 
-    stopped = "epochs"
-    budget_s = cfg.max_minutes * 60.0
-    n_batches = (len(tr.samples) // d.world + cfg.batch_size - 1) // cfg.batch_size
-    epoch = start_epoch - 1
-    durations: list[float] = []
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t_epoch = time.monotonic()
-        net.train()
-        total, count = 0.0, 0
-        bar = _bar(n_batches, f"epoch {epoch}/{cfg.epochs}", progress and d.main)
-        for x, y in batches(tr, pre, cfg, epoch, d):
-            xb, yb = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(xb)[:, 0], yb)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(y)
-            count += len(y)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-        bar.close()
-        if d.world > 1:  # log the loss over all ranks' batches, not rank 0's share
-            tc = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-            dist.all_reduce(tc)
-            total, count = float(tc[0]), int(tc[1])
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": total / max(count, 1),
-            "lr": opt.param_groups[0]["lr"],
-        }
-        row |= val_metrics(predict(model, x_val, device), y_val) if d.main else {}
-        score = _broadcast(d, _score(row, cfg) if d.main else None)
-        sched.step(score[0])
-        improved = best is None or score > best
-        if improved:
-            best, best_epoch, bad = score, epoch, 0
-        else:
-            bad += 1
-        elapsed = elapsed0 + time.monotonic() - t_start
-        row |= {
-            "best": improved,
-            "epoch_s": round(time.monotonic() - t_epoch, 1),
-            "elapsed_s": round(elapsed, 1),
-        }
-        if d.main:
-            if improved:
-                _atomic_save(
-                    {"model": model.state_dict(), "epoch": epoch, "config": cfg.to_dict(), "val": row},
-                    run / BEST,
-                )
-            _atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "epoch": epoch,
-                    "config": cfg.to_dict(),
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad,
-                    "elapsed_s": elapsed,
-                },
-                run / LAST,
-            )
-            with open(run / METRICS, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-            log(_line(row, cfg))
-        durations.append(time.monotonic() - t_epoch)
-        stop = None
-        if bad >= cfg.patience:
-            stop = f"early stop: no better val {cfg.select} for {cfg.patience} epochs"
-        elif epoch < cfg.epochs and elapsed + float(np.mean(durations)) > budget_s:
-            stop = f"time budget: {cfg.max_minutes:g} min would be exceeded by another epoch"
-        stop = _broadcast(d, stop)  # rank 0's clock decides: ranks that disagreed would deadlock
-        if stop:
-            stopped = stop
-            break
+def _resume_progress(setup: RunSetup, cnn: _Cnn) -> _Progress:
+    """Model, optimiser and schedule from last.pt, and where its loop stood."""
+    ck = torch.load(setup.run / LAST, map_location=cnn.device, weights_only=True)
+    cnn.model.load_state_dict(ck["model"])
+    cnn.opt.load_state_dict(ck["optimizer"])
+    cnn.sched.load_state_dict(ck["scheduler"])
+    best = tuple(ck["best"]) if ck["best"] is not None else None
+    setup.log(f"resuming after epoch {ck['epoch']} (best epoch {ck['best_epoch']})")
+    return _Progress(ck["epoch"] + 1, best, ck["best_epoch"], ck["bad_epochs"], ck["elapsed_s"])
 
-    summary: dict[str, Any] = {}
+
+def _train_epoch(setup: RunSetup, prep: Prepared, cnn: _Cnn, epoch: int, progress: bool) -> dict[str, Any]:
+    """One pass over this rank's share of the epoch; the metrics row's epoch, train_loss (all ranks) and lr."""
+    cfg, d = setup.cfg, setup.dist
+    cnn.net.train()
+    total, count = 0.0, 0
+    n_batches = (len(prep.tr.samples) // d.world + cfg.batch_size - 1) // cfg.batch_size
+    bar = _bar(n_batches, f"epoch {epoch}/{cfg.epochs}", progress and d.main)
+    for x, y in batches(prep.tr, prep.pre, cfg, epoch, d):
+        xb, yb = torch.from_numpy(x).to(cnn.device), torch.from_numpy(y).to(cnn.device)
+        cnn.opt.zero_grad(set_to_none=True)
+        loss = cnn.loss_fn(cnn.net(xb)[:, 0], yb)
+        loss.backward()
+        cnn.opt.step()
+        total += loss.item() * len(y)
+        count += len(y)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+    bar.close()
+    if d.world > 1:  # log the loss over all ranks' batches, not rank 0's share
+        tc = torch.tensor([total, float(count)], dtype=torch.float64, device=cnn.device)
+        dist.all_reduce(tc)
+        total, count = float(tc[0]), int(tc[1])
+    return {"epoch": epoch, "train_loss": total / max(count, 1), "lr": cnn.opt.param_groups[0]["lr"]}
+
+
+def _end_epoch(
+    setup: RunSetup, prep: Prepared, cnn: _Cnn, p: _Progress, row: dict[str, Any], t_epoch: float
+) -> float:
+    """Validate (rank 0), step the schedule on rank 0's score, keep track of the best epoch; rank 0 writes
+    best.pt (when it improved), last.pt and the metrics line. Returns the run's elapsed seconds."""
+    cfg, d, epoch = setup.cfg, setup.dist, row["epoch"]
+    row |= val_metrics(predict(cnn.model, prep.x_val, cnn.device), prep.va.labels) if d.main else {}
+    score = _broadcast(d, _score(row, cfg) if d.main else None)
+    cnn.sched.step(score[0])
+    improved = p.best is None or score > p.best
+    if improved:
+        p.best, p.best_epoch, p.bad = score, epoch, 0
+    else:
+        p.bad += 1
+    elapsed = p.elapsed0 + time.monotonic() - setup.t_start
+    row |= {
+        "best": improved,
+        "epoch_s": round(time.monotonic() - t_epoch, 1),
+        "elapsed_s": round(elapsed, 1),
+    }
     if d.main:
-        summary = finish(
-            run,
-            ds,
-            split,
-            cfg,
-            pre,
-            va,
-            x_val,
-            device,
-            data_hash,
-            stopped=stopped,
-            epochs_run=epoch,
-            best_epoch=best_epoch,
-            seconds=elapsed0 + time.monotonic() - t_start,
+        if improved:
+            _atomic_save(
+                {"model": cnn.model.state_dict(), "epoch": epoch, "config": cfg.to_dict(), "val": row},
+                setup.run / BEST,
+            )
+        _atomic_save(
+            {
+                "model": cnn.model.state_dict(),
+                "optimizer": cnn.opt.state_dict(),
+                "scheduler": cnn.sched.state_dict(),
+                "epoch": epoch,
+                "config": cfg.to_dict(),
+                "best": p.best,
+                "best_epoch": p.best_epoch,
+                "bad_epochs": p.bad,
+                "elapsed_s": elapsed,
+            },
+            setup.run / LAST,
         )
-        log(
-            f"stopped: {stopped}; best epoch {best_epoch}; val AUROC {summary['val']['val_auroc']:.3f}; "
-            f"threshold {summary['calibration']['threshold']:.4g} (val recall {summary['calibration']['recall']:.2f}, "
-            f"false-reject rate {summary['calibration']['false_reject_rate']:.2f})"
-        )
-    if d.world > 1:
-        dist.barrier()
+        with open(setup.run / METRICS, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        setup.log(_line(row, cfg))
+    return elapsed
+
+
+def _stop_reason(
+    cfg: TrainConfig, p: _Progress, epoch: int, elapsed: float, durations: list[float]
+) -> str | None:
+    """Why the loop stops after ``epoch`` (None: it goes on, up to ``cfg.epochs``)."""
+    if p.bad >= cfg.patience:
+        return f"early stop: no better val {cfg.select} for {cfg.patience} epochs"
+    if epoch < cfg.epochs and elapsed + float(np.mean(durations)) > cfg.max_minutes * 60.0:
+        return f"time budget: {cfg.max_minutes:g} min would be exceeded by another epoch"
+    return None
+
+
+def calibrate_best(setup: RunSetup, prep: Prepared, fitted: Fitted) -> tuple[np.ndarray, Calibration]:
+    """The best checkpoint's validation logits, and the threshold calibrated on them (plus the fit's
+    ``calibration_extra``)."""
+    best = torch.load(setup.run / BEST, map_location=fitted.device, weights_only=True)
+    model = model_from_state(best["model"]).to(fitted.device)
+    logits = predict(model, prep.x_val, fitted.device)
+    cal_z, cal_y, cal_name = logits, prep.va.labels, "val"
+    if fitted.calibration_extra is not None:
+        cal_z = np.concatenate([logits, fitted.calibration_extra[0]])
+        cal_y = np.concatenate([prep.va.labels, fitted.calibration_extra[1]])
+        cal_name = fitted.calibration_extra[2]
+    cfg = setup.cfg
+    cal = calibrate(
+        cal_z, cal_y, target_recall=cfg.target_recall, grey_zone_frr=cfg.grey_zone_frr, split=cal_name
+    )
+    return logits, cal
+
+
+def write_run(
+    setup: RunSetup, prep: Prepared, fitted: Fitted, logits: np.ndarray, cal: Calibration
+) -> dict[str, Any]:
+    """run.json: the data, the config, the best checkpoint on the validation split, the calibration and how
+    the fit ended; returned as written."""
+    ds = prep.ds
+    summary = {
+        "data": str(ds.root.resolve()),
+        "layout": ds.layout,
+        "data_hash": prep.data_hash,
+        "counts": ds.counts(),
+        "split_file": SPLIT,
+        "excluded": sorted(set(ds.unreadable) | set(prep.va.failed)),
+        "config": setup.cfg.to_dict(),
+        "val": val_metrics(logits, prep.va.labels) | {"n": len(logits)},
+        "calibration": cal.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "stopped": fitted.stopped,
+        "epochs_run": fitted.epochs_run,
+        "best_epoch": fitted.best_epoch,
+        "seconds": fitted.seconds,
+    }
+    (setup.run / RUN).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
-def _fit_patch_memory(
-    run: Path,
-    d: Dist,
-    ds: Dataset,
-    split: Split,
-    cfg: TrainConfig,
-    pre: Preprocessor,
-    tr: Images,
-    va: Images,
-    x_val: np.ndarray,
-    data_hash: str,
-    t_start: float,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """The patch memory (engine.patch_model) fitted on the training split's OK images; one "epoch".
-
-    Calibration uses every image the fit did not see as a neighbour: the validation split, the training
-    split's NG images (the fit ignores NG), and each training OK image scored leave-one-out (against the
-    memory without its own patches). With few NG per split this sets the threshold on many more NG images.
-    """
-    from training.patch_memory import fit
-
-    summary: dict[str, Any] = {}
-    if d.main:  # nothing to share between ranks: rank 0 fits, the others wait at the barrier
-        ok = tr.labels == 0
-        t0 = time.monotonic()
-        model, loo = fit(
-            normalised(pre, tr.pixels[ok]), tr.pixels[ok], cfg.patch_settings(), seed=cfg.seed, log=log
-        )
-        fit_s = time.monotonic() - t0
-        device = torch.device("cpu")
-        row: dict[str, Any] = {"epoch": 1, "fit_s": round(fit_s, 1), "lr": None}
-        row |= val_metrics(predict(model, x_val, device), va.labels)
-        row |= {"best": True, "epoch_s": round(fit_s, 1), "elapsed_s": round(time.monotonic() - t_start, 1)}
-        ck = {"model": model.state_dict(), "arch": cfg.arch, "epoch": 1, "config": cfg.to_dict(), "val": row}
-        _atomic_save(ck, run / BEST)
-        _atomic_save(ck | {"best": None, "best_epoch": 1, "bad_epochs": 0, "elapsed_s": fit_s}, run / LAST)
-        with open(run / METRICS, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-        log(f"fitted in {fit_s:.1f} s; val AUROC {row['val_auroc']:.3f}")
-        ng = tr.labels == 1
-        extra = (
-            np.concatenate([predict(model, normalised(pre, tr.pixels[ng]), device), loo]),
-            np.concatenate([np.ones(int(ng.sum()), np.int64), np.zeros(len(loo), np.int64)]),
-            "val + train NG + train OK (leave-one-out)",
-        )
-        summary = finish(
-            run,
-            ds,
-            split,
-            cfg,
-            pre,
-            va,
-            x_val,
-            device,
-            data_hash,
-            calibration_extra=extra,
-            stopped="fitted",
-            epochs_run=1,
-            best_epoch=1,
-            seconds=time.monotonic() - t_start,
-        )
-        cal = summary["calibration"]
-        log(
+def _result_line(summary: dict[str, Any], cfg: TrainConfig) -> str:
+    cal = summary["calibration"]
+    if cfg.arch == "patch_memory":
+        return (
             f"threshold {cal['threshold']:.4g} on {cal['n_ng']} NG / {cal['n_ok']} OK ({cal['split']}): "
             f"recall {cal['recall']:.2f}, false-reject rate {cal['false_reject_rate']:.2f}"
         )
-    if d.world > 1:
-        dist.barrier()
-    return summary
+    return (
+        f"stopped: {summary['stopped']}; best epoch {summary['best_epoch']}; val AUROC {summary['val']['val_auroc']:.3f}; "
+        f"threshold {cal['threshold']:.4g} (val recall {cal['recall']:.2f}, "
+        f"false-reject rate {cal['false_reject_rate']:.2f})"
+    )
 
 
+# ------------------------------------------------------------------------------------------------ run files
 def resume_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
     """The config a run was started with, with ``epochs``/``max_minutes``/``threads`` changed where given."""
     allowed = {"epochs", "max_minutes", "threads"}
@@ -472,50 +620,6 @@ def resume_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
         )
     cfg = TrainConfig.from_saved(json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8")))
     return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
-
-
-def finish(
-    run: Path,
-    ds: Dataset,
-    split: Split,
-    cfg: TrainConfig,
-    pre: Preprocessor,
-    va: Images,
-    x_val: np.ndarray,
-    device: torch.device,
-    data_hash: str,
-    *,
-    calibration_extra: tuple[np.ndarray, np.ndarray, str] | None = None,
-    **info: Any,
-) -> dict[str, Any]:
-    """Calibrate the best checkpoint on the validation split (plus ``calibration_extra``: logits, labels and
-    a name for the set, where the model has more images it never learnt from) and write run.json."""
-    best = torch.load(run / BEST, map_location=device, weights_only=True)
-    model = model_from_state(best["model"]).to(device)
-    logits = predict(model, x_val, device)
-    cal_z, cal_y, cal_name = logits, va.labels, "val"
-    if calibration_extra is not None:
-        cal_z = np.concatenate([logits, calibration_extra[0]])
-        cal_y = np.concatenate([va.labels, calibration_extra[1]])
-        cal_name = calibration_extra[2]
-    cal = calibrate(
-        cal_z, cal_y, target_recall=cfg.target_recall, grey_zone_frr=cfg.grey_zone_frr, split=cal_name
-    )
-    summary = {
-        "data": str(ds.root.resolve()),
-        "layout": ds.layout,
-        "data_hash": data_hash,
-        "counts": ds.counts(),
-        "split_file": SPLIT,
-        "excluded": sorted(set(ds.unreadable) | set(va.failed)),
-        "config": cfg.to_dict(),
-        "val": val_metrics(logits, va.labels) | {"n": len(logits)},
-        "calibration": cal.to_dict(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **info,
-    }
-    (run / RUN).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
 
 
 def _line(row: dict[str, Any], cfg: TrainConfig) -> str:

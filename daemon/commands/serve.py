@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         app.start()
+    except ConfigError as exc:  # found only once the backend is known (settings made without load_settings)
+        log.error("start-up failed: configuration error", error=str(exc))
+        return 2
     except Exception as exc:
         log.error("start-up failed", error=f"{type(exc).__name__}: {exc}")
         return 1

@@ -177,6 +177,13 @@ class FolderSource:
         return len(self._seen)
 
     @property
+    def waiting(self) -> int:
+        """Files noticed but not read yet (still being written, or waiting their turn). 0 right after
+        :meth:`start` means the files already in the folder were all recorded or already read (tests)."""
+        with self._lock:
+            return len(self._pending)
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

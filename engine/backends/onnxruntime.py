@@ -1,45 +1,80 @@
 """ONNX Runtime backend: the embedded CPU default; CUDA execution provider when present and asked for.
 
-Options:
-- ``intra_op_threads`` (0 = ORT's choice: one per physical core),
-- ``device`` ("cpu" default | "cuda"), ``cuda_device_id`` (0), or an explicit ``providers`` list,
-- ``model_file``: another ONNX file of the package, e.g. ``model.int8.onnx``; it must be recorded in
-  ``model.json`` (by ``inspectd quantize``) with its sha256 and the sha256 of the model.onnx it was made from,
-  so a stale or swapped INT8 file is refused like a swapped model.onnx,
-- ``io_binding``: bind input and a preallocated output buffer instead of ``session.run``. Default: on with
-  CUDA (the output is copied straight into our host buffer), off on CPU, where measurement showed no gain
-  (``session.run`` already wraps the numpy input without a copy; see docs/gpu.md).
+Options: :class:`OnnxRuntimeOptions`.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from engine.backend import Backend, BackendError
-from engine.package import ModelPackage, PackageError, verify_variant_file
+from engine.backend import Backend, BackendError, BackendOptions
+
+if TYPE_CHECKING:  # engine.package loads OpenCV: imported where a package is opened, not to check options
+    from engine.package import ModelPackage
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 
+# An execution provider as onnxruntime takes it: its name, or (name, provider options).
+Provider = str | tuple[str, dict[str, str | int | float | bool]]
+
+
+class OnnxRuntimeOptions(BackendOptions):
+    """``model.options`` of the ``onnxruntime`` backend."""
+
+    intra_op_threads: int = Field(default=0, ge=0)  # 0 = ORT's choice: one per physical core
+    device: Literal["cpu", "cuda"] = "cpu"
+    cuda_device_id: int = Field(default=0, ge=0)
+    # An explicit provider list instead of the one ``device`` implies; one name is a list of one.
+    providers: tuple[Provider, ...] | None = None
+    # Another ONNX file of the package, e.g. ``model.int8.onnx``; it must be recorded in ``model.json`` (by
+    # ``inspectd quantize``) with its sha256 and the sha256 of the model.onnx it was made from, so a stale or
+    # swapped INT8 file is refused like a swapped model.onnx. None = model.onnx.
+    model_file: str | None = None
+    # Bind input and a preallocated output buffer instead of ``session.run``. None = on with CUDA (the output
+    # is copied straight into our host buffer), off on CPU, where measurement showed no gain (``session.run``
+    # already wraps the numpy input without a copy; see docs/gpu.md).
+    io_binding: bool | None = None
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: object) -> object:
+        if v not in ("cpu", "cuda"):
+            raise ValueError(f"onnxruntime device must be 'cpu' or 'cuda', got {v!r}")
+        return v
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _one_provider(cls, v: object) -> object:
+        return (v,) if isinstance(v, str) else v
+
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    options_type = OnnxRuntimeOptions
+    options: OnnxRuntimeOptions
 
-    def __init__(self, package: ModelPackage, *, max_batch: int = 32, **options: Any) -> None:
-        super().__init__(package, max_batch=max_batch, **options)
+    def __init__(
+        self,
+        package: ModelPackage,
+        *,
+        max_batch: int = 32,
+        options: OnnxRuntimeOptions | Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(package, max_batch=max_batch, options=options)
         self._session: Any = None
         self._binding: Any = None
         self._out_buf: np.ndarray | None = None
-        self._model_file = str(options.get("model_file") or package.onnx_path.name)
-        self.device = str(options.get("device", "cpu"))
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"onnxruntime device must be 'cpu' or 'cuda', got {self.device!r}")
-        io_binding = options.get("io_binding")
-        self.io_binding = bool(self.device == "cuda" if io_binding is None else io_binding)
+        self._model_file = self.options.model_file or package.onnx_path.name
+        self.device = self.options.device
+        io_binding = self.options.io_binding
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
 
     @property
     def precision(self) -> str:
@@ -49,8 +84,8 @@ class OnnxRuntimeBackend(Backend):
         return {**super().describe(), "device": self.device}
 
     def _providers(self, ort: Any) -> list[Any]:
-        if self.options.get("providers"):
-            return list(self.options["providers"])
+        if self.options.providers:
+            return list(self.options.providers)
         if self.device == "cpu":
             return [CPU_EP]
         if CUDA_EP not in ort.get_available_providers():
@@ -58,9 +93,11 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime device 'cuda' asked for, but this onnxruntime offers only "
                 f"{ort.get_available_providers()} (install onnxruntime-gpu)"
             )
-        return [(CUDA_EP, {"device_id": int(self.options.get("cuda_device_id", 0))}), CPU_EP]
+        return [(CUDA_EP, {"device_id": self.options.cuda_device_id}), CPU_EP]
 
     def _model_path(self) -> Path:
+        from engine.package import PackageError, verify_variant_file
+
         path = self.package.directory / self._model_file
         if path.name == self.package.onnx_path.name:
             return path  # verified by load_package
@@ -76,7 +113,7 @@ class OnnxRuntimeBackend(Backend):
         path = self._model_path()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = int(self.options.get("intra_op_threads", 0))
+        so.intra_op_num_threads = self.options.intra_op_threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
@@ -134,9 +171,7 @@ class OnnxRuntimeBackend(Backend):
 
         if self._session is None:
             return
-        arenas = "cpu:0" + (
-            f";gpu:{int(self.options.get('cuda_device_id', 0))}" if self.device == "cuda" else ""
-        )
+        arenas = "cpu:0" + (f";gpu:{self.options.cuda_device_id}" if self.device == "cuda" else "")
         ro = ort.RunOptions()
         ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         x = np.zeros((1, *self.input_spec.shape), dtype=np.float32)

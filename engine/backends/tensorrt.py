@@ -7,24 +7,26 @@ tensor (sized for ``max_batch``) and pinned host staging for the input and the l
 ``__enter__`` on the calling thread and freed in ``__exit__``. Before ``__enter__`` returns, every batch size
 of the profile has run once (TensorRT does per-shape work on the first run of each shape).
 
-Options: ``precision`` ("fp16" | "fp32"), ``opt_batch`` (profile opt, default 8), ``rebuild`` (build when the
-cache holds no plan for this station; default False → clear error), ``engine_file`` (an explicit plan — its
-sidecar key is still checked), ``device`` (CUDA ordinal), ``workspace_mb``, ``warmup_batch_sizes``.
+Options: :class:`TensorRTOptions`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import Field
 
 from engine import trt_build
-from engine.backend import Backend, BackendError
-from engine.package import ModelPackage
-from engine.trt_build import BatchProfile, EngineCache, EngineKey
+from engine.backend import Backend, BackendError, BackendOptions
+from engine.trt_build import BatchProfile, EngineCache, EngineKey, Precision
+
+if TYPE_CHECKING:  # engine.package loads OpenCV: imported where a package is opened, not to check options
+    from engine.package import ModelPackage
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +146,37 @@ def station_key(package: ModelPackage, precision: str, profile: BatchProfile, de
     return make_key(package, str(trt.__version__), gpu, cc, precision, profile)
 
 
+class TensorRTOptions(BackendOptions):
+    """``model.options`` of the ``tensorrt`` backend."""
+
+    precision: Precision = "fp16"
+    opt_batch: int | None = Field(
+        default=None, ge=1
+    )  # the profile's opt batch; None = 8 (or max_batch if less)
+    # Build a plan when the cache holds none for this station (minutes, not parity-gated); False = fail with a
+    # message naming the key it needs.
+    rebuild: bool = False
+    engine_file: Path | None = None  # an explicit plan; its sidecar key is still checked
+    device: int = Field(default=0, ge=0)  # CUDA device ordinal
+    workspace_mb: int = Field(default=trt_build.DEFAULT_WORKSPACE_MB, ge=1)  # builder workspace (rebuild)
+    warmup_batch_sizes: tuple[int, ...] | None = None  # run at __enter__; None = every size of the profile
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    options_type = TensorRTOptions
+    options: TensorRTOptions
 
-    def __init__(self, package: ModelPackage, *, max_batch: int = 32, **options: Any) -> None:
-        super().__init__(package, max_batch=max_batch, **options)
-        self._precision = str(options.get("precision", "fp16"))
-        if self._precision not in trt_build.PRECISIONS:
-            raise ValueError(f"precision must be one of {trt_build.PRECISIONS}, got {self._precision!r}")
-        self.profile = BatchProfile.for_max(max_batch, options.get("opt_batch"))
+    def __init__(
+        self,
+        package: ModelPackage,
+        *,
+        max_batch: int = 32,
+        options: TensorRTOptions | Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(package, max_batch=max_batch, options=options)
+        self._precision: str = self.options.precision
+        self.profile = BatchProfile.for_max(max_batch, self.options.opt_batch)
         self.cache = EngineCache(package.engine_cache_dir)
         self.key: EngineKey | None = None
         self.engine_record: dict[str, Any] = {}
@@ -176,7 +200,7 @@ class TensorRTBackend(Backend):
     def _open(self) -> None:
         try:
             self._open_resources()
-            sizes = tuple(self.options.get("warmup_batch_sizes") or self.profile.batch_sizes())
+            sizes = self.options.warmup_batch_sizes or self.profile.batch_sizes()
             for n in sizes:
                 self._infer(np.zeros((n, *self.input_spec.shape), dtype=np.float32))
             self.warmed_batch_sizes = sizes
@@ -186,25 +210,25 @@ class TensorRTBackend(Backend):
 
     def _open_resources(self) -> None:
         trt = trt_build.import_tensorrt()
-        self._cuda = cuda = CudaRuntime(import_cudart(), int(self.options.get("device", 0)))
+        self._cuda = cuda = CudaRuntime(import_cudart(), self.options.device)
         cuda.create_stream()
         self.key = key = self.station_key(cuda, trt)
-        explicit = self.options.get("engine_file")
+        explicit = self.options.engine_file
         if explicit is not None:
-            plan = Path(explicit)
+            plan = explicit
             self.engine_record = self.cache.verify(plan, key)  # the key is checked before deserializing
         else:
             cached = trt_build.resolve_plan(
                 self.cache,
                 key,
                 package_dir=self.package.directory,
-                rebuild=bool(self.options.get("rebuild", False)),
+                rebuild=self.options.rebuild,
                 build=lambda: trt_build.build_plan(
                     self.package.onnx_path,
                     key,
                     input_name=self.input_spec.name,
                     timing_cache=self.cache.timing_cache_path(key),
-                    workspace_mb=int(self.options.get("workspace_mb", trt_build.DEFAULT_WORKSPACE_MB)),
+                    workspace_mb=self.options.workspace_mb,
                 ),
             )
             plan, self.engine_record = cached.plan, cached.record

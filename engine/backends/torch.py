@@ -10,23 +10,50 @@ CUDA graphs need static shapes, so the profile is a set of batch buckets (defaul
 ``max_batch``, plus ``max_batch``); a batch of n runs in the smallest bucket ≥ n, zero-padded (the network is
 per-image: BatchNorm in eval mode, no cross-batch ops, so padding never changes a real image's logit).
 
-Options: ``device`` ("cpu" | "cuda" | "cuda:N"), ``threads`` (CPU intra-op threads), ``weights`` (path to the
-state dict, default ``<package>/model.pt``), ``cuda_graphs`` (default True), ``batch_buckets``,
-``precision`` ("fp16" default on CUDA, "fp32").
+Options: :class:`TorchOptions`.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import Field, ValidationInfo, field_validator
 
-from engine.backend import Backend, BackendError
-from engine.package import ModelPackage
+from engine.backend import Backend, BackendError, BackendOptions
+
+if TYPE_CHECKING:  # engine.package loads OpenCV: imported where a package is opened, not to check options
+    from engine.package import ModelPackage
 
 STATE_DICT_NAME = "model.pt"
+
+
+class TorchOptions(BackendOptions):
+    """``model.options`` of the ``torch`` backend."""
+
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
+    threads: int | None = Field(default=None, ge=0)  # CPU intra-op threads; None or 0 = torch's choice
+    weights: Path | None = None  # the state dict; None = <package>/model.pt
+    cuda_graphs: bool = True  # one CUDA graph per batch bucket (CUDA only)
+    batch_buckets: tuple[int, ...] | None = None  # None = powers of two up to max_batch, plus max_batch
+    precision: Literal["fp16", "fp32"] | None = None  # None = fp16 on CUDA, fp32 on the CPU
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @field_validator("precision")
+    @classmethod
+    def _fp16_needs_cuda(cls, v: str | None, info: ValidationInfo) -> str | None:
+        device = info.data.get("device")  # absent when the device itself was refused
+        if v == "fp16" and device is not None and not str(device).startswith("cuda"):
+            raise ValueError(
+                "fp16 is only supported on CUDA (CPU half-precision convolutions are slow/partial)"
+            )
+        return v
 
 
 def default_buckets(max_batch: int) -> tuple[int, ...]:
@@ -47,22 +74,24 @@ def state_dict_path(package: ModelPackage, override: str | Path | None = None) -
 
 class TorchBackend(Backend):
     name = "torch"
+    options_type = TorchOptions
+    options: TorchOptions
 
-    def __init__(self, package: ModelPackage, *, max_batch: int = 32, **options: Any) -> None:
-        super().__init__(package, max_batch=max_batch, **options)
-        self.device_name = str(options.get("device", "cpu"))
-        on_cuda = self.device_name.startswith("cuda")
-        self._precision = str(options.get("precision", "fp16" if on_cuda else "fp32"))
-        if self._precision not in ("fp16", "fp32"):
-            raise ValueError(f"precision must be 'fp16' or 'fp32', got {self._precision!r}")
-        if self._precision == "fp16" and not on_cuda:
-            raise ValueError(
-                "fp16 is only supported on CUDA (CPU half-precision convolutions are slow/partial)"
-            )
-        self.buckets = tuple(sorted(options.get("batch_buckets") or default_buckets(max_batch)))
+    def __init__(
+        self,
+        package: ModelPackage,
+        *,
+        max_batch: int = 32,
+        options: TorchOptions | Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(package, max_batch=max_batch, options=options)
+        opts = self.options
+        self.device_name = opts.device
+        self._precision: str = opts.precision or ("fp16" if opts.on_cuda else "fp32")
+        self.buckets = tuple(sorted(opts.batch_buckets or default_buckets(max_batch)))
         if self.buckets[-1] < max_batch:
             raise ValueError(f"batch_buckets {self.buckets} must include max_batch {max_batch}")
-        self.use_graphs = on_cuda and bool(options.get("cuda_graphs", True))
+        self.use_graphs = opts.on_cuda and opts.cuda_graphs
         self._torch: Any = None
         self._model: Any = None
         self._device: Any = None
@@ -92,8 +121,8 @@ class TorchBackend(Backend):
             raise BackendError(f"torch device {self.device_name!r} asked for, but CUDA is not available here")
         if self._device.type not in ("cpu", "cuda"):
             raise BackendError(f"torch backend supports cpu and cuda devices, got {self.device_name!r}")
-        if self._device.type == "cpu" and self.options.get("threads"):
-            torch.set_num_threads(int(self.options["threads"]))
+        if self._device.type == "cpu" and self.options.threads:
+            torch.set_num_threads(self.options.threads)
         try:
             self._model = self._load_model(torch)
             if self._device.type == "cuda":
@@ -105,7 +134,7 @@ class TorchBackend(Backend):
     def _load_model(self, torch: Any) -> Any:
         from engine.model import model_from_state
 
-        path = state_dict_path(self.package, self.options.get("weights"))
+        path = state_dict_path(self.package, self.options.weights)
         if not path.is_file():
             raise BackendError(
                 f"no {path.name} (state dict) for the torch backend: the package holds only ONNX otherwise; "
@@ -189,7 +218,8 @@ class TorchBackend(Backend):
                 out = self._forward(static_in)
             pin_out.copy_(out[:n], non_blocking=True)
         self._stream.synchronize()
-        return pin_out.numpy().copy()
+        logits: np.ndarray = pin_out.numpy().copy()
+        return logits
 
     def _close(self) -> None:
         torch = self._torch

@@ -93,19 +93,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     tol = Tolerance(args.max_flips, args.max_score_delta)
-    trt_options = {
-        "precision": args.precision,
-        "opt_batch": args.opt_batch,
-        "engine_file": candidate,
-        "device": args.device,
-    }
     try:
         rows = check_backends(
             package,
             batch,
             [
                 Candidate("onnxruntime cpu", "onnxruntime"),
-                Candidate(f"tensorrt {args.precision}", "tensorrt", trt_options),
+                Candidate.of(
+                    f"tensorrt {args.precision}",
+                    "tensorrt",
+                    precision=args.precision,
+                    opt_batch=args.opt_batch,
+                    engine_file=candidate,
+                    device=args.device,
+                ),
             ],
             max_batch=args.max_batch,
             tolerance=tol,

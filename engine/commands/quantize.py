@@ -81,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
         f"{100 * c.agreement:.1f} % ({c.flips} flips), max |Δscore| {c.max_abs_score:.3g}, "
         f"max |Δlogit| {c.max_abs_logit:.3g}"
     )
-    print("use it with backend options {'model_file': 'model.int8.onnx'} (ONNX Runtime)")
+    print(f'use it with model.options = {{ model_file = "{result.path.name}" }} (backend onnxruntime)')
     return 0

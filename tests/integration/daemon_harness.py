@@ -20,7 +20,8 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from daemon.app import App
-from daemon.settings import Settings
+from daemon.sequence import SequenceTracker
+from daemon.settings import Settings, deep_update
 from daemon.wire import camera_message
 from engine.backend import Backend, BackendError, create_backend, sigmoid
 from engine.package import Decision, ModelPackage, load_package, write_meta
@@ -67,13 +68,6 @@ def calibrated_package(
 
 
 # -- settings and the app ---------------------------------------------------------------------------------
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def daemon_settings(model_dir: Path | None, **overrides: Any) -> Settings:
     """Settings for a test daemon: ephemeral ports everywhere, fast heartbeats; nested dict overrides."""
     base: dict[str, Any] = {
@@ -88,7 +82,7 @@ def daemon_settings(model_dir: Path | None, **overrides: Any) -> Settings:
         "deadlines": {"max_latency_ms": 1000},
         "logging": {"format": "json", "batch_lines": False},
     }
-    return Settings(**_merge(base, overrides))
+    return Settings(**deep_update(base, overrides))
 
 
 @contextlib.contextmanager
@@ -105,7 +99,8 @@ def running_app(settings: Settings, **kwargs: Any) -> Iterator[App]:
 
 # -- the line controller's side -------------------------------------------------------------------------
 class VerdictCollector:
-    """A real SUB socket on its own thread, collecting verdicts and heartbeats of one line."""
+    """A real SUB socket on its own thread, collecting verdicts and heartbeats of one line; ``sequence`` (a
+    :class:`~daemon.sequence.SequenceTracker`, fed every message) holds the gaps and restarts it saw."""
 
     def __init__(self, endpoint: str | None, line: str, ctx: zmq.Context[Any] | None = None) -> None:
         if endpoint is None:
@@ -116,6 +111,7 @@ class VerdictCollector:
         self.verdicts: list[dict[str, Any]] = []
         self.heartbeats: list[dict[str, Any]] = []
         self.arrivals: list[float] = []  # time.monotonic() at receipt of each verdict
+        self.sequence = SequenceTracker()
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="test-collector", daemon=True)
@@ -147,6 +143,7 @@ class VerdictCollector:
                 msg = json.loads(payload)
                 assert topic.decode() == msg["line"] == self.line
                 with self._cv:
+                    self.sequence.feed(msg)
                     if msg["type"] == "verdict":
                         self.verdicts.append(msg)
                         self.arrivals.append(t)
@@ -214,7 +211,9 @@ class CameraPusher:
         for i, (fid, img) in enumerate(items):
             delay = t0 + i / fps - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                time.sleep(
+                    delay
+                )  # the behaviour: a camera triggers at its line rate, whatever the daemon does
             self.send(fid, img, **kw)
 
 
@@ -252,7 +251,7 @@ class ScriptedBackend(Backend):
         if self.gate is not None:
             self.gate.wait(30)
         if self.delay_s:
-            time.sleep(self.delay_s)
+            time.sleep(self.delay_s)  # the behaviour under test: a backend this slow
         if self.fail_batches > 0:
             self.fail_batches -= 1
             raise BackendError("scripted failure")

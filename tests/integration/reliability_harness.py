@@ -1,27 +1,21 @@
-"""``inspectd serve`` as a real child process, for the tests that need one: kill -9, RSS, overload.
+"""For the tests that run ``inspectd serve`` as a real child process (kill -9, RSS, overload): a free port for
+a daemon restarted on the same endpoints, and an RSS sampler.
 
-The config is written from :func:`daemon_harness.daemon_settings` (so it matches the in-process tests) with
-``to_toml``; JSON log lines are read on a thread (a full stderr pipe would stall the daemon) and the ``ready``
-line tells where the sockets are bound.
+The process itself is :class:`tools.daemon_process.DaemonProcess` (shared with ``inspectd bench``), given
+settings from :func:`daemon_harness.daemon_settings` so they match the in-process tests; its log reader
+:class:`~tools.daemon_process.LogLines` serves tests that start a process of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
-from typing import IO, Any
 
-from daemon.settings import Settings, to_toml
+from tools.daemon_process import DaemonProcess, LogLines
 
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["LogLines", "RssSampler", "free_port"]  # LogLines: for tests that start a process of their own
 
 
 def free_port() -> int:
@@ -29,106 +23,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class LogLines:
-    """Reads a daemon's JSON log lines on a thread (a full stderr pipe would stall the daemon)."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _run(self, stream: IO[bytes]) -> None:
-        for line in iter(stream.readline, b""):
-            text = line.decode(errors="replace").rstrip()
-            with self._cv:
-                self.raw.append(text)
-                with contextlib.suppress(json.JSONDecodeError):
-                    self.events.append(json.loads(text))
-                self._cv.notify_all()
-
-    def wait_for(self, event: str, timeout: float, **match: Any) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        with self._cv:
-            while True:
-                for e in self.events:
-                    if e.get("event") == event and all(e.get(k) == v for k, v in match.items()):
-                        return e
-                if not self._cv.wait(max(0.0, end - time.monotonic())) and time.monotonic() >= end:
-                    raise TimeoutError(
-                        f"no {event!r} log line within {timeout} s:\n" + "\n".join(self.raw[-30:])
-                    )
-
-    def matching(self, event: str) -> list[dict[str, Any]]:
-        with self._cv:
-            return [e for e in self.events if e.get("event") == event]
-
-
-class DaemonProcess:
-    """One run of ``inspectd serve --config``; use as a context manager (killed on exit if still running)."""
-
-    def __init__(self, settings: Settings, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config = workdir / f"inspectd-{time.monotonic_ns()}.toml"
-        self.config.write_text(to_toml(settings))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.logs: LogLines | None = None
-        self.ready: dict[str, Any] = {}
-
-    def __enter__(self) -> DaemonProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTD_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd.cli", "serve", "--config", str(self.config)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        assert self.proc.stderr is not None
-        self.logs = LogLines(self.proc.stderr)
-        self.ready = self.logs.wait_for("ready", timeout=90)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def camera_endpoint(self) -> str:
-        return str(next(s["endpoint"] for s in self.ready["sources"] if s["kind"] == "camera"))
-
-    @property
-    def publisher_endpoint(self) -> str:
-        return str(self.ready["publisher"])
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self, timeout: float = 30) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(self.logs.raw[-n:]) if self.logs else ""
 
 
 class RssSampler:

@@ -7,7 +7,6 @@ import io
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,19 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
+class WatchOutput(io.StringIO):
+    """``inspectd watch``'s output; ``heartbeat`` is set once it printed one: its subscription is live."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heartbeat = threading.Event()
+
+    def write(self, s: str) -> int:
+        if s.startswith("heartbeat "):
+            self.heartbeat.set()
+        return super().write(s)
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
     d = tmp_path_factory.mktemp("pkg") / "tiny"
@@ -32,7 +44,7 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
 @pytest.mark.timeout(60)
 def test_camera_synth_and_watch(package: ModelPackage) -> None:
     settings = daemon_settings(package.directory)
-    out = io.StringIO()
+    out = WatchOutput()
     with running_app(settings) as app, VerdictCollector(app.publisher_endpoint, settings.line) as sub:
         args = argparse.Namespace(
             connect=app.publisher_endpoint,
@@ -40,11 +52,13 @@ def test_camera_synth_and_watch(package: ModelPackage) -> None:
             count=6,
             timeout=30,
             json=False,
-            heartbeats=False,
+            heartbeats=True,
         )
         watcher = threading.Thread(target=watch.run, args=(args, out))
         watcher.start()
-        time.sleep(0.3)  # the watcher's subscription reaches the PUB socket
+        # The first heartbeat it prints: its subscription has reached the PUB socket (nothing sent from now on
+        # is lost to the slow joiner).
+        assert out.heartbeat.wait(10), "inspectd watch got no heartbeat"
         rc = main(
             [
                 "camera",

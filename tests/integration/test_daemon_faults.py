@@ -10,9 +10,10 @@ import urllib.request
 import numpy as np
 import pytest
 
+from daemon.app import App
 from daemon.settings import Backpressure
 from engine.package import ModelPackage
-from tests.helpers import tiny_package
+from tests.helpers import tiny_package, wait_until
 from tests.integration.daemon_harness import (
     CameraPusher,
     ScriptedBackend,
@@ -49,9 +50,15 @@ def test_slow_backend_gets_deadline_rejects_at_the_deadline(package: ModelPackag
         ):
             for i in range(3):
                 cam.send(f"slow-{i}", IMG)
+                # Behaviour, not synchronisation: frames arrive apart, as from a camera, each with its own deadline.
                 time.sleep(0.03)
             verdicts = sub.wait_verdicts(3, timeout=10)
-            time.sleep(1.0)  # the slow batches finish now: their results must be discarded, not published
+            # Stopping drains the pipeline: it returns once the slow batches have finished and their results were
+            # discarded or (wrongly) published; every verdict published by then has a seq, so wait for them all.
+            app.stop()
+            assert app.publisher is not None
+            published = app.publisher.seq_last
+            sub.wait_verdicts(published, timeout=10)
             late = app.registry.get_sample_value("inspectd_late_results_total", {"line": settings.line})
             misses = app.registry.get_sample_value("inspectd_deadline_misses_total", {"line": settings.line})
             all_verdicts = list(sub.verdicts)
@@ -64,10 +71,17 @@ def test_slow_backend_gets_deadline_rejects_at_the_deadline(package: ModelPackag
     assert late is not None and late >= 1  # at least the first batch finished after its frame's deadline
 
 
-def _send_then_burst(cam: CameraPusher, n: int) -> None:
+def _send_then_burst(cam: CameraPusher, app: App, backend: ScriptedBackend, n: int) -> None:
+    pipeline = app.pipeline
+    assert pipeline is not None
+    calls = backend.calls  # the warm-up's
     cam.send("f00", IMG)
     cam.send("f01", IMG)
-    time.sleep(0.3)  # the batcher holds f00 (in inference) and f01 (waiting): every buffer is busy now
+    wait_until(
+        lambda: backend.calls > calls and pipeline.batcher.batches >= 2,
+        10,
+        "f00 in inference and f01 batched behind it (every buffer busy)",
+    )
     for i in range(2, n):
         cam.send(f"f{i:02d}", IMG)
 
@@ -96,7 +110,7 @@ def test_queue_overflow_rejects_by_policy(
             VerdictCollector(app.publisher_endpoint, settings.line) as sub,
             CameraPusher(app.camera_endpoint) as cam,
         ):
-            _send_then_burst(cam, 10)
+            _send_then_burst(cam, app, backend, 10)
             early = sub.wait_verdicts(6, timeout=10)  # published while inference is still blocked
             backend.gate.set()
             verdicts = sub.wait_verdicts(10, timeout=10)

@@ -12,9 +12,11 @@ import cv2
 import pytest
 
 from daemon.settings import Settings
+from daemon.sources.folder import FolderSource
 from daemon.types import Frame, Verdict
 from engine.package import ModelPackage
 from engine.preprocess import decode
+from tests.helpers import wait_until
 from tests.integration.daemon_harness import (
     VerdictCollector,
     calibrated_package,
@@ -58,7 +60,7 @@ def slow_write(path: Path, data: bytes, chunks: int = 6, pause_s: float = 0.06) 
             fh.write(data[i : i + step])
             fh.flush()
             os.fsync(fh.fileno())
-            time.sleep(pause_s)
+            time.sleep(pause_s)  # behaviour, not synchronisation: a writer that takes its time
 
 
 def tmp_then_rename(path: Path, data: bytes) -> None:
@@ -101,7 +103,9 @@ def test_slow_and_renaming_writers_are_read_once_complete(
         for w in writers:
             w.join()
         verdicts = sub.wait_verdicts(len(expected), timeout=30)
-        time.sleep(0.6)  # longer than stable_ms: a second look at any file would show up now
+        # Behaviour, not synchronisation: proving that no file is looked at twice. Longer than stable_ms, so a
+        # second look at any file would show up now.
+        time.sleep(0.6)
         verdicts = list(sub.verdicts)
     assert_each_once_and_equal_to_offline(verdicts, expected, package)
 
@@ -128,7 +132,8 @@ def test_broken_files_are_rejected_once_and_the_daemon_goes_on(
         sub.wait_verdicts(5, timeout=20)
         (folder / "good.png").write_bytes(pngs[2])
         verdicts = sub.wait_verdicts(6, timeout=20)
-        time.sleep(0.5)  # nothing is retried in a loop
+        # Behaviour, not synchronisation: proving that nothing is retried in a loop (stable_ms is 200 ms).
+        time.sleep(0.5)
         verdicts = list(sub.verdicts)
         alive = app.pipeline is not None and app.pipeline.threads_alive()
     assert alive
@@ -165,15 +170,21 @@ def test_existing_files_then_moved_after_verdict_and_not_reinspected_on_restart(
 
     with running_app(settings, listeners=[listener]):
         assert done.wait(20)
-        deadline = time.monotonic() + 5  # moves happen after publish, on the after-publish thread
-        while any(p.is_file() for p in folder.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # Moves happen after publish, on the after-publish thread.
+        wait_until(
+            lambda: not any(p.is_file() for p in folder.iterdir()),
+            5,
+            "every file moved to done/ or rejected/",
+        )
     assert sorted(v.frame_id for v in seen) == sorted([*expected, "broken.png"])
     moved = {p.name: p.parent.name for p in folder.rglob("*.png")}
     for v in seen:
         assert moved[v.frame_id] == ("done" if v.outcome.value == "PASS" else "rejected")
     # A restart finds nothing left to inspect: a moved file has its published verdict.
     again: list[Verdict] = []
-    with running_app(settings, listeners=[lambda v, f, m: again.append(v)]):
-        time.sleep(0.5)
+    with running_app(settings, listeners=[lambda v, f, m: again.append(v)]) as app:
+        # Every file found at start is read (none should be); stopping then drains whatever was read.
+        source = app.sources[0]
+        assert isinstance(source, FolderSource)
+        wait_until(lambda: source.waiting == 0, 10, "the files found at start to be read")
     assert again == []

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.gauges import GaugeSet, learn_bands
+from engine.gauges import GaugeSet
 from engine.package import Decision, ModelPackage, load_package, write_meta
 from engine.pose import PoseParams, estimate_pose
 from tests.helpers import tiny_package
 from tests.integration.daemon_harness import CameraPusher, VerdictCollector, daemon_settings, running_app
 from tools.synth import render_screw
+from training.gauge_fit import learn_bands
 
 pytestmark = pytest.mark.integration
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -13,7 +14,7 @@ import pytest
 
 from daemon.systemd_notify import SystemdNotifier
 from engine.package import load_package
-from tests.helpers import tiny_package
+from tests.helpers import tiny_package, wait_until
 from tests.integration.daemon_harness import CameraPusher, ScriptedBackend, daemon_settings, running_app
 
 pytestmark = pytest.mark.integration
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.integration
 
 class NotifyListener:
     def __init__(self, path: Path) -> None:
+        self.path = path
+        self._marks = itertools.count(1)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.settimeout(0.05)
@@ -44,6 +47,20 @@ class NotifyListener:
     def states(self, since: float = 0.0) -> list[str]:
         return [m.split("\n")[0] for t, m in list(self.messages) if t >= since]
 
+    def mark(self) -> int:
+        """Send a marker datagram to this socket and wait until it is read; returns its index in ``messages``.
+        One socket is one queue: every datagram sent before the marker was sent is read before it."""
+        token = f"MARK-{next(self._marks)}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(token.encode(), str(self.path))
+        wait_until(
+            lambda: any(m == token for _, m in list(self.messages)), 5, f"the marker {token} read back"
+        )
+        return next(i for i, (_, m) in enumerate(list(self.messages)) if m == token)
+
+    def states_after(self, mark: int) -> list[str]:
+        return [m.split("\n")[0] for _, m in list(self.messages)[mark + 1 :]]
+
 
 @pytest.mark.timeout(60)
 def test_ready_watchdog_only_while_progressing_and_stopping(tmp_path: Path) -> None:
@@ -63,21 +80,25 @@ def test_ready_watchdog_only_while_progressing_and_stopping(tmp_path: Path) -> N
     gate = threading.Event()
     try:
         with running_app(settings, backend=backend, notifier=SystemdNotifier(env)) as app:
-            time.sleep(0.8)
+            # Idle but healthy: pinging.
+            wait_until(lambda: listener.states().count("WATCHDOG=1") >= 2, 5, "two WATCHDOG=1 while idle")
             assert listener.states()[0] == "READY=1"
-            assert listener.states().count("WATCHDOG=1") >= 2  # idle but healthy: pinging
             backend.gate = gate
             with CameraPusher(app.camera_endpoint) as cam:
                 cam.send("stuck", np.zeros((32, 32), np.uint8))
-            time.sleep(1.2)  # > stall_s: the inference stage is wedged with work waiting
-            t_wedged = time.monotonic()
+            # Longer than stall_s the inference stage is wedged with work waiting: readiness drops ...
+            wait_until(lambda: not app.is_ready(), 10, "readiness to drop while inference is wedged")
+            wedged = listener.mark()  # every ping sent before readiness dropped has been read by now
+            # ... and the pings stop. Behaviour, not synchronisation: no WATCHDOG=1 for three supervisor rounds.
             time.sleep(0.8)
-            assert "WATCHDOG=1" not in listener.states(since=t_wedged), "pinged systemd while wedged"
+            assert "WATCHDOG=1" not in listener.states_after(wedged), "pinged systemd while wedged"
             assert not app.is_ready()
+            released = listener.mark()
             gate.set()
-            time.sleep(0.8)
-            assert "WATCHDOG=1" in listener.states(since=time.monotonic() - 0.5)
-            assert app.is_ready()
+            wait_until(
+                lambda: "WATCHDOG=1" in listener.states_after(released), 5, "WATCHDOG=1 again once unwedged"
+            )
+            wait_until(app.is_ready, 5, "ready again once unwedged")
         assert listener.states()[-1] == "STOPPING=1"
     finally:
         gate.set()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engine.package import load_package
-from tests.helpers import tiny_package
+from tests.helpers import tiny_package, wait_until
 from tests.integration.daemon_harness import (
     CameraPusher,
     ScriptedBackend,
@@ -74,14 +74,15 @@ batch_lines = false
         with VerdictCollector(ready["publisher"], "sigterm-line") as sub, CameraPusher(camera) as cam:
             for i in range(300):
                 cam.send(f"p{i:03d}", frames[i % len(frames)])
-            time.sleep(0.05)  # let the daemon accept some; many are still queued or in inference
+            # The first verdict: the daemon has accepted some; many are still queued or in inference.
+            sub.wait_verdicts(1, timeout=20)
             t_sig = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=30)
             t_exit = time.monotonic() - t_sig
             stopping = logs.wait_for("stopping", timeout=5)
             stopped = logs.wait_for("stopped", timeout=5)
-            time.sleep(0.2)
+            sub.wait_verdicts(stopped["verdicts"], timeout=5)  # every verdict it published has arrived
             verdicts = list(sub.verdicts)
     finally:
         if proc.poll() is None:
@@ -120,13 +121,9 @@ def test_stop_with_a_wedged_backend_fail_safe_rejects_what_is_left(tmp_path: Pat
             ):
                 for i in range(6):
                     cam.send(f"w{i}", img)
-                deadline = time.monotonic() + 5
-                while (
-                    app.pipeline is not None
-                    and app.pipeline.ledger.admitted < 6
-                    and time.monotonic() < deadline
-                ):
-                    time.sleep(0.01)
+                pipeline = app.pipeline
+                assert pipeline is not None
+                wait_until(lambda: pipeline.ledger.admitted >= 6, 5, "all 6 frames admitted")
                 t0 = time.monotonic()
                 app.stop()
                 stop_s = time.monotonic() - t0

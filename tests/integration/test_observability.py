@@ -22,7 +22,7 @@ from daemon.app import App
 from daemon.metrics import LATENCY_BUCKETS
 from engine.package import load_package
 from tests.deploy_support import require_tool
-from tests.helpers import tiny_package
+from tests.helpers import tiny_package, wait_until
 from tests.integration.daemon_harness import (
     CameraPusher,
     ScriptedBackend,
@@ -84,13 +84,13 @@ def feed(app: App, line: str, n_images: int) -> tuple[list[dict[str, Any]], int]
 def scrape_until(port: int, n_verdicts: int, timeout: float = 10.0) -> str:
     """/metrics once it counts every verdict: the publisher updates the metrics just after sending, so a
     scrape racing the last verdict may lag by one. Counters only grow, so waiting cannot hide a surplus."""
-    end = time.monotonic() + timeout
-    while True:
+
+    def counted() -> str | None:
         status, ctype, text = http_get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200 and ctype.startswith("text/plain"), (status, ctype)
-        if total(parse_samples(text), "inspectd_verdicts_total") >= n_verdicts or time.monotonic() > end:
-            return text
-        time.sleep(0.05)
+        return text if total(parse_samples(text), "inspectd_verdicts_total") >= n_verdicts else None
+
+    return wait_until(counted, timeout, f"/metrics counting all {n_verdicts} verdicts")
 
 
 @pytest.mark.timeout(120)
@@ -193,9 +193,7 @@ def test_readyz_and_ready_gauge_follow_engine_failures(tmp_path: Path) -> None:
                 cam.send(f"doomed-{i}", img)
                 collector.wait_verdicts(i + 1)  # one batch each: consecutive failures, not one big batch
         assert {v["reason"] for v in collector.verdicts} == {"engine_error"}
-        end = time.monotonic() + 5  # the supervisor re-evaluates readiness every 0.25 s
-        while http_get(f"{base}/readyz")[0] != 503 and time.monotonic() < end:
-            time.sleep(0.05)
-        assert http_get(f"{base}/readyz")[0] == 503
+        # The supervisor re-evaluates readiness every 0.25 s.
+        wait_until(lambda: http_get(f"{base}/readyz")[0] == 503, 5, "/readyz answering 503")
         assert http_get(f"{base}/healthz")[0] == 200
         assert value(parse_samples(http_get(f"{base}/metrics")[2]), "inspectd_ready", line=line) == 0.0

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.deploy_support import RULES_YML, dashboard_queries, load_dashboard, require_tool
+from tests.helpers import wait_until
 from tests.integration.daemon_harness import (
     CameraPusher,
     VerdictCollector,
@@ -72,11 +73,7 @@ class PrometheusServer:
         return float(result[0]["value"][1]) if result else None
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-        end = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > end:
-                pytest.fail(f"Prometheus: {what} not within {timeout} s\n{self.log_tail()}")
-            time.sleep(0.2)
+        wait_until(check, timeout, lambda: f"Prometheus: {what}\n{self.log_tail()}", poll_s=0.2)
 
     def log_tail(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")[-3000:]

@@ -21,14 +21,15 @@ import pytest
 import zmq
 from structlog.testing import capture_logs
 
+from daemon.sequence import SequenceTracker
 from daemon.settings import PublisherSettings
 from daemon.wire import camera_message
 from engine.package import load_package
-from tests.helpers import tiny_package
+from tests.helpers import tiny_package, wait_until
 from tests.hostile_inputs import encode
 from tests.integration.daemon_harness import CameraPusher, VerdictCollector, daemon_settings, running_app
-from tests.integration.reliability_harness import DaemonProcess, free_port
-from tools.commands.watch import GapDetector
+from tests.integration.reliability_harness import free_port
+from tools.daemon_process import DaemonProcess
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -60,7 +61,7 @@ class Streamer:
         while not self._stop.is_set():
             delay = t0 + i / self.fps - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                time.sleep(delay)  # behaviour, not synchronisation: a camera's steady frame rate
             fid = f"k-{i:06d}"
             # NOBLOCK: ZeroMQ queues while the daemon is down (up to SNDHWM) and refuses beyond; a refused part
             # was not sent, and the camera knows it.
@@ -100,19 +101,36 @@ def test_kill_9_mid_stream_then_restart(tmp_path: Path) -> None:
         Streamer(cam_ep, 40, img) as cam,
     ):
         sub.wait_verdicts(40, timeout=30)
-        time.sleep(0.08)  # a batch was just published; now the next one is filling up inside the daemon
+        # A batch was just published; the next one fills for up to 150 ms. Kill once the camera has sent two frames
+        # since: they are inside the daemon, undecided.
+        t_published = sub.arrivals[39]
+        wait_until(
+            lambda: sum(t > t_published for _, t in list(cam.sent)) >= 2,
+            10,
+            "two frames sent since the last batch was published",
+        )
         t_kill = time.monotonic()
         first.kill9()
         boot_a = sub.verdicts[0]["boot_id"]
-        time.sleep(0.5)  # down: the camera's sends fail (no peer) or vanish with the dead connection
+        # Behaviour, not synchronisation: the outage. The camera's sends fail (no peer) or vanish with the dead
+        # connection for at least this long, however fast the new daemon starts.
+        time.sleep(0.5)
         with DaemonProcess(settings, tmp_path / "b") as second:
-            deadline = time.monotonic() + 30
-            while sum(v["boot_id"] != boot_a for v in sub.verdicts) < 40:
-                assert time.monotonic() < deadline, second.tail()
-                time.sleep(0.05)
+            wait_until(
+                lambda: sum(v["boot_id"] != boot_a for v in list(sub.verdicts)) >= 40,
+                30,
+                lambda: f"40 verdicts from the restarted daemon:\n{second.tail()}",
+            )
             hb = sub.wait_heartbeat(timeout=5)
             assert second.terminate() == 0, second.tail()
-        time.sleep(0.3)
+            assert second.logs is not None
+            published_b = second.logs.wait_for("stopped", timeout=5)["verdicts"]
+        # Everything the second boot published, up to its last (shutdown) verdict, has reached the subscriber.
+        wait_until(
+            lambda: sum(v["boot_id"] != boot_a for v in list(sub.verdicts)) >= published_b,
+            5,
+            f"all {published_b} verdicts of the restarted daemon at the subscriber",
+        )
         verdicts, sent = list(sub.verdicts), list(cam.sent)
     a = [v for v in verdicts if v["boot_id"] == boot_a]
     b = [v for v in verdicts if v["boot_id"] != boot_a]
@@ -132,7 +150,7 @@ def test_kill_9_mid_stream_then_restart(tmp_path: Path) -> None:
     assert not set(before_kill) & {v["frame_id"] for v in b}
     assert all(v["reason"] == "model" for v in a)
     assert all(v["verdict"] == "REJECT" for v in b if v["reason"] != "model")  # e.g. shutdown at the end
-    gaps = GapDetector()
+    gaps = SequenceTracker()
     for v in verdicts:
         gaps.feed(v)
     assert gaps.restarts == 1 and gaps.gaps == []
@@ -172,11 +190,13 @@ def test_folder_journal_survives_kill_9_at_least_once(tmp_path: Path) -> None:
     assert 0 < len(published_a) < len(names), "the kill was not mid-way"
     with DaemonProcess(settings, tmp_path / "b") as second:
         boot_b = second.ready["boot_id"]
-        deadline = time.monotonic() + 60
         expected_b = len(names) - len(journaled_a)
-        while sum(1 for line in journal.read_text().splitlines() if boot_b in line) < expected_b:
-            assert time.monotonic() < deadline, second.tail()
-            time.sleep(0.1)
+        wait_until(
+            lambda: sum(1 for line in journal.read_text().splitlines() if boot_b in line) >= expected_b,
+            60,
+            lambda: f"{expected_b} journal records of the restarted daemon:\n{second.tail()}",
+        )
+        # Behaviour, not synchronisation: proving that nothing more is inspected (a file read twice would be).
         time.sleep(0.5)
         assert second.terminate() == 0, second.tail()
         stopped = second.logs.wait_for("stopped", timeout=5) if second.logs else {}
@@ -206,10 +226,11 @@ def test_subscriber_disconnect_and_reconnect(tmp_path: Path) -> None:
             boot = first.heartbeats[-1]["boot_id"]
         for i in range(5):  # nobody listening: published into the void, not queued
             cam.send(f"b{i}", img)
-        deadline = time.monotonic() + 10
-        while app.publisher is None or app.publisher.seq_last < 10:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(
+            lambda: app.publisher is not None and app.publisher.seq_last >= 10,
+            10,
+            "the verdicts nobody listened to published",
+        )
         with VerdictCollector(app.publisher_endpoint, settings.line) as second:
             hb = second.wait_heartbeat(timeout=5)
             for i in range(5):
@@ -222,11 +243,16 @@ def test_subscriber_disconnect_and_reconnect(tmp_path: Path) -> None:
 
 
 def _scrape(port: int, name: str) -> float:
+    """The sum over every series of ``name`` (the value, for a metric of one series)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in r.read().decode().splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        ]
+    if not values:
+        raise KeyError(name)
+    return sum(values)
 
 
 @pytest.mark.timeout(120)
@@ -244,14 +270,16 @@ def test_publisher_memory_is_bounded_without_or_with_a_stalled_subscriber(tmp_pa
             for _ in range(n):
                 cam.send_parts(broken)
         port = int(daemon.ready["metrics_port"])
-        deadline = time.monotonic() + 60
-        while (
-            _scrape(port, "inspectd_last_verdict_timestamp_seconds") == 0
-            or _scrape(port, "inspectd_frames_received_total") < total
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        time.sleep(0.5)
+        # Every frame received and its verdict published (after that the daemon holds nothing of them).
+        wait_until(
+            lambda: (
+                _scrape(port, "inspectd_frames_received_total") >= total
+                and _scrape(port, "inspectd_verdicts_total") >= total
+            ),
+            60,
+            f"{total} frames received and their verdicts published",
+            poll_s=0.1,
+        )
 
     with DaemonProcess(settings, tmp_path / "run") as daemon:
         rss0 = daemon.rss_bytes()
@@ -300,10 +328,7 @@ def test_model_package_replaced_on_disk_is_detected_and_served_unchanged(tmp_pat
         return app.registry.get_sample_value("inspectd_model_package_changed", {"line": settings.line})
 
     def wait_gauge(app: Any, value: float) -> None:
-        deadline = time.monotonic() + 10
-        while gauge(app) != value:
-            assert time.monotonic() < deadline, f"inspectd_model_package_changed never became {value}"
-            time.sleep(0.02)
+        wait_until(lambda: gauge(app) == value, 10, f"inspectd_model_package_changed to become {value}")
 
     with (
         capture_logs() as logs,
@@ -315,14 +340,16 @@ def test_model_package_replaced_on_disk_is_detected_and_served_unchanged(tmp_pat
         before = sub.wait_verdicts(1)[0]
         assert gauge(app) == 0
         shutil.copyfile(other / "model.onnx", pkg / "model.onnx")  # a copy half done: ONNX only
-        wait_gauge(app, 1)
-        time.sleep(0.2)
+        wait_gauge(app, 1)  # the half-done copy has been seen
         shutil.copyfile(other / "model.json", pkg / "model.json")  # now a consistent, different package
-        deadline = time.monotonic() + 10
         changes = {"line": settings.line}
-        while (app.registry.get_sample_value("inspectd_model_package_changes_total", changes) or 0) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(
+            lambda: (
+                (app.registry.get_sample_value("inspectd_model_package_changes_total", changes) or 0) >= 2
+            ),
+            10,
+            "the consistent new package seen as a second change",
+        )
         cam.send("after", img)
         after = sub.wait_verdicts(2)[1]
         for name, data in original.items():  # put the served package back

@@ -215,14 +215,16 @@ def test_a_fixed_rate_is_never_exceeded(package: ModelPackage, data: Path) -> No
 
 
 def test_replay_never_imports_torch(package: ModelPackage, data: Path, tmp_path: Path) -> None:
-    """The QA command reads ground truth with training's dataset code: that must stay torch-free."""
+    """The QA command runs where the daemon runs: no torch, and no training package at all (its ground truth
+    comes from engine.dataset, its heat maps from engine.heatmap)."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from inspectd.cli import main\n"
         f"rc = main(['replay', {str(data)!r}, '--model', {str(package.directory)!r}, '--out', "
         f"{str(tmp_path / 'r')!r}, '--no-progress', '--max-latency-ms', '5000'])\n"
         "assert rc == 0, rc\n"
-        "assert 'engine.dataset' in sys.modules and 'training.report' in sys.modules\n"
+        "assert 'engine.dataset' in sys.modules and 'engine.heatmap' in sys.modules\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'training'], 'training imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=100)
 
@@ -277,10 +279,11 @@ def test_replay_settings_keep_the_pipeline_and_drop_what_a_station_shares(tmp_pa
 
 def test_a_gauged_package_reports_what_the_gauges_caught(tmp_path: Path) -> None:
     """The report shows the measurements OK vs NG with the bands, and the NG parts only the gauges caught."""
-    from engine.gauges import GaugeSet, learn_bands
+    from engine.gauges import GaugeSet
     from engine.pose import PoseParams, estimate_pose
     from engine.preprocess import load_gray
     from tests.helpers import tiny_package
+    from training.gauge_fit import learn_bands
 
     data = tmp_path / "data"
     write_dataset(data, n_ok=6, n_ng=5, seed=4, size=1024)  # one NG of each type; manipulated_front is short

@@ -1,4 +1,5 @@
-"""engine.gauges on the 300 real screws: k-fold false-reject cost and NG caught, per band and for the defaults.
+"""engine.gauges and training.gauge_fit on the 300 real screws: k-fold false-reject cost and NG caught, per band
+and for the defaults.
 
 Every part is judged by bands learned from the OK parts of the other folds (stratified by kind), so neither an OK
 part nor an NG part is ever judged by a band it helped to learn. Skips without ../shared/data/screws-300 (or
@@ -13,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.gauges import DEFAULT_BANDS, MEASUREMENTS, kfold_cost, learn_bands, outside
+from engine.gauges import MEASUREMENTS, outside
 from engine.pose import Measurements, PoseError, estimate_pose
 from engine.preprocess import load_gray
+from training.gauge_fit import DEFAULT_BANDS, kfold_cost, learn_bands
 
 pytestmark = pytest.mark.realdata
 

@@ -90,3 +90,42 @@ def test_unrecorded_model_file_is_refused(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "pkg" / "model.onnx", tmp_path / "pkg" / "model.int8.onnx")
     with pytest.raises(BackendError, match="model.int8.onnx is not recorded in .*inspectd quantize"):
         _enter("onnxruntime", load_package(tmp_path / "pkg"), model_file="model.int8.onnx")
+
+
+def test_a_misspelt_option_is_refused_by_name(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from engine.backend import OptionsError, backend_options
+    from engine.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeOptions
+    from engine.backends.tensorrt import TensorRTOptions
+
+    tiny_package(tmp_path / "pkg", input_size=(32, 32))
+    pkg = load_package(tmp_path / "pkg")
+    known = "cuda_device_id, device, intra_op_threads, io_binding, model_file, providers"
+    with pytest.raises(OptionsError) as exc:
+        create_backend("onnxruntime", pkg, intra_op_thread=1)
+    assert str(exc.value) == (
+        "unknown option 'intra_op_thread' for the onnxruntime backend (did you mean 'intra_op_threads'?); "
+        f"its options are: {known}"
+    )
+    assert (exc.value.key, exc.value.backend) == ("intra_op_thread", "onnxruntime")
+    with pytest.raises(OptionsError, match="option 'io_binding' of the onnxruntime backend: .*valid boolean"):
+        create_backend("onnxruntime", pkg, io_binding="perhaps")
+    with pytest.raises(OptionsError, match="are not options of the onnxruntime backend"):
+        create_backend("onnxruntime", pkg, options=TensorRTOptions())
+    # Typed, frozen, every default as before; values as configuration gives them are converted.
+    opts = backend_options("onnxruntime")
+    assert isinstance(opts, OnnxRuntimeOptions)
+    assert (opts.intra_op_threads, opts.device, opts.cuda_device_id) == (0, "cpu", 0)
+    assert (opts.providers, opts.model_file, opts.io_binding) == (None, None, None)
+    with pytest.raises(ValidationError):
+        opts.device = "cuda"
+    assert backend_options("onnxruntime", {"intra_op_threads": "2", "providers": "CPUExecutionProvider"}) == (
+        OnnxRuntimeOptions(intra_op_threads=2, providers=("CPUExecutionProvider",))
+    )
+    with create_backend(
+        "onnxruntime", pkg, max_batch=2, options={"intra_op_threads": 1}, io_binding=True
+    ) as b:
+        assert isinstance(b, OnnxRuntimeBackend) and isinstance(b.options, OnnxRuntimeOptions)
+        assert (b.options.intra_op_threads, b.io_binding) == (1, True)
+        b.infer(np.zeros((2, 1, 32, 32), np.float32))

@@ -132,3 +132,28 @@ def test_cuda_graph_buckets() -> None:
     assert [bucket_for(n, (1, 2, 4, 8, 12)) for n in (1, 2, 3, 5, 9, 12)] == [1, 2, 4, 8, 12, 12]
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         bucket_for(13, (1, 2, 4, 8, 12))
+
+
+def test_a_misspelt_option_is_refused_by_name(random_pkg: Path) -> None:
+    from engine.backend import OptionsError
+    from engine.backends.torch import TorchOptions
+
+    pkg = load_package(random_pkg)
+    with pytest.raises(OptionsError) as exc:
+        create_backend("torch", pkg, max_batch=2, thread=1)
+    assert str(exc.value) == (
+        "unknown option 'thread' for the torch backend (did you mean 'threads'?); its options are: "
+        "batch_buckets, cuda_graphs, device, precision, threads, weights"
+    )
+    assert exc.value.key == "thread"
+    with pytest.raises(OptionsError, match="option 'cuda_graphs' of the torch backend: .*valid boolean"):
+        create_backend("torch", pkg, cuda_graphs="sometimes")
+    d = TorchOptions()
+    assert (d.device, d.threads, d.weights, d.cuda_graphs, d.batch_buckets, d.precision) == (
+        "cpu", None, None, True, None, None,
+    )  # fmt: skip
+    assert create_backend("torch", pkg, threads="2").options == TorchOptions(threads=2)  # not entered
+    with create_backend("torch", pkg, max_batch=2, weights=str(random_pkg / "model.pt")) as tb:
+        assert isinstance(tb.options, TorchOptions) and tb.options.weights == random_pkg / "model.pt"
+        assert tb.precision == "fp32"
+        tb.infer(np.zeros((2, 1, *SIZE), np.float32))

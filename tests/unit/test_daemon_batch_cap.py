@@ -17,19 +17,27 @@ from daemon.batcher import cap_batch
 from daemon.pipeline import Pipeline
 from daemon.settings import Backpressure, Settings
 from daemon.types import Frame, Reason
-from engine.backend import Backend
+from engine.backend import Backend, BackendOptions
 from engine.package import ModelPackage, load_package
 from tests.helpers import pipeline_for, tiny_package
+
+
+class PerFrameOptions(BackendOptions):
+    per_frame_s: float
 
 
 class PerFrameBackend(Backend):
     """Costs ``per_frame_s`` × batch size: on a fake clock when one is given, else by sleeping."""
 
     name = "per-frame"
+    options_type = PerFrameOptions
+    options: PerFrameOptions
 
-    def __init__(self, package: ModelPackage, *, max_batch: int, **options: Any) -> None:
-        super().__init__(package, max_batch=max_batch, **options)  # options: replicas get them too
-        self.per_frame_s = float(options["per_frame_s"])
+    def __init__(
+        self, package: ModelPackage, *, max_batch: int, options: PerFrameOptions | dict[str, Any]
+    ) -> None:
+        super().__init__(package, max_batch=max_batch, options=options)  # options: replicas get them too
+        self.per_frame_s = self.options.per_frame_s
         self.fake_now: float | None = None
         self.sizes: list[int] = []
         self.trims_after: list[int] = []  # how many inferences had run at each trim()
@@ -72,7 +80,7 @@ def test_cap_is_the_largest_timed_size_within_the_budget() -> None:
 
 
 def test_timing_stops_after_the_first_size_over_budget(package: ModelPackage) -> None:
-    b = PerFrameBackend(package, max_batch=64, per_frame_s=0.010)
+    b = PerFrameBackend(package, max_batch=64, options={"per_frame_s": 0.010})
     b.fake_now = 0.0
     with b:
         timings = b.time_batches(budget_s=0.035, repeats=3, clock=b.clock, untimed=2)
@@ -82,7 +90,7 @@ def test_timing_stops_after_the_first_size_over_budget(package: ModelPackage) ->
 
 
 def test_a_max_batch_that_is_not_a_power_of_two_is_timed_itself(package: ModelPackage) -> None:
-    b = PerFrameBackend(package, max_batch=6, per_frame_s=0.001)
+    b = PerFrameBackend(package, max_batch=6, options={"per_frame_s": 0.001})
     b.fake_now = 0.0
     with b:
         timings = b.time_batches(budget_s=1.0, repeats=1, clock=b.clock)
@@ -102,11 +110,14 @@ def _pipeline(
 
 @pytest.mark.timeout(30)
 def test_the_pipeline_never_forms_a_batch_over_the_cap(package: ModelPackage) -> None:
-    backend = PerFrameBackend(package, max_batch=8, per_frame_s=0.005)
+    backend = PerFrameBackend(package, max_batch=8, options={"per_frame_s": 0.005})
     p = _pipeline(package, backend)
     p.start()
     try:
-        assert p.batcher.max_batch == 4
+        # One home: the pipeline's limit, which the batcher reads (and the ready log line reports).
+        assert p.max_batch == p.batcher.max_batch == p.batch_limit.value == 4
+        assert p.batcher.limit is p.batch_limit and all(w.batch_limit is p.batch_limit for w in p.workers)
+        assert p.batch_limit.configured == 8 and p.batch_limit.capped
         assert sorted(p.worker.batch_timings) == [1, 2, 4, 8]  # 8 was timed, found over budget, and dropped
         # Its memory given back right after the timing, then grown again to the cap with one batch of 4, so
         # the first real full batch does not pay for the allocation.
@@ -135,19 +146,30 @@ def test_the_pipeline_never_forms_a_batch_over_the_cap(package: ModelPackage) ->
 def test_no_cap_when_switched_off_or_without_warmup(
     package: ModelPackage, batching: dict[str, Any], warmup: bool
 ) -> None:
-    backend = PerFrameBackend(package, max_batch=8, per_frame_s=0.005)
+    backend = PerFrameBackend(package, max_batch=8, options={"per_frame_s": 0.005})
     p = _pipeline(package, backend, batching, warmup)
     p.start()
     try:
-        assert p.batcher.max_batch == 8
+        assert p.batcher.max_batch == 8 and not p.batch_limit.capped
         assert p.worker.batch_timings == {}
     finally:
         p.drain(5.0)
 
 
 @pytest.mark.timeout(30)
+def test_a_backend_larger_than_the_buffers_is_timed_only_up_to_them(package: ModelPackage) -> None:
+    backend = PerFrameBackend(package, max_batch=16, options={"per_frame_s": 0.0001})
+    p = _pipeline(package, backend, {"max_batch": 4})
+    p.start()
+    try:
+        assert max(p.worker.batch_timings) == 4 and p.max_batch == 4  # never a batch the buffers cannot hold
+    finally:
+        p.drain(5.0)
+
+
+@pytest.mark.timeout(30)
 def test_other_workers_warm_up_only_to_the_cap(package: ModelPackage) -> None:
-    backend = PerFrameBackend(package, max_batch=8, per_frame_s=0.005)
+    backend = PerFrameBackend(package, max_batch=8, options={"per_frame_s": 0.005})
     p = _pipeline(package, backend, {"inference_workers": 2})
     p.start()
     try:
@@ -163,7 +185,7 @@ def test_onnxruntime_trim_keeps_the_session_and_its_results(package: ModelPackag
     from engine.backends.onnxruntime import OnnxRuntimeBackend
 
     x = np.random.default_rng(0).normal(size=(4, 1, 16, 16)).astype(np.float32)
-    with OnnxRuntimeBackend(package, max_batch=4, intra_op_threads=1) as b:
+    with OnnxRuntimeBackend(package, max_batch=4, options={"intra_op_threads": 1}) as b:
         before = b.infer(x)
         b.trim()  # a run with arena shrinkage: ONNX Runtime must accept the config entry
         np.testing.assert_array_equal(b.infer(x), before)

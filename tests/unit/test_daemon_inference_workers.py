@@ -14,15 +14,21 @@ import pytest
 from daemon.pipeline import Pipeline, replica
 from daemon.settings import Backpressure, Settings
 from daemon.types import Frame, Reason
-from engine.backend import Backend
+from engine.backend import Backend, BackendOptions
 from engine.package import ModelPackage, load_package
 from tests.helpers import pipeline_for, tiny_package
+
+
+class SlowOptions(BackendOptions):
+    delay_s: float = 0.0
 
 
 class SlowBackend(Backend):
     """Sleeps ``delay_s`` per batch (an option, so replicas get it too) and records which thread ran it."""
 
     name = "slow"
+    options_type = SlowOptions
+    options: SlowOptions
     threads: ClassVar[list[str]] = []
     concurrent: ClassVar[int] = 0
     max_concurrent: ClassVar[int] = 0
@@ -40,7 +46,7 @@ class SlowBackend(Backend):
             cls.threads.append(threading.current_thread().name)
             cls.concurrent += 1
             cls.max_concurrent = max(cls.max_concurrent, cls.concurrent)
-        time.sleep(float(self.options.get("delay_s", 0.0)))
+        time.sleep(self.options.delay_s)
         with cls.lock:
             cls.concurrent -= 1
         return np.zeros(batch.shape[0], np.float32)
@@ -84,10 +90,10 @@ def settled(p: Pipeline, n: int, timeout: float = 10.0) -> list[Any]:
 def test_two_workers_run_batches_side_by_side_and_decide_every_frame_once(package: ModelPackage) -> None:
     SlowBackend.threads.clear()
     SlowBackend.max_concurrent = 0
-    p = pipeline(package, 2, SlowBackend(package, max_batch=2, delay_s=0.1))
+    p = pipeline(package, 2, SlowBackend(package, max_batch=2, options={"delay_s": 0.1}))
     assert [w.name for w in p.workers] == ["inference", "inference-1"]
     assert p.workers[1].backend is not p.workers[0].backend  # a replica with its own state, same options
-    assert p.workers[1].backend.options == {"delay_s": 0.1}
+    assert p.workers[1].backend.options == SlowOptions(delay_s=0.1)
     p.start()
     try:
         for f in frames(12):
@@ -116,7 +122,8 @@ def test_one_worker_is_the_default(package: ModelPackage) -> None:
 
 
 def test_replica_is_a_fresh_backend_with_the_same_package_batch_and_options(package: ModelPackage) -> None:
-    b = SlowBackend(package, max_batch=4, delay_s=0.5)
+    b = SlowBackend(package, max_batch=4, options={"delay_s": 0.5})
     r = replica(b)
     assert type(r) is SlowBackend and r is not b
-    assert (r.package, r.max_batch, r.options) == (b.package, 4, {"delay_s": 0.5})
+    assert (r.package, r.max_batch, r.options) == (b.package, 4, SlowOptions(delay_s=0.5))
+    assert r.options is b.options  # frozen: shared, never copied

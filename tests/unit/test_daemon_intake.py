@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -9,10 +10,21 @@ from daemon.intake import IntakeQueue
 from daemon.ledger import Job
 from daemon.settings import Backpressure
 from daemon.types import Frame
+from tests.helpers import wait_until
 
 
 def job(i: int) -> Job:
     return Job(i, Frame("cam", i, f"f{i}", time.monotonic(), time.time()), time.monotonic() + 1)
+
+
+def waiting_in(thread: threading.Thread, function: str) -> bool:
+    """True while ``thread`` waits inside ``threading`` (a Condition) called from ``function``: where a
+    blocking call is once it has found that it must wait."""
+    top = sys._current_frames().get(thread.ident) if thread.ident is not None else None
+    frame = top
+    while frame is not None and frame.f_code.co_filename == threading.__file__:
+        frame = frame.f_back
+    return frame is not None and frame is not top and frame.f_code.co_name == function
 
 
 def keys(q: IntakeQueue) -> list[int]:
@@ -47,15 +59,15 @@ def test_block_waits_for_room_and_close_releases_it() -> None:
     results: list[object] = []
     t = threading.Thread(target=lambda: results.append(q.put(job(2), Backpressure.BLOCK)))
     t.start()
-    time.sleep(0.05)
-    assert t.is_alive(), "a BLOCK put into a full queue must wait"
+    wait_until(lambda: waiting_in(t, "put"), 5, "a BLOCK put into a full queue to wait for room")
+    assert t.is_alive() and results == []
     assert q.get(timeout=0).key == 1  # type: ignore[union-attr]
     t.join(2)
     assert results == [None] and len(q) == 1
     # Full again: a blocked put is released by close() and refused (the caller settles it as shutdown).
     t2 = threading.Thread(target=lambda: results.append(q.put(job(3), Backpressure.BLOCK)))
     t2.start()
-    time.sleep(0.05)
+    wait_until(lambda: waiting_in(t2, "put"), 5, "the second BLOCK put to wait for room")
     q.close()
     t2.join(2)
     assert isinstance(results[-1], Job) and results[-1].key == 3

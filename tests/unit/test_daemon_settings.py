@@ -101,3 +101,97 @@ def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own ValidationError type
         s.line = "x"
+
+
+@pytest.mark.parametrize(
+    "backend, options, message",
+    [
+        ("onnxruntime", "intra_op_thread = 2", "model.options.intra_op_thread: unknown option 'intra_op_thread' for the onnxruntime backend (did you mean 'intra_op_threads'?); its options are: cuda_device_id, device, intra_op_threads, io_binding, model_file, providers"),
+        ("tensorrt", 'precison = "fp16"', "model.options.precison: unknown option 'precison' for the tensorrt backend (did you mean 'precision'?); its options are: device, engine_file, opt_batch, precision, rebuild, warmup_batch_sizes, workspace_mb"),
+        ("torch", 'devise = "cpu"', "model.options.devise: unknown option 'devise' for the torch backend (did you mean 'device'?); its options are: batch_buckets, cuda_graphs, device, precision, threads, weights"),
+        ("tensorrt", 'opt_batch = "eight"', "model.options.opt_batch: option 'opt_batch' of the tensorrt backend: Input should be a valid integer"),
+        ("onnxruntime", 'device = "tpu"', "model.options.device: option 'device' of the onnxruntime backend: onnxruntime device must be 'cpu' or 'cuda', got 'tpu'"),
+        ("torch", 'precision = "fp16"', "model.options.precision: option 'precision' of the torch backend: fp16 is only supported on CUDA"),
+    ],
+)  # fmt: skip
+def test_backend_options_are_checked_when_loaded(
+    tmp_path: Path, backend: str, options: str, message: str
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\nbackend = "{backend}"\noptions = {{ {options} }}\n')
+    with pytest.raises(ConfigError) as exc:
+        load_settings(cfg)
+    assert f"\n  {message}" in str(exc.value)
+
+
+def test_backend_options_are_typed_and_environment_strings_converted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.backends.onnxruntime import OnnxRuntimeOptions
+    from engine.backends.tensorrt import TensorRTOptions
+
+    monkeypatch.setenv("INSPECTD_MODEL__OPTIONS__OPT_BATCH", "4")
+    monkeypatch.setenv("INSPECTD_MODEL__OPTIONS__REBUILD", "false")
+    s = load_settings(None, {"model": {"backend": "tensorrt"}})
+    assert s.model.options == {"opt_batch": "4", "rebuild": "false"}  # as configured: check-config prints it
+    assert s.model.backend_options() == TensorRTOptions(opt_batch=4, rebuild=False)
+    monkeypatch.delenv("INSPECTD_MODEL__OPTIONS__OPT_BATCH")
+    monkeypatch.delenv("INSPECTD_MODEL__OPTIONS__REBUILD")
+    # ONNX Runtime's intra_op_threads comes from model.intra_op_threads unless its options set it.
+    assert load_settings(None).model.backend_options() == OnnxRuntimeOptions(intra_op_threads=1)
+    s = load_settings(None, {"model": {"intra_op_threads": 3, "options": {"model_file": "model.int8.onnx"}}})
+    assert s.model.backend_options() == OnnxRuntimeOptions(intra_op_threads=3, model_file="model.int8.onnx")
+    s = load_settings(None, {"model": {"intra_op_threads": 3, "options": {"intra_op_threads": 2}}})
+    assert s.model.backend_options() == OnnxRuntimeOptions(intra_op_threads=2)
+
+
+def test_checking_backend_options_loads_no_runtime_and_no_opencv() -> None:
+    """The options types live in the backend modules; importing those for a check must not load onnxruntime,
+    torch or tensorrt, nor OpenCV (whose pixel limit serve sets after loading the settings)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from daemon.settings import load_settings\n"
+        "for kind in ('onnxruntime', 'tensorrt', 'torch'):\n"
+        "    load_settings(None, {'model': {'backend': kind, 'options': {'device': 0 if kind == 'tensorrt' else 'cpu'}}})\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('cv2', 'onnxruntime', 'torch', 'tensorrt'))\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_check_config_names_a_misspelt_backend_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.helpers import tiny_package
+
+    tiny_package(tmp_path / "pkg", input_size=(16, 16))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\npath = "{tmp_path / "pkg"}"\noptions = {{ io_bindings = true }}\n')
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "model.options.io_bindings: unknown option 'io_bindings' for the onnxruntime backend" in err
+    assert "(did you mean 'io_binding'?)" in err
+
+
+def test_options_that_bypassed_loading_fail_start_up_as_a_configuration_error(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from daemon.app import App
+    from tests.helpers import tiny_package
+
+    tiny_package(tmp_path / "pkg", input_size=(16, 16))
+    s = load_settings(
+        None,
+        {
+            "model": {"path": str(tmp_path / "pkg")},
+            "sources": {"camera": {"endpoint": "tcp://127.0.0.1:*"}},
+            "publisher": {"endpoint": "tcp://127.0.0.1:*"},
+            "metrics": {"enabled": False},
+        },
+    )
+    bad = s.model_copy(update={"model": s.model.model_copy(update={"options": {"treads": 2}})})  # unvalidated
+    with pytest.raises(
+        ConfigError, match=r"^model\.options\.treads: unknown option 'treads' for the onnxruntime"
+    ):
+        App(bad, registry=CollectorRegistry()).start()

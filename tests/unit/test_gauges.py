@@ -1,4 +1,5 @@
-"""engine.gauges and ``inspectd calibrate-gauges`` on synthetic screws (tools.synth) and hand-made measurements."""
+"""engine.gauges, training.gauge_fit, engine.gauge_plot and ``inspectd calibrate-gauges`` on synthetic screws
+(tools.synth) and hand-made measurements."""
 
 from __future__ import annotations
 
@@ -16,21 +17,11 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.gauges import (
-    DEFAULT_BANDS,
-    Band,
-    GaugeSet,
-    Violation,
-    check,
-    gauge_figure,
-    kfold_cost,
-    kfold_flags,
-    learn_bands,
-    load_gauges,
-    pose_mismatch,
-)
+from engine.gauge_plot import gauge_figure
+from engine.gauges import Band, GaugeSet, Violation, check, load_gauges, pose_mismatch
 from engine.pose import Measurements, PoseParams, estimate_pose
 from tools.synth import image_seed, render_screw, write_dataset
+from training.gauge_fit import DEFAULT_BANDS, kfold_cost, kfold_flags, learn_bands
 
 N_OK, N_SHORT = 40, 10
 

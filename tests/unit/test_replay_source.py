@@ -4,6 +4,7 @@ the published latency (grows while verdicts are fast, halves once per round trip
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from daemon.settings import Backpressure
 from daemon.types import Frame, Outcome, Reason, Verdict
 from replay.source import ReplayItem, ReplaySource
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -51,11 +53,17 @@ def verdict_for(frame: Frame, latency_ms: float) -> tuple[Verdict, Frame, dict[s
     return v, frame, {"latency_ms": latency_ms}
 
 
-def wait_for(cond: Any, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.01)
+def waiting_in(thread: threading.Thread, function: str) -> bool:
+    """True while ``thread`` waits inside ``threading`` (a Condition, an Event) called from ``function``."""
+    top = sys._current_frames().get(thread.ident) if thread.ident is not None else None
+    frame = top
+    while frame is not None and frame.f_code.co_filename == threading.__file__:
+        frame = frame.f_back
+    return frame is not None and frame is not top and frame.f_code.co_name == function
+
+
+def pump(src: ReplaySource) -> threading.Thread:
+    return next(t for t in threading.enumerate() if t.name == f"source-{src.name}")
 
 
 def test_frames_in_flight_never_exceed_the_window_and_the_window_adapts(tmp_path: Path) -> None:
@@ -69,12 +77,16 @@ def test_frames_in_flight_never_exceed_the_window_and_the_window_adapts(tmp_path
         answered += 1
 
     def in_flight_is(window: int) -> None:
-        wait_for(lambda: len(intake.frames) == answered + window)
-        time.sleep(0.1)  # and no more follow
+        # ... and no more follow: the source waits for credit (a verdict) with these frames out.
+        wait_until(
+            lambda: len(intake.frames) >= answered + window and waiting_in(pump(src), "_take_credit"),
+            5,
+            f"{window} frames in flight and the source waiting for credit",
+        )
         assert (len(intake.frames) - answered, src.window) == (window, window)
 
     src.start(intake)
-    time.sleep(0.05)
+    wait_until(lambda: waiting_in(pump(src), "_pump"), 5, "the source waiting for its release")
     assert intake.frames == []  # nothing before release (the subscriber joins first)
     src.release()
     try:
@@ -103,7 +115,7 @@ def test_a_fixed_rate_keeps_its_schedule(tmp_path: Path) -> None:
     t0 = time.monotonic()
     src.release()
     try:
-        wait_for(lambda: len(intake.frames) == 5)
+        wait_until(lambda: len(intake.frames) == 5, 5, "all 5 frames")
     finally:
         src.stop()
     t = [f.t_arrival - t0 for f in intake.frames]

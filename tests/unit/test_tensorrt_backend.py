@@ -230,3 +230,34 @@ def test_old_tensorrt_and_unparsable_onnx_are_clear_errors(
     fake_tensorrt.install(monkeypatch, version="8.6.1")
     with pytest.raises(BackendError, match="TensorRT 8.6.1 is too old"):
         _enter("tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True)
+
+
+def test_a_misspelt_option_is_refused_by_name(
+    fakes: tuple[fake_tensorrt.State, fake_cudart.CudaState], pkg_dir: Path
+) -> None:
+    from engine.backend import OptionsError
+    from engine.backends.tensorrt import TensorRTBackend, TensorRTOptions
+
+    state, _ = fakes
+    pkg = load_package(pkg_dir)
+    with pytest.raises(OptionsError) as exc:
+        create_backend("tensorrt", pkg, max_batch=4, rebuild=True, opt_bach=2)
+    assert str(exc.value) == (
+        "unknown option 'opt_bach' for the tensorrt backend (did you mean 'opt_batch'?); its options are: "
+        "device, engine_file, opt_batch, precision, rebuild, warmup_batch_sizes, workspace_mb"
+    )
+    assert exc.value.key == "opt_bach"
+    with pytest.raises(
+        OptionsError, match="option 'precision' of the tensorrt backend: Input should be 'fp16' or 'fp32'"
+    ):
+        create_backend("tensorrt", pkg, max_batch=4, precision="int8")
+    with pytest.raises(OptionsError, match="option 'workspace_mb' of the tensorrt backend: .*valid integer"):
+        create_backend("tensorrt", pkg, max_batch=4, workspace_mb="lots")
+    assert state.builds == []  # refused before anything was built
+    # Every default as before; the strings an environment variable gives are typed ("false" is False).
+    d = TensorRTOptions()
+    assert (d.precision, d.opt_batch, d.rebuild, d.engine_file, d.device) == ("fp16", None, False, None, 0)
+    assert (d.workspace_mb, d.warmup_batch_sizes) == (1024, None)
+    with create_backend("tensorrt", pkg, max_batch=4, options={"opt_batch": "2", "rebuild": "true"}) as be:
+        assert isinstance(be, TensorRTBackend) and be.profile.opt == 2 and be.options.rebuild is True
+    assert len(state.builds) == 1

@@ -8,35 +8,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-
-class GapDetector:
-    """What a PLC gateway does with the stream: follow ``seq`` per ``boot_id`` and notice holes.
-
-    Heartbeats carry ``seq_last``, so a verdict lost right before a quiet period is still noticed.
-    """
-
-    def __init__(self) -> None:
-        self.boot_id: str | None = None
-        self.seq_last: int | None = None  # None: joined mid-stream, nothing to compare with yet
-        self.gaps: list[tuple[int, int]] = []  # (first missing, last missing)
-        self.restarts = 0
-
-    def feed(self, msg: dict[str, Any]) -> list[str]:
-        notes = []
-        if msg["boot_id"] != self.boot_id:
-            if self.boot_id is not None:
-                self.restarts += 1
-                notes.append(f"daemon restarted: boot_id {self.boot_id} -> {msg['boot_id']}")
-                self.seq_last = 0  # a new boot starts at seq 1: anything before what we see is missed
-            self.boot_id = msg["boot_id"]
-        is_verdict = msg["type"] == "verdict"
-        seq = int(msg["seq"] if is_verdict else msg["seq_last"])
-        last_before = seq - 1 if is_verdict else seq  # what must already have been seen
-        if self.seq_last is not None and last_before > self.seq_last:
-            self.gaps.append((self.seq_last + 1, last_before))
-            notes.append(f"GAP: missed seq {self.seq_last + 1}..{last_before}")
-        self.seq_last = max(seq, self.seq_last or 0)
-        return notes
+from daemon.sequence import SequenceTracker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +29,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, args.line.encode())
     sock.connect(args.connect)
-    gaps = GapDetector()
+    sequence = SequenceTracker()  # gaps and restarts: the rule every subscriber uses
     n = 0
     silence_warned = False
     t_end = time.monotonic() + args.timeout if args.timeout else None
@@ -72,7 +44,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             _, payload = sock.recv_multipart()
             t_last, silence_warned = time.monotonic(), False
             msg = json.loads(payload)
-            for note in gaps.feed(msg):
+            for note in sequence.feed(msg):
                 print(note, file=out, flush=True)
             if msg["type"] == "verdict":
                 n += 1
@@ -92,5 +64,5 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         pass
     finally:
         sock.close()
-    print(f"{n} verdicts, {len(gaps.gaps)} gap(s), {gaps.restarts} restart(s)", file=out, flush=True)
+    print(f"{n} verdicts, {len(sequence.gaps)} gap(s), {sequence.restarts} restart(s)", file=out, flush=True)
     return 0

@@ -17,20 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.gauges import (
-    DEFAULT_BANDS,
-    DEFAULT_MARGIN_PX,
-    DEFAULT_ONE_SIDED,
-    DEFAULT_QUANTILES,
-    MEASUREMENTS,
-    GaugeSet,
-    created_now,
-    gauge_figure,
-    kfold_flags,
-    learn_bands,
-    outside,
-)
+from engine.gauge_plot import gauge_figure
+from engine.gauges import DEFAULT_MARGIN_PX, DEFAULT_QUANTILES, MEASUREMENTS, GaugeSet, outside
 from engine.pose import Measurements, PoseError, PoseParams, estimate_pose
+from training.gauge_fit import DEFAULT_BANDS, DEFAULT_ONE_SIDED, created_now, kfold_flags, learn_bands
 
 MIN_OK = 20  # below this the 0.5 %/99.5 % quantiles are just the extreme parts, and k-fold folds hold ~4
 
