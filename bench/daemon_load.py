@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import threading
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from daemon.sequence import SequenceTracker
+from daemon.subscriber import VerdictSubscriber
 from daemon.wire import camera_message
 from engine.stats import percentiles
 from tools.daemon_process import DaemonProcess
@@ -50,7 +49,7 @@ class _Phase:
 
 
 class LoadClient:
-    """PUSH to the daemon's camera endpoint, SUB to its verdicts (one thread, the socket's only user)."""
+    """PUSH to the daemon's camera endpoint, SUB to its verdicts (a :class:`VerdictSubscriber`: one thread)."""
 
     def __init__(self, daemon: DaemonProcess, line: str) -> None:
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -58,56 +57,41 @@ class LoadClient:
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.setsockopt(zmq.SNDTIMEO, 10_000)
         self._push.connect(daemon.camera_endpoint)
-        self._line = line
-        self._endpoint = daemon.publisher_endpoint
         self._phase: _Phase | None = None
         self._lock = threading.Lock()
-        self._heartbeat = threading.Event()
-        self._stop = threading.Event()
-        self._sequence = SequenceTracker()  # the receive thread's alone
-        self._thread = threading.Thread(target=self._receive, name="bench-sub", daemon=True)
+        self._sub = VerdictSubscriber(
+            daemon.publisher_endpoint,
+            line,
+            self._receive,
+            options={zmq.RCVHWM: 0},  # never drop a verdict on our side
+            name="bench-sub",
+        )
 
     def __enter__(self) -> LoadClient:
-        self._thread.start()
-        if not self._heartbeat.wait(30):  # subscribed: nothing published from now on is missed
+        self._sub.start()
+        if not self._sub.wait_heartbeat(30):  # subscribed: nothing published from now on is missed
             raise TimeoutError("no heartbeat from the daemon within 30 s")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._sub.stop(5)
         self._push.close(linger=0)
         self._ctx.term()
 
-    def _receive(self) -> None:
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)  # never drop a verdict on our side
-        sock.setsockopt(zmq.SUBSCRIBE, self._line.encode())
-        sock.connect(self._endpoint)
-        try:
-            while not self._stop.is_set():
-                if not sock.poll(50):
-                    continue
-                _, payload = sock.recv_multipart()
-                t = time.monotonic()
-                msg = json.loads(payload)
-                self._sequence.feed(msg)
-                if msg["type"] != "verdict":
-                    self._heartbeat.set()
-                    continue
-                with self._lock:
-                    phase = self._phase
-                if phase is None or not msg["frame_id"].startswith(phase.prefix):
-                    continue
-                fid = msg["frame_id"]
-                with phase.done:
-                    phase.t_recv[fid] = t
-                    phase.reason[fid] = msg["reason"]
-                    phase.daemon_ms[fid] = float(msg["latency_ms"])
-                    phase.done.notify_all()
-        finally:
-            sock.close()
+    def _receive(self, msg: dict[str, Any], t: float) -> None:
+        """On the subscriber's thread: a verdict of the current phase is recorded in it."""
+        if msg["type"] != "verdict":
+            return
+        with self._lock:
+            phase = self._phase
+        if phase is None or not msg["frame_id"].startswith(phase.prefix):
+            return
+        fid = msg["frame_id"]
+        with phase.done:
+            phase.t_recv[fid] = t
+            phase.reason[fid] = msg["reason"]
+            phase.daemon_ms[fid] = float(msg["latency_ms"])
+            phase.done.notify_all()
 
     def _begin(self, prefix: str) -> _Phase:
         phase = _Phase(prefix)
@@ -243,8 +227,10 @@ class LoadClient:
 
     @property
     def seq_gaps(self) -> int:
-        """Holes in the verdicts' ``seq`` (each a run of lost verdicts), by :class:`SequenceTracker`'s rule."""
-        return len(self._sequence.gaps)
+        """Holes in the verdicts' ``seq`` (each a run of lost verdicts), by
+        :class:`~daemon.sequence.SequenceTracker`'s rule."""
+        with self._sub.lock:
+            return len(self._sub.sequence.gaps)
 
 
 def _little(phase: _Phase, now: float, w: float, target_s: float, max_window: int) -> float:

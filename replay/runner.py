@@ -14,19 +14,17 @@ package (an import-graph contract in ``make lint``).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
 from prometheus_client import CollectorRegistry
 
 from daemon.app import App
-from daemon.sequence import SequenceTracker
 from daemon.settings import SecuritySettings, Settings
+from daemon.subscriber import VerdictSubscriber
 from daemon.types import Frame, Verdict
 from replay import ReplayError
 from replay.source import ReplayItem, ReplaySource
@@ -81,62 +79,42 @@ class VerdictRecorder:
 
 
 class WireCheck:
-    """A real SUB socket on its own thread (and its own context, so the App can terminate its context while
-    this one still listens): counts the verdicts a line controller would have received, and seq gaps (by
-    :class:`~daemon.sequence.SequenceTracker`, the rule every subscriber uses)."""
+    """A real subscriber (:class:`~daemon.subscriber.VerdictSubscriber`: its own thread and its own context, so
+    the App can terminate its context while this one still listens): counts the verdicts a line controller
+    would have received, and seq gaps (by :class:`~daemon.sequence.SequenceTracker`, the rule every subscriber
+    uses)."""
 
     def __init__(self, endpoint: str, line: str) -> None:
         self.endpoint, self.line = endpoint, line
         self.frame_ids: set[str] = set()
-        self.sequence = SequenceTracker()
-        self.heartbeat = threading.Event()
-        self._stop = threading.Event()
-        self._cv = threading.Condition()  # a verdict arrived, or the thread ended
-        self._ctx: zmq.Context[Any] = zmq.Context()
-        self._thread = threading.Thread(target=self._run, name="replay-sub", daemon=True)
+        self._cv = threading.Condition()  # a verdict arrived
+        self._sub = VerdictSubscriber(endpoint, line, self._on_message, name="replay-sub")
+        self.sequence = self._sub.sequence
+        self.heartbeat = self._sub.heartbeat
 
     @property
     def gaps(self) -> int:
         """Holes in ``seq`` (each a run of verdicts published and not received)."""
-        with self._cv:
+        with self._sub.lock:
             return len(self.sequence.gaps)
 
     def start(self, timeout: float = 10.0) -> None:
-        self._thread.start()
-        if not self.heartbeat.wait(timeout):  # subscribed: nothing published from now on is missed
+        self._sub.start()
+        if not self._sub.wait_heartbeat(timeout):  # subscribed: nothing published from now on is missed
             raise ReplayError(f"no heartbeat from the replay's own publisher {self.endpoint} in {timeout} s")
 
     def stop(self, expect: int, timeout: float = 3.0) -> None:
         """After the App has stopped (everything published and flushed): wait for ``expect`` verdicts."""
+        end = time.monotonic() + timeout
         with self._cv:
-            self._cv.wait_for(
-                lambda: len(self.frame_ids) >= expect or not self._thread.is_alive(), timeout=timeout
-            )
-        self._stop.set()
-        self._thread.join(5.0)
-        self._ctx.term()
+            while len(self.frame_ids) < expect and self._sub.running and (left := end - time.monotonic()) > 0:
+                self._cv.wait(min(left, 0.05))  # 50 ms: also notices a receive thread that ended
+        self._sub.stop(5.0)
 
-    def _run(self) -> None:
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, self.line.encode())
-        sock.connect(self.endpoint)
-        try:
-            while not self._stop.is_set():
-                if not sock.poll(50):
-                    continue
-                _, payload = sock.recv_multipart()
-                msg = json.loads(payload)
-                with self._cv:
-                    self.sequence.feed(msg)
-                    if msg["type"] == "verdict":
-                        self.frame_ids.add(msg["frame_id"])
-                        self._cv.notify_all()
-                if msg["type"] == "heartbeat":
-                    self.heartbeat.set()
-        finally:
-            sock.close()
+    def _on_message(self, msg: dict[str, Any], t_arrival: float) -> None:
+        if msg["type"] == "verdict":
             with self._cv:
+                self.frame_ids.add(msg["frame_id"])
                 self._cv.notify_all()
 
 

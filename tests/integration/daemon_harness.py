@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,8 +19,8 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from daemon.app import App
-from daemon.sequence import SequenceTracker
 from daemon.settings import Settings, deep_update
+from daemon.subscriber import VerdictSubscriber
 from daemon.wire import camera_message
 from engine.backend import Backend, BackendError, create_backend, sigmoid
 from engine.package import Decision, ModelPackage, load_package, write_meta
@@ -99,22 +98,24 @@ def running_app(settings: Settings, **kwargs: Any) -> Iterator[App]:
 
 # -- the line controller's side -------------------------------------------------------------------------
 class VerdictCollector:
-    """A real SUB socket on its own thread, collecting verdicts and heartbeats of one line; ``sequence`` (a
-    :class:`~daemon.sequence.SequenceTracker`, fed every message) holds the gaps and restarts it saw."""
+    """A real subscriber (:class:`~daemon.subscriber.VerdictSubscriber`, on its own thread) collecting the
+    verdicts and heartbeats of one line, every message's topic and ``line`` checked to be that line;
+    ``sequence`` (a :class:`~daemon.sequence.SequenceTracker`, fed every message) holds the gaps and restarts
+    it saw."""
 
     def __init__(self, endpoint: str | None, line: str, ctx: zmq.Context[Any] | None = None) -> None:
         if endpoint is None:
             raise ValueError("no publisher endpoint (is the app started?)")
-        self._ctx = ctx or zmq.Context.instance()
         self.endpoint = endpoint
         self.line = line
         self.verdicts: list[dict[str, Any]] = []
         self.heartbeats: list[dict[str, Any]] = []
         self.arrivals: list[float] = []  # time.monotonic() at receipt of each verdict
-        self.sequence = SequenceTracker()
         self._cv = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="test-collector", daemon=True)
+        self._sub = VerdictSubscriber(
+            endpoint, line, self._on_message, check_topic=True, name="test-collector", ctx=ctx
+        )
+        self.sequence = self._sub.sequence
 
     def __enter__(self) -> VerdictCollector:
         self.start()
@@ -123,35 +124,19 @@ class VerdictCollector:
 
     def start(self) -> None:
         """Connect and collect without waiting for the daemon (a line controller that is up before it)."""
-        self._thread.start()
+        self._sub.start()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._sub.stop(5)
 
-    def _run(self) -> None:
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, self.line.encode())
-        sock.connect(self.endpoint)
-        try:
-            while not self._stop.is_set():
-                if not sock.poll(50):
-                    continue
-                topic, payload = sock.recv_multipart()
-                t = time.monotonic()
-                msg = json.loads(payload)
-                assert topic.decode() == msg["line"] == self.line
-                with self._cv:
-                    self.sequence.feed(msg)
-                    if msg["type"] == "verdict":
-                        self.verdicts.append(msg)
-                        self.arrivals.append(t)
-                    else:
-                        self.heartbeats.append(msg)
-                    self._cv.notify_all()
-        finally:
-            sock.close()
+    def _on_message(self, msg: dict[str, Any], t_arrival: float) -> None:
+        with self._cv:
+            if msg["type"] == "verdict":
+                self.verdicts.append(msg)
+                self.arrivals.append(t_arrival)
+            else:
+                self.heartbeats.append(msg)
+            self._cv.notify_all()
 
     def wait_heartbeat(self, timeout: float = 10.0, ready: bool | None = None) -> dict[str, Any]:
         n0 = len(self.heartbeats)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 from daemon.sequence import SequenceTracker
 
@@ -23,12 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     import zmq
 
+    from daemon.subscriber import receive, subscribe
+
     out = out or sys.stdout
-    ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, args.line.encode())
-    sock.connect(args.connect)
+    # A foreground loop (it stops on --count, --timeout or Ctrl-C, and warns on silence) on the receive step
+    # every subscriber uses (daemon.subscriber).
+    sock = subscribe(zmq.Context.instance(), args.connect, args.line)
     sequence = SequenceTracker()  # gaps and restarts: the rule every subscriber uses
     n = 0
     silence_warned = False
@@ -36,14 +36,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     t_last = time.monotonic()
     try:
         while (args.count is None or n < args.count) and (t_end is None or time.monotonic() < t_end):
-            if not sock.poll(200):
+            got = receive(sock, 200)
+            if got is None:
                 if time.monotonic() - t_last > 5.0 and not silence_warned:
                     print("no message for 5 s: daemon down or wrong endpoint/line?", file=out, flush=True)
                     silence_warned = True
                 continue
-            _, payload = sock.recv_multipart()
-            t_last, silence_warned = time.monotonic(), False
-            msg = json.loads(payload)
+            msg, t_last, silence_warned = got.msg, got.t_arrival, False
             for note in sequence.feed(msg):
                 print(note, file=out, flush=True)
             if msg["type"] == "verdict":
