@@ -57,7 +57,8 @@ EXPOSE 9108 5555 5556
 
 # /readyz is 200 once the backend is warmed up and the pipeline progresses, 503 otherwise; urlopen raises on
 # 503 and on a refused connection. No curl in the image needed. The start period covers loading the plan and
-# warming up (seconds), with room for a first start that builds the engine (model.options.rebuild = true).
+# warming up (seconds), with room for a first start that builds the engine (model.options.rebuild and
+# allow_ungated = true: docs/gpu.md).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10m --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/readyz', timeout=4)"]
 

@@ -218,13 +218,17 @@ class App:
             metrics=self.metrics,
             clock=self.clock,
         )
+        self._set_model_info()
+
+    def _set_model_info(self) -> None:
+        assert self.pipeline is not None and self.metrics is not None
+        meta = self.pipeline.worker.backend.package.meta
         h, w = meta.preprocess.input_size
-        gauges = (
-            ",".join(b.name for b in self.pipeline.decider.gauges.bands)
-            if self.pipeline.decider.gauges
-            else ""
+        decider = self.pipeline.decider
+        gauges = ",".join(b.name for b in decider.gauges.bands) if decider.gauges else ""
+        self.metrics.set_model_info(
+            {**self.pipeline.worker.backend.describe(), "input": f"{h}x{w}", "gauges": gauges or "none"}
         )
-        self.metrics.set_model_info({**backend.describe(), "input": f"{h}x{w}", "gauges": gauges or "none"})
 
     def _gauges(self, meta: ModelMeta) -> GaugeSet | None:
         try:
@@ -265,6 +269,8 @@ class App:
     def start_pipeline(self) -> None:
         assert self.pipeline is not None
         self.pipeline.start()
+        # Entered and warmed up: what the backend loaded (e.g. a TensorRT plan's parity gate) is known now.
+        self._set_model_info()
 
     def start_sources(self) -> None:
         assert self.pipeline is not None
@@ -384,19 +390,18 @@ class App:
     def is_ready(self) -> bool:
         return self._ready_state
 
-    def _compute_ready(self) -> bool:
+    def _compute_ready(self, dead: Sequence[str] | None = None) -> bool:
         p = self.pipeline
         return (
             not self._stopping
             and p is not None
             and p.healthy
             and p.progressing(self.settings.deadlines.stall_s)
-            and self.publisher is not None
-            and self.publisher.alive
+            and not (self._dead_stages() if dead is None else dead)
         )
 
-    def _update_ready(self) -> None:
-        ready = self._compute_ready()
+    def _update_ready(self, dead: Sequence[str] | None = None) -> None:
+        ready = self._compute_ready(dead)
         if ready != self._ready_state:
             self._ready_state = ready
             if self.metrics is not None:
@@ -407,20 +412,27 @@ class App:
         assert self.pipeline is not None and self.metrics is not None
         stall_s = self.settings.deadlines.stall_s
         while not self.stop_requested.wait(_SUPERVISE_S):
-            self._update_ready()
+            # Liveness first, once per round, and everything below decided from that one look: a stage found
+            # dead gets no WATCHDOG=1 after it, not even in the round that finds it.
+            dead = self._dead_stages()
+            self._update_ready(dead)
             for name, depth in self.pipeline.queue_depths().items():
                 self.metrics.set_queue_depth(name, depth)
-            progressing = (
-                self.pipeline.progressing(stall_s) and self.publisher is not None and self.publisher.alive
-            )
-            if progressing and self.notifier.watchdog_interval_s is not None:
-                self.notifier.watchdog()  # withheld while wedged: systemd's WatchdogSec then restarts us
-            dead = [n for n, alive in self._critical_threads().items() if not alive]
             if dead:
-                log.error("a pipeline stage died; stopping", stages=dead)
+                log.error("a stage died; stopping", stages=dead)
                 self.request_stop(exit_code=1)
+                return
+            if self.pipeline.progressing(stall_s) and self.notifier.watchdog_interval_s is not None:
+                self.notifier.watchdog()  # withheld while wedged: systemd's WatchdogSec then restarts us
 
-    def _critical_threads(self) -> dict[str, bool]:
+    def _dead_stages(self) -> list[str]:
+        """The stage threads that have ended: [] while every one runs (and before the pipeline exists)."""
+        if self.pipeline is None:
+            return []
+        return [n for n, alive in self.stages_alive().items() if not alive]
+
+    def stages_alive(self) -> dict[str, bool]:
+        """Every thread a part's way through the daemon depends on: sources, pipeline, publisher, sinks."""
         p = self.pipeline
         assert p is not None
         alive = {
@@ -431,6 +443,8 @@ class App:
         }
         for s in self.sources:
             alive[f"source-{s.name}"] = bool(getattr(s, "alive", True))
+        if self.after_publish is not None:  # the audit archive, folder moves/journal, in-process listeners
+            alive["after-publish"] = self.after_publish.alive
         if self.curve is not None:  # without it no camera can (re)connect: stop, let systemd restart us
             alive["zap-authenticator"] = self.curve.alive
         return alive

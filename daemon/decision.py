@@ -4,6 +4,10 @@ The operating point comes from the model package (``model.json`` ``decision``), 
 threshold always travels with the model it was calibrated for. So do the gauges' tolerance bands (``gauges``):
 a part is REJECTed when the model or a gauge says so, and the verdict's detail says which. Anything that is not a finite score in [0, 1]
 is an engine error: a NaN compares false against every threshold and would otherwise PASS.
+
+The logit is checked too, *before* its sigmoid is trusted: ``sigmoid(-inf)`` is exactly 0.0, a confident PASS, and
+an FP16 engine that overflows returns ±inf (or ±65504, its largest finite value). A logit that is not finite or
+whose magnitude exceeds :data:`MAX_ABS_LOGIT` is REJECT ``engine_error`` for that frame.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from typing import Any
 from daemon.types import Frame, Outcome, Reason, Verdict
 from engine.gauges import GaugeSet, Violation
 from engine.package import Call, Decision
+
+# The largest |logit| believed to be a model's answer. A calibrated classifier's logits are within tens (the
+# float32 sigmoid is already 1.0 at +17 and below 1e-38 at -88); 1e4 is far beyond any of them, well inside
+# float32, and below FP16's largest finite value (65504), so a saturated FP16 output is caught as well.
+MAX_ABS_LOGIT = 1e4
 
 _CALLS = {
     Call.PASS: (Outcome.PASS, Reason.MODEL),
@@ -36,7 +45,18 @@ class Decider:
         score: float,
         timings_ms: dict[str, float],
         violations: Sequence[Violation] = (),
+        *,
+        logit: float | None = None,
     ) -> Verdict:
+        """The verdict on a model result. ``logit`` (when given: the inference stage always does) is the raw
+        output ``score`` was computed from; an implausible one rejects the part whatever its score says."""
+        if logit is not None and not valid_logit(logit):
+            return self.reject(
+                frame,
+                Reason.ENGINE_ERROR,
+                {"error": f"model returned logit {logit!r} (not finite or |logit| > {MAX_ABS_LOGIT:g})"},
+                timings_ms,
+            )
         if not (math.isfinite(score) and 0.0 <= score <= 1.0):
             return self.reject(
                 frame, Reason.ENGINE_ERROR, {"error": f"model returned score {score!r}"}, timings_ms
@@ -46,7 +66,7 @@ class Decider:
         if violations:
             # Inference still ran, so the record shows whether the model alone would have caught the part.
             rejected_by = ["gauges"] if outcome is Outcome.PASS else ["gauges", "model"]
-            detail = {"gauges": [v.to_dict() for v in violations], "rejected_by": rejected_by}
+            detail = {"gauges": [_violation(v) for v in violations], "rejected_by": rejected_by}
             outcome, reason = Outcome.REJECT, Reason.OUT_OF_TOLERANCE
         return self._verdict(frame, outcome, reason, score, detail, timings_ms)
 
@@ -83,3 +103,16 @@ class Decider:
             detail=detail,
             timings_ms=timings_ms,
         )
+
+
+def valid_logit(logit: float) -> bool:
+    """A finite logit of plausible magnitude (see :data:`MAX_ABS_LOGIT`); NaN is not."""
+    return math.isfinite(logit) and abs(logit) <= MAX_ABS_LOGIT
+
+
+def _violation(v: Violation) -> dict[str, Any]:
+    """A gauge violation for the verdict's detail; a non-finite measurement as text (JSON has no NaN/inf)."""
+    d = v.to_dict()
+    if not math.isfinite(v.value):
+        d["value"] = repr(v.value)
+    return d

@@ -1,9 +1,13 @@
 """The inference stage: one thread that owns the Backend, turns batches into scores and scores into verdicts.
 
 The backend is entered (and warmed up) on this thread, because GPU backends bind their context/stream to the
-thread that creates them. A failing batch becomes REJECT ``engine_error`` for each of its frames; the backend
-is then re-created (exit + enter) and the stage goes on. ``failures_not_ready`` consecutive failures make the
-daemon report not ready until a batch succeeds again.
+thread that creates them. A failing batch (an exception, or an output that is not one number per frame) becomes
+REJECT ``engine_error`` for each of its frames; the backend is then re-created (exit + enter) and the stage goes
+on. ``failures_not_ready`` consecutive failures make the daemon report not ready until a batch succeeds again.
+A frame whose own logit is not finite or implausibly large
+(``daemon.decision.MAX_ABS_LOGIT``) is REJECT ``engine_error`` by itself, checked before the sigmoid, counted
+(``inspectd_verdicts_total{reason="engine_error"}``, :attr:`InferenceWorker.invalid_logits`) and logged with
+its frame id and logit; the rest of its batch is decided as usual.
 
 Several workers may share one batch queue, each with its own backend instance (``batching.inference_workers``):
 on a small CPU, N single-threaded sessions running N batches side by side keep every core busy without the
@@ -15,15 +19,18 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 from daemon.batcher import END, Batch, BatchLimit, BufferPool, cap_batch
-from daemon.decision import Decider
+from daemon.decision import Decider, valid_logit
 from daemon.ledger import Ledger
 from daemon.logs import get_logger
 from daemon.metrics import MetricsSink
 from daemon.threads import StageThread
 from daemon.types import Outcome, Reason
-from engine.backend import Backend, sigmoid
+from engine.backend import Backend, BackendError, sigmoid
 
 log = get_logger(__name__)
 
@@ -73,6 +80,7 @@ class InferenceWorker(StageThread):
         self.est_infer_s = 0.0
         self.frames_inferred = 0
         self.batches_done = 0
+        self.invalid_logits = 0  # frames rejected for an implausible logit (engine_error verdicts)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self, timeout: float) -> None:
@@ -163,6 +171,12 @@ class InferenceWorker(StageThread):
             self._failed(batch, rows, exc, t0)
             return
         t1 = self._now()
+        try:
+            # One logit per row, as numbers: anything else is a malformed output, and the whole batch fails.
+            logits = _as_logits(logits, len(rows))
+        except BackendError as exc:
+            self._failed(batch, rows, exc, t0)
+            return
         infer_s = t1 - t0
         self.est_infer_s = (
             infer_s if self.batches_done == 0 else (1 - _EWMA) * self.est_infer_s + _EWMA * infer_s
@@ -170,11 +184,17 @@ class InferenceWorker(StageThread):
         self.consecutive_failures = 0
         self.batches_done += 1
         self.frames_inferred += len(rows)
+        # The logits are checked before their sigmoid is believed (Decider.decide): sigmoid(-inf) = 0.0 is a
+        # confident PASS. Each implausible logit rejects its own frame (engine_error), not the batch.
         scores = sigmoid(logits).tolist()
+        raw = logits.tolist()
+        invalid = [
+            (jobs[i].frame.frame_id, repr(x)) for i, x in zip(rows, raw, strict=True) if not valid_logit(x)
+        ]
         infer_ms = infer_s * 1000.0
         passed = rejected = late = 0
         observe = self.metrics.observe_stage
-        for i, score in zip(rows, scores, strict=True):
+        for i, score, logit in zip(rows, scores, raw, strict=True):
             job = jobs[i]
             queue_ms = max(0.0, (t0 - job.frame.t_arrival) * 1000.0 - job.t_decode_ms - job.t_pre_ms)
             timings = {
@@ -183,20 +203,33 @@ class InferenceWorker(StageThread):
                 "queue": queue_ms,
                 "infer": infer_ms,
             }
-            verdict = self.decider.decide(job.frame, score, timings, job.violations)
-            if self.ledger.settle(job, verdict):
+            verdict = self.decider.decide(job.frame, score, timings, job.violations, logit=logit)
+            published = self.ledger.settle(job, verdict)
+            if published is verdict:
                 if verdict.outcome is Outcome.PASS:
                     passed += 1
                 else:
                     rejected += 1
             else:
-                late += 1  # its deadline verdict went out first; this result is discarded
+                # Its deadline verdict went out first (None), or this result came after the deadline and was
+                # published as REJECT deadline instead (the ledger keeps it in the detail).
+                late += 1
+                rejected += published is not None
             observe("queue", queue_ms / 1000.0)
             observe("infer", infer_s)
         self.metrics.observe_batch(len(rows))
+        if invalid:
+            self.invalid_logits += len(invalid)
+            log.error(
+                "model returned implausible logits: REJECT engine_error for those frames",
+                n=len(invalid),
+                frames=dict(invalid[:10]),  # frame id → logit
+            )
         if late:
             self.metrics.late_result(late)
-            log.warning("late results discarded", n=late, infer_ms=round(infer_ms, 2))
+            log.warning(
+                "late results (after the deadline): REJECT deadline", n=late, infer_ms=round(infer_ms, 2)
+            )
         if self._batch_lines:
             log.info(
                 "batch",
@@ -236,3 +269,14 @@ class InferenceWorker(StageThread):
             self.backend.__enter__()
         except Exception as exc:  # stays inactive: the next batch fails fast and we try again
             log.error("backend re-create failed", error=str(exc))
+
+
+def _as_logits(out: Any, n: int) -> np.ndarray:
+    """The backend's output as n float64 logits, or BackendError: a malformed output fails the whole batch."""
+    try:
+        logits = np.asarray(out, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BackendError(f"backend output is not numeric ({type(exc).__name__}: {exc})") from None
+    if logits.shape != (n,):
+        raise BackendError(f"backend output has shape {logits.shape}, expected ({n},)")
+    return logits

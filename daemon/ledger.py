@@ -3,7 +3,9 @@
 Every frame is *admitted* here first (it gets an internal key and a deadline). After that, any stage may try
 to *settle* it — the model result, a decode error, the backpressure policy, the deadline watchdog, shutdown —
 but only the first attempt wins: ``settle`` pops the key under a lock and, still under that lock, puts the
-verdict on the publish queue. A losing attempt gets ``False`` (a late model result is counted, not sent).
+verdict on the publish queue. A losing attempt gets ``None`` (a late model result is counted, not sent). A model
+result that wins but comes at or after the frame's deadline (the watchdog ran late) is published as REJECT
+``deadline``, never as its own verdict: the deadline is checked against the ledger's clock at settle time too.
 So two verdicts are impossible (one pop per key) and zero verdicts are impossible (every key has a deadline,
 and shutdown settles whatever is left). The publisher thread is the only consumer of the queue and assigns
 ``seq`` there, so sequence order = settlement order.
@@ -11,6 +13,7 @@ and shutdown settles whatever is left). The publisher thread is the only consume
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import queue
@@ -85,13 +88,36 @@ class Ledger(StageThread):
                 self._wake.notify()
         return job
 
-    def settle(self, job: Job, verdict: Verdict) -> bool:
-        """Publish ``verdict`` for ``job`` unless the job already has one. True when this call won."""
+    def settle(self, job: Job, verdict: Verdict) -> Verdict | None:
+        """Publish a verdict for ``job`` unless the job already has one; returns what was published (None when
+        this call lost).
+
+        That is ``verdict`` itself, except for a model result (``verdict.inspected``) settled at or after the
+        frame's deadline by this ledger's clock: the watchdog was merely late (a loaded machine), and a result
+        after the deadline must not PASS, so it is published as REJECT ``deadline`` with the model's outcome,
+        reason, score and detail under ``detail.late_result``. Fail-safe REJECTs keep their own reason.
+        """
         with self._lock:
             if self._pending.pop(job.key, None) is None:
-                return False
-            self.out.put(Settled(verdict, job, self._now()))
-            return True
+                return None
+            now = self._now()
+            if verdict.inspected and now >= job.deadline:
+                verdict = self._late(job, verdict, now)
+            self.out.put(Settled(verdict, job, now))
+            return verdict
+
+    def _late(self, job: Job, result: Verdict, now: float) -> Verdict:
+        expired = self._expire(job, Reason.DEADLINE)
+        late = {
+            "outcome": result.outcome.value,
+            "reason": result.reason.value,
+            "score": result.score,
+            "detail": result.detail,
+            "ms_after_deadline": round((now - job.deadline) * 1000.0, 3),
+        }
+        return dataclasses.replace(
+            expired, detail={**(expired.detail or {}), "late_result": late}, timings_ms=result.timings_ms
+        )
 
     def is_pending(self, job: Job) -> bool:
         return job.key in self._pending  # a dict lookup is atomic under the GIL; used to skip settled work

@@ -10,6 +10,7 @@ labels: a frame id never becomes a label value. NG rate over any window is deriv
 from __future__ import annotations
 
 import collections
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -48,6 +49,8 @@ LATENCY_BUCKETS = (
 )
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Per connection of the metrics server: a scrape answers in milliseconds; an idle client is dropped after this.
+CONNECTION_TIMEOUT_S = 5.0
 # Oversized messages are dropped by libzmq as a disconnect: they show in inspectd_peer_events_total.
 MESSAGE_ERROR_KINDS = ("multipart", "header", "unattributed")
 
@@ -140,7 +143,7 @@ class Metrics:
             ["line"], registry=r,
         )  # fmt: skip
         self.late_results = Counter(
-            "inspectd_late_results", "Model results that arrived after their frame's deadline verdict; discarded.",
+            "inspectd_late_results", "Model results that came after their frame's deadline; the verdict is REJECT deadline either way.",
             ["line"], registry=r,
         )  # fmt: skip
         self.message_errors = Counter(
@@ -219,7 +222,10 @@ if TYPE_CHECKING:  # mypy proves that the Prometheus metrics are what the stages
 class MetricsServer:
     """``/metrics`` (Prometheus text), ``/healthz`` (process alive) and ``/readyz`` (ready to inspect).
 
-    A small ThreadingHTTPServer in its own thread: scrapes never touch the pipeline threads.
+    A small ThreadingHTTPServer in its own thread: scrapes never touch the pipeline threads. Each connection
+    (one request: HTTP/1.0, no keep-alive) has ``timeout_s`` in all to send its request, and every socket
+    operation times out after that too, so a client that connects and sends nothing, or trickles its headers,
+    is dropped instead of holding a thread (and a file descriptor) for ever.
     """
 
     def __init__(
@@ -229,9 +235,13 @@ class MetricsServer:
         port: int = 9108,
         *,
         ready: Callable[[], bool],
+        timeout_s: float = CONNECTION_TIMEOUT_S,
     ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self._registry = registry
         self._ready = ready
+        self.timeout_s = timeout_s
         handler = self._handler_class()
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
@@ -256,11 +266,17 @@ class MetricsServer:
             self._thread.join(timeout=5)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        registry, ready = self._registry, self._ready
+        registry, ready, timeout_s = self._registry, self._ready, self.timeout_s
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "inspectd"
             sys_version = ""
+            timeout = timeout_s  # StreamRequestHandler.setup() puts it on the connection's socket
+
+            def setup(self) -> None:
+                super().setup()
+                # The socket timeout bounds each read; this bounds the whole request (a slow trickle).
+                self.rfile = _RequestReader(self.rfile, self.connection, time.monotonic() + timeout_s)  # type: ignore[assignment]
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
@@ -280,6 +296,7 @@ class MetricsServer:
             def _send(
                 self, status: HTTPStatus, body: bytes, ctype: str = "text/plain; charset=utf-8"
             ) -> None:
+                self.connection.settimeout(timeout_s)  # the answer gets its own time, whatever reading took
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -292,3 +309,40 @@ class MetricsServer:
                 return
 
         return Handler
+
+
+class _RequestReader:
+    """The request stream of one connection, read against one deadline for the whole request.
+
+    Before each read the socket's timeout is set to the time left, so the request line and headers together
+    must arrive within the connection's ``timeout_s``; past it a read raises TimeoutError, which
+    ``BaseHTTPRequestHandler`` answers by closing the connection.
+    """
+
+    def __init__(self, raw: Any, sock: socket.socket, deadline: float) -> None:
+        self._raw = raw
+        self._sock = sock
+        self._deadline = deadline
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received within the connection's time limit")
+        self._sock.settimeout(left)
+
+    def readline(self, limit: int = -1) -> bytes:
+        self._arm()
+        line: bytes = self._raw.readline(limit)
+        return line
+
+    def read(self, n: int = -1) -> bytes:
+        self._arm()
+        data: bytes = self._raw.read(n)
+        return data
+
+    def close(self) -> None:
+        self._raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)

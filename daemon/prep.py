@@ -1,8 +1,9 @@
 """One frame → its row of the batch buffer: decode (when encoded) → the model's preprocessing, in the pool.
 
-Failures are settled right here, so a broken frame never waits for its batch: unreadable bytes → REJECT
-``decode_error``; the pose stage's ``no_part``/``pose_error`` → REJECT with that reason; anything unexpected
-→ REJECT ``engine_error`` with the traceback logged. This function never raises (the batch waits on it).
+Failures are settled right here, so a broken frame never waits for its batch: unreadable or incomplete bytes
+(``daemon.image_policy.check_complete``, before the decoder sees them) → REJECT ``decode_error``; the pose
+stage's ``no_part``/``pose_error`` → REJECT with that reason; anything unexpected → REJECT ``engine_error``
+with the traceback logged. This function never raises (the batch waits on it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 
 from daemon.decision import Decider
+from daemon.image_policy import InputRejected, check_complete, sniff
 from daemon.ledger import Job, Ledger
 from daemon.logs import get_logger
 from daemon.types import Reason
@@ -55,6 +57,7 @@ class FramePreprocessor:
             if frame.image is not None:
                 gray = to_gray8(frame.image, max_pixels=self._max_pixels)
             elif frame.data is not None:
+                _refuse_partial(frame.data)
                 gray = decode(frame.data, max_pixels=self._max_pixels)
             else:
                 raise DecodeError("frame carries neither pixels nor encoded bytes")
@@ -67,7 +70,7 @@ class FramePreprocessor:
                 job.violations = tuple(check(pose.measurements, self._gauges))
             self._pre(gray, row, pose=pose if self._pose_crop else None)
             t2 = self._now()
-        except DecodeError as exc:
+        except (DecodeError, InputRejected) as exc:
             self._fail(job, Reason.DECODE_ERROR, str(exc))
             return
         except PoseError as exc:
@@ -94,6 +97,18 @@ class FramePreprocessor:
         log.warning(
             "frame rejected before inference", frame_id=job.frame.frame_id, reason=reason.value, error=message
         )
+
+
+def _refuse_partial(data: bytes | memoryview) -> None:
+    """A partial image is never decoded, whichever source made the frame: the camera and folder sources have
+    already applied the whole input policy (this repeats its cheap completeness walk, 10–150 µs for a 1024²
+    image); a replay or an embedding application has not. Formats the policy does not know (a replayed PGM)
+    are left to the decoder, as before."""
+    try:
+        header = sniff(data)
+    except InputRejected:
+        return
+    check_complete(data, header)
 
 
 def _pose_reason(exc: Exception) -> Reason:

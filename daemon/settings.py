@@ -72,9 +72,24 @@ class CameraSettings(_Section):
     endpoint: str = "tcp://127.0.0.1:5555"  # the daemon binds a PULL socket here
     backpressure: Backpressure = Backpressure.REJECT_NEWEST
     max_message_bytes: int = Field(default=64 * MiB, ge=1024)  # per message part; larger → peer dropped
-    rcvhwm: int = Field(default=1000, ge=1)  # frames ZeroMQ may hold before the camera's send blocks
+    rcvhwm: int = Field(default=100, ge=1)  # messages ZeroMQ may hold (per connection) before a send blocks
+    # What ZeroMQ may hold queued for one camera connection, in bytes: rcvhwm × max_message_bytes must fit
+    # (the high-water mark counts messages, not bytes). Size the unit's MemoryMax= with it (systemd/).
+    max_buffered_bytes: int = Field(default=100 * 64 * MiB, ge=1024)
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
+
+    @model_validator(mode="after")
+    def _buffered_bytes(self) -> CameraSettings:
+        queued = self.rcvhwm * self.max_message_bytes
+        if queued > self.max_buffered_bytes:
+            raise ValueError(
+                f"sources.camera.rcvhwm × sources.camera.max_message_bytes = {self.rcvhwm} × "
+                f"{self.max_message_bytes} = {queued} bytes, above sources.camera.max_buffered_bytes "
+                f"({self.max_buffered_bytes}): lower rcvhwm, or max_message_bytes to the largest frame the "
+                "camera sends, or raise max_buffered_bytes (and the unit's MemoryMax=)"
+            )
+        return self
 
 
 class FolderSettings(_Section):

@@ -34,6 +34,11 @@ class AfterPublishWorker:
                 "after-publish queue full; entry skipped", frame_id=verdict.frame_id, skipped=self.skipped
             )
 
+    @property
+    def alive(self) -> bool:
+        """Whether the stage's thread runs (the supervisor stops the daemon when it does not)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="after-publish", daemon=True)
         self._thread.start()

@@ -1,7 +1,9 @@
 """systemd's notify protocol in a few lines: datagrams to ``$NOTIFY_SOCKET`` (no dependency needed).
 
-``READY=1`` once the backend is warm and the sources listen, ``WATCHDOG=1`` only while the pipeline makes
-progress (so a wedged daemon is restarted by ``WatchdogSec``), ``STOPPING=1`` when shutdown begins. Without
+``READY=1`` once the backend is warm and the sources listen, ``WATCHDOG=1`` only while every stage thread runs
+(sources, pipeline, publisher, after-publish sinks) and the pipeline makes progress, so a wedged daemon or one
+with a dead stage is restarted by ``WatchdogSec`` even if its own stop stalls (the App's supervisor decides;
+``daemon/app.py``), ``STOPPING=1`` when shutdown begins. Without
 ``NOTIFY_SOCKET`` (not under systemd, tests) every call is a no-op.
 """
 

@@ -76,7 +76,9 @@ class Band:
             raise ValueError(f"band {self.name}: low {self.low} > high {self.high}")
 
     def contains(self, value: float) -> bool:
-        if math.isnan(value):  # a measurement that cannot be trusted never passes
+        # A measurement that cannot be trusted never passes: NaN compares False against every limit, and ±inf is
+        # "inside" a band open on that side (−inf ≤ high), so neither is ever in a band, one-sided or not.
+        if not math.isfinite(value):
             return False
         return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
 
@@ -219,7 +221,8 @@ def load_gauges(
 
 
 def check(measurements: Measurements, gauges: GaugeSet) -> list[Violation]:
-    """The bands this part's measurements fall outside ([] = within tolerance)."""
+    """The bands this part's measurements fall outside ([] = within tolerance). A NaN or infinite measurement is
+    outside every band (a violation, so the part is REJECTed ``out_of_tolerance``), never inside one."""
     out: list[Violation] = []
     for band in gauges.bands:
         value = float(getattr(measurements, band.name))
@@ -238,7 +241,7 @@ def values(measurements: Sequence[Measurements], name: str) -> np.ndarray:
 def outside(measurements: Sequence[Measurements], band: Band) -> np.ndarray:
     """Boolean mask: which parts fall outside ``band`` (vectorised ``not band.contains``)."""
     v = values(measurements, band.name)
-    inside: np.ndarray = ~np.isnan(v)
+    inside: np.ndarray = np.isfinite(v)  # as Band.contains: NaN and ±inf are never inside
     if band.low is not None:
         inside &= v >= band.low
     if band.high is not None:

@@ -7,6 +7,13 @@ assertion. So every plan in ``package.engine_cache_dir`` has a JSON sidecar hold
 and :meth:`EngineCache.lookup` compares the whole key *before* a single byte of the plan reaches
 ``deserialize_cuda_engine``.
 
+Integrity, as on the CPU path (``load_package`` hashes ``model.onnx``): the sidecar records the plan's sha256
+when it is built; :meth:`EngineCache.read_plan` reads the plan once, hashes those very bytes and hands back
+only those bytes, so a swapped or corrupted plan is refused, never deserialized. A build reads ``model.onnx``
+once, checks its sha256 against the key (the package's ``onnx_sha256``) and parses those verified bytes, not
+the path. The sidecar also says whether the plan passed ``inspectd build-engine``'s parity gate;
+:func:`check_gate` refuses an ungated plan unless the configuration accepts one (``allow_ungated``).
+
 Polygraphy's split: this module builds (loaders build); :mod:`engine.backends.tensorrt` runs. ``tensorrt``
 is imported lazily, only inside the functions that need it, and only TensorRT ≥ 10 is supported — the one
 feature check for TensorRT 11 (which removed weakly typed FP16) lives in :func:`_apply_precision`.
@@ -45,6 +52,41 @@ class EngineBuildError(BackendError):
 
 class EngineKeyMismatch(BackendError):
     """No plan in the cache was built for this station/model/precision/profile (and rebuilding is off)."""
+
+
+class PlanIntegrityError(BackendError):
+    """A plan whose bytes do not hash to the sha256 its sidecar recorded when it was built (swapped, corrupted,
+    or written by something other than inspectd's builder). Refused, never deserialized, never rebuilt over."""
+
+
+class UngatedPlanError(BackendError):
+    """A plan that has not passed ``inspectd build-engine``'s parity gate, and the configuration does not accept
+    one (``allow_ungated``)."""
+
+
+GateStatus = Literal["passed", "ungated-accepted"]
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified_onnx(path: Path, expected_sha256: str) -> bytes:
+    """The bytes of ``path``, read once, if they hash to ``expected_sha256`` (the package's ``onnx_sha256``,
+    which is also the engine key's): a build parses exactly these bytes, so the file cannot change between the
+    check and the parse, and a plan is never keyed under a model it was not built from."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise EngineBuildError(f"cannot read {path}: {exc}") from None
+    actual = sha256_bytes(data)
+    if actual != expected_sha256:
+        raise EngineBuildError(
+            f"{path} sha256 {actual[:16]}… does not match the package's onnx_sha256 {expected_sha256[:16]}… "
+            "(the file changed after the package was loaded, or model.json does not describe it); "
+            "refusing to build a TensorRT plan from it"
+        )
+    return data
 
 
 def import_tensorrt() -> Any:
@@ -229,19 +271,55 @@ class EngineCache:
         return keys
 
     def store(self, key: EngineKey, plan: bytes, record: dict[str, Any], *, candidate: bool = False) -> Path:
-        """Write plan then sidecar (a sidecar never points at a half-written plan)."""
+        """Write plan then sidecar (a sidecar never points at a half-written plan). The sidecar records the
+        sha256 and size of exactly these plan bytes (``plan_sha256``, ``plan_bytes``), whatever ``record``
+        says."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.plan_path(key, candidate=candidate)
         _atomic_write(path, plan)
-        full = {"key": key.to_dict(), **{k: v for k, v in record.items() if k != "key"}}
+        reserved = {"key", "plan_sha256", "plan_bytes"}
+        full = {
+            "key": key.to_dict(),
+            "plan_sha256": sha256_bytes(plan),
+            "plan_bytes": len(plan),
+            **{k: v for k, v in record.items() if k not in reserved},
+        }
         _atomic_write(self.sidecar_path(path), (json.dumps(full, indent=2) + "\n").encode())
         return path
+
+    def read_plan(self, plan: Path, record: dict[str, Any]) -> bytes:
+        """The bytes of ``plan``, read once, if they hash to the ``plan_sha256`` its sidecar ``record`` holds;
+        else :class:`PlanIntegrityError`. Deserialize exactly the bytes returned, never the file again."""
+        expected = record.get("plan_sha256")
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise PlanIntegrityError(
+                f"engine plan {plan}: its sidecar records no plan_sha256 (written by an inspectd without plan "
+                "hashing, or edited), so its bytes cannot be checked; refusing to load it. Rebuild it on this "
+                "station: inspectd build-engine PACKAGE --force --data VALIDATION_DIR"
+            )
+        try:
+            data = plan.read_bytes()
+        except OSError as exc:
+            raise PlanIntegrityError(f"engine plan {plan} cannot be read: {exc}") from None
+        actual = sha256_bytes(data)
+        if actual != expected:
+            raise PlanIntegrityError(
+                f"engine plan {plan} has sha256 {actual[:16]}… ({len(data)} bytes), but its sidecar recorded "
+                f"{expected[:16]}… ({record.get('plan_bytes')} bytes) when it was built: the plan was replaced "
+                "or corrupted. Refusing to deserialize it (and not rebuilding over it: find out what changed "
+                "it). Then delete it, or replace it with: inspectd build-engine PACKAGE --force "
+                "--data VALIDATION_DIR"
+            )
+        return data
 
     def activate(self, key: EngineKey, record_update: dict[str, Any]) -> Path:
         """Promote the candidate plan (which passed the parity gate) to the key's plan."""
         cand = self.plan_path(key, candidate=True)
         record = self.verify(cand, key)
-        record.update(record_update)
+        self.read_plan(cand, record)  # a candidate that changed since it was built is never promoted
+        record.update(
+            {k: v for k, v in record_update.items() if k not in {"key", "plan_sha256", "plan_bytes"}}
+        )
         final = self.plan_path(key)
         os.replace(cand, final)
         _atomic_write(self.sidecar_path(final), (json.dumps(record, indent=2) + "\n").encode())
@@ -306,18 +384,22 @@ def build_plan(
     timing_cache: Path | None,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
 ) -> bytes:
-    """Parse ``onnx_path`` and build a serialized plan for ``key`` (precision + batch profile).
+    """Read ``onnx_path`` once, check its sha256 against ``key.onnx_sha256`` and build a serialized plan for
+    ``key`` (precision + batch profile) from those verified bytes (``OnnxParser.parse``, not the path).
 
     The timing cache is read before and written after the build, so a rebuild (new model, same layers)
     skips most kernel timing.
     """
     trt = import_tensorrt()
+    onnx_bytes = read_verified_onnx(onnx_path, key.onnx_sha256)
     logger = trt_logger()
     builder = trt.Builder(logger)
     # TensorRT 10: networks are always explicit-batch; EXPLICIT_BATCH is deprecated and ignored, so no flag.
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    # No path argument: the package has no external weights (load_package refuses them), so the parser needs
+    # nothing from the file system — it sees only the bytes that were hashed.
+    if not parser.parse(onnx_bytes):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {'; '.join(errors) or 'no details'}")
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
@@ -378,24 +460,80 @@ def resolve_plan(
     package_dir: Path,
     rebuild: bool,
     build: Callable[[], bytes],
+    allow_ungated: bool = False,
 ) -> CachedEngine:
-    """The cached plan for ``key``; else build it (when ``rebuild``) or raise :class:`EngineKeyMismatch`.
+    """The cached plan for ``key``; else build it (when ``rebuild`` and ``allow_ungated``) or raise.
 
     A plan built here is not parity-gated (the daemon has no validation images); its sidecar says so, and
-    ``inspectd build-engine`` is the gated way.
+    ``inspectd build-engine`` is the gated way. Since the daemon serves an ungated plan only with
+    ``allow_ungated``, ``rebuild`` without it refuses *before* spending minutes on a plan it would then refuse
+    (:class:`UngatedPlanError`). Integrity and gate of whatever is returned are checked by the caller, on the
+    bytes it deserializes (:meth:`EngineCache.read_plan`, :func:`check_gate`).
     """
     hit = cache.lookup(key)
     if hit is not None:
         return hit
     if not rebuild:
         raise EngineKeyMismatch(mismatch_message(cache, key, package_dir))
+    if not allow_ungated:
+        raise UngatedPlanError(
+            f"no TensorRT engine in {cache.directory} for this station [{key.describe()}]. rebuild=true would "
+            "build one now, but a plan the daemon builds at start has not passed the parity gate, and an "
+            "ungated plan is served only with allow_ungated=true. Build a gated one on this station: "
+            f"'inspectd build-engine {package_dir} --data VALIDATION_DIR' (or set model.options.allow_ungated "
+            "= true to accept an ungated one, logged and shown as gate=ungated-accepted on inspectd_model_info)"
+        )
     with cache.build_lock():
         hit = cache.lookup(key)  # another process may have built it while we waited
         if hit is not None:
             return hit
         t0 = time.perf_counter()
         plan = build()
-        record = {"built_by": "backend rebuild", "build_seconds": round(time.perf_counter() - t0, 2)}
-        record["parity"] = {"gated": False}
+        record: dict[str, Any] = {
+            "built_by": "backend rebuild",
+            "build_seconds": round(time.perf_counter() - t0, 2),
+            "parity": {"gated": False, "reason": "built by the backend at start (rebuild=true)"},
+        }
         path = cache.store(key, plan, record)
     return CachedEngine(key=key, plan=path, record=cache.verify(path, key))
+
+
+def passed_gate(record: dict[str, Any]) -> bool:
+    """True when the sidecar ``record`` says its plan passed ``inspectd build-engine``'s parity gate: the
+    gate's record must name this very plan (its ``plan_sha256``), so a gate result never carries over to
+    other bytes."""
+    parity = record.get("parity")
+    return (
+        isinstance(parity, dict)
+        and parity.get("gated") is True
+        and isinstance(record.get("plan_sha256"), str)
+        and parity.get("plan_sha256") == record.get("plan_sha256")
+    )
+
+
+def check_gate(record: dict[str, Any], plan: Path, *, allow_ungated: bool, package_dir: Path) -> GateStatus:
+    """``"passed"`` for a gated plan; for an ungated one :class:`UngatedPlanError`, or — when the configuration
+    explicitly accepts it (``allow_ungated``) — ``"ungated-accepted"`` with a warning in the log."""
+    if passed_gate(record):
+        return "passed"
+    parity = record.get("parity")
+    why = (
+        parity.get("reason")
+        if isinstance(parity, dict) and parity.get("reason")
+        else f"built by {record.get('built_by', 'an unknown builder')}, with no parity record for these bytes"
+    )
+    if not allow_ungated:
+        raise UngatedPlanError(
+            f"engine plan {plan} has not passed the parity gate of 'inspectd build-engine' ({why}); refusing "
+            f"to judge parts with it. Gate it on this station: 'inspectd build-engine {package_dir} --data "
+            "VALIDATION_DIR' (it replaces the ungated plan), or accept it explicitly with "
+            "model.options.allow_ungated = true (logged, and shown as gate=ungated-accepted on "
+            "inspectd_model_info)"
+        )
+    log.warning(
+        "serving TensorRT plan %s that has NOT passed the parity gate (%s), because allow_ungated=true: "
+        "its verdicts were never compared with ONNX Runtime's on real images",
+        plan,
+        why,
+    )
+    return "ungated-accepted"

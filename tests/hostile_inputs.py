@@ -82,3 +82,84 @@ def unusual_valid() -> dict[str, bytes]:
         "rgb.bmp": encode(bgr, ".bmp"),
         "vga.png": encode(gray(480, 640, seed=4), ".png"),
     }
+
+
+# -- camera headers: JSON that parses, with values that must not -------------------------------------------
+
+HUGE_INT = "1" + "0" * 5000  # beyond CPython's 4300-digit int-string limit: a ValueError inside json.loads
+BIG_INT = "9" * 400  # an int json.loads returns, but float() of it overflows (OverflowError)
+
+
+def header_text(*pairs: tuple[str, str]) -> bytes:
+    """A JSON object from (key, JSON text of the value) pairs, written by hand: ``json.dumps`` cannot write a
+    5000-digit integer, NaN-free infinities or a repeated key."""
+    return ("{" + ",".join(f'"{k}":{v}' for k, v in pairs) + "}").encode()
+
+
+def _named(fid: str, *pairs: tuple[str, str]) -> bytes:
+    return header_text(("frame_id", f'"{fid}"'), *pairs)
+
+
+_PNG = ("encoding", '"png"')
+_RAW = ("encoding", '"raw"')
+_SHAPE = ("shape", "[64, 64]")
+
+# frame id → a header that names its part but breaks the schema in one known key: REJECT decode_error.
+HOSTILE_HEADERS: dict[str, bytes] = {
+    "t-capture-5000-digits": _named("t-capture-5000-digits", _PNG, ("t_capture", HUGE_INT)),
+    "t-capture-400-digits": _named("t-capture-400-digits", _PNG, ("t_capture", BIG_INT)),
+    "t-capture-1e999": _named("t-capture-1e999", _PNG, ("t_capture", "1e999")),
+    "t-capture-minus-infinity": _named("t-capture-minus-infinity", _PNG, ("t_capture", "-Infinity")),
+    "t-capture-nan": _named("t-capture-nan", _PNG, ("t_capture", "NaN")),
+    "t-capture-true": _named("t-capture-true", _PNG, ("t_capture", "true")),
+    "t-capture-negative": _named("t-capture-negative", _PNG, ("t_capture", "-1")),
+    "t-capture-year-2200": _named("t-capture-year-2200", _PNG, ("t_capture", "7258118400")),
+    "t-capture-list": _named("t-capture-list", _PNG, ("t_capture", "[1700000000]")),
+    "t-capture-string": _named("t-capture-string", _PNG, ("t_capture", '"1700000000"')),
+    "encoding-list": _named("encoding-list", ("encoding", "[]")),
+    "encoding-object": _named("encoding-object", ("encoding", '{"png": 1}')),
+    "encoding-number": _named("encoding-number", ("encoding", HUGE_INT)),
+    "label-object": _named("label-object", _PNG, ("label", "{}")),
+    "label-list": _named("label-list", _PNG, ("label", '["OK"]')),
+    "label-true": _named("label-true", _PNG, ("label", "true")),
+    "dtype-list": _named("dtype-list", _RAW, _SHAPE, ("dtype", "[]")),
+    "dtype-object": _named("dtype-object", _RAW, _SHAPE, ("dtype", "{}")),
+    "dtype-null": _named("dtype-null", _RAW, _SHAPE, ("dtype", "null")),
+    "dtype-number": _named("dtype-number", _RAW, _SHAPE, ("dtype", "8")),
+    "shape-5000-digits": _named("shape-5000-digits", _RAW, ("shape", f"[{HUGE_INT}, 64]")),
+    "shape-400-digits": _named("shape-400-digits", _RAW, ("shape", f"[64, {BIG_INT}]")),
+    "shape-2-pow-40": _named("shape-2-pow-40", _RAW, ("shape", f"[{2**40}, {2**40}]")),
+    "shape-1e999": _named("shape-1e999", _RAW, ("shape", "[1e999, 64]")),
+    "shape-floats": _named("shape-floats", _RAW, ("shape", "[64.0, 64.0]")),
+    "shape-bools": _named("shape-bools", _RAW, ("shape", "[true, true]")),
+    "shape-nested": _named("shape-nested", _RAW, ("shape", "[[64], [64]]")),
+    "shape-negative": _named("shape-negative", _RAW, ("shape", "[-64, 64]")),
+    "shape-object": _named("shape-object", _RAW, ("shape", '{"h": 64, "w": 64}')),
+    "label-twice": _named("label-twice", _PNG, ("label", '"OK"'), ("label", '"NG"')),
+}
+
+# Headers whose part cannot be named: counted (inspectd_message_errors_total{kind="header"}), logged, no verdict.
+UNNAMED_HEADERS: dict[str, bytes] = {
+    "frame-id-number": header_text(("frame_id", "123"), _PNG),
+    "frame-id-5000-digits": header_text(("frame_id", HUGE_INT), _PNG),
+    "frame-id-1e999": header_text(("frame_id", "1e999"), _PNG),
+    "frame-id-list": header_text(("frame_id", '["a"]'), _PNG),
+    "frame-id-object": header_text(("frame_id", '{"id": "a"}'), _PNG),
+    "frame-id-true": header_text(("frame_id", "true"), _PNG),
+    "frame-id-too-long": header_text(("frame_id", '"' + "x" * 300 + '"'), _PNG),
+    "frame-id-twice": header_text(("frame_id", '"a"'), ("frame_id", '"b"'), _PNG),
+    "nested-too-deep": header_text(("frame_id", '"deep"'), _PNG, ("meta", "[" * 5000 + "]" * 5000)),
+}
+
+# frame id → hostile values only in keys the daemon does not know (camera metadata): ignored, inspected.
+TOLERATED_HEADERS: dict[str, bytes] = {
+    "metadata-extreme": _named(
+        "metadata-extreme",
+        _PNG,
+        ("exposure_us", HUGE_INT),
+        ("gain", "1e999"),
+        ("offset", "NaN"),
+        ("roi", '[[1, 2], {"x": []}]'),
+        ("note", '"' + "n" * 2000 + '"'),
+    ),
+}

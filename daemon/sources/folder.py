@@ -17,8 +17,15 @@ once its verdict is published, so the folder only ever holds files without a pub
 with ``process_existing`` re-inspects); with a ``journal`` the files stay and the journal remembers them
 (``daemon/sources/journal.py``). Either way restarts are at-least-once: see docs/reliability.md.
 
-Inspected names are remembered (not re-read on a later event) until the file is deleted or moved away: then
-the name is free for a new part, and the memory stays as large as the folder, not as the shift.
+**A new part under an old name.** Each inspected name is remembered with the identity of the file that was
+inspected (``daemon/sources/journal.py``: size, times, inode, sha256 of the bytes read). A later event for that
+name (a rename over it, a rewrite in place, a writer that stalled and then finished) makes the source read it
+again once it is complete: the same bytes are no new part (``touch``, ``chmod``, the same image written again:
+no verdict); different bytes are, with ``frame_id`` = ``<name>/<generation>`` (``f.png/2``, ``f.png/3``, …; a
+file name cannot contain ``/``, so it never collides with another file's id). With a journal the generation
+continues across restarts. A name is forgotten when its file is deleted or moved away (found gone when the
+source learns of it), so the memory stays as large as the folder, not as the shift; a new file under a
+forgotten name is generation 1 again (``frame_id`` = the name).
 """
 
 from __future__ import annotations
@@ -40,13 +47,25 @@ from daemon.image_policy import InputPolicy, InputRejected
 from daemon.logs import get_logger
 from daemon.settings import FolderSettings
 from daemon.sources import Intake
-from daemon.sources.journal import Identity, VerdictJournal
+from daemon.sources.journal import FileIdentity, VerdictJournal
 from daemon.types import Frame, Outcome, Verdict
 
 log = get_logger(__name__)
 
 DONE, REJECTED = "done", "rejected"
-_IDENTITIES_KEPT = 4096  # (size, mtime) of files awaiting their verdict, for the journal; oldest dropped
+_IDENTITIES_KEPT = 4096  # identities of files awaiting their verdict (journal, move); oldest dropped
+_VANISHED = "file vanished before it could be read"
+
+
+class _Inspected:
+    """What was inspected under a name: the file's identity (None when it could not even be opened) and the
+    generation (1 for the first part under the name, 2 for the next, …)."""
+
+    __slots__ = ("generation", "identity")
+
+    def __init__(self, identity: FileIdentity | None, generation: int) -> None:
+        self.identity = identity
+        self.generation = generation
 
 
 class _Pending:
@@ -94,7 +113,11 @@ class FolderSource:
         self.directory = Path(settings.path)
         self._clock = clock
         self._policy = policy or InputPolicy()
-        self._journal = VerdictJournal(Path(settings.journal)) if settings.journal is not None else None
+        self._journal = (
+            VerdictJournal(Path(settings.journal), max_bytes=settings.max_file_bytes)
+            if settings.journal is not None
+            else None
+        )
         # The journal file may live in the watched folder: it is never a part.
         self._own_names = (
             {Path(settings.journal).name}
@@ -102,12 +125,13 @@ class FolderSource:
             and Path(settings.journal).parent.resolve() == self.directory.resolve()
             else set()
         )
-        self._identity: dict[int, tuple[str, Identity]] = {}  # frame seq → (name, identity), for the journal
+        # frame seq → (name, identity, generation) until its verdict: for the journal and the move
+        self._identity: dict[int, tuple[str, FileIdentity | None, int]] = {}
         self._stable_s = settings.stable_ms / 1000.0
         self._poll_s = settings.poll_ms / 1000.0
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
-        self._seen: set[str] = set()
+        self._seen: dict[str, _Inspected] = {}
         self._order = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -132,6 +156,10 @@ class FolderSource:
             (self.directory / DONE).mkdir(exist_ok=True)
             (self.directory / REJECTED).mkdir(exist_ok=True)
         recorded = self._journal.open(self.directory) if self._journal is not None else {}
+        # Inspected before the restart: a changed file under one of these names is the next generation.
+        with self._lock:
+            for name, done in recorded.items():
+                self._seen[name] = _Inspected(done.current or done.identity, done.generation)
         observer = PollingObserver(timeout=self._poll_s) if self.settings.use_polling else Observer()
         observer.schedule(_Events(self), str(self.directory), recursive=False)
         observer.start()  # watch first, then list: a file written in between is noted twice, not missed
@@ -142,10 +170,9 @@ class FolderSource:
                 for entry in it:
                     if entry.is_file(follow_symlinks=False) or entry.is_symlink():
                         st = entry.stat(follow_symlinks=False)
-                        if recorded.get(entry.name) == (st.st_size, st.st_mtime_ns):
-                            with self._lock:  # published before the restart (journal): not again
-                                self._seen.add(entry.name)
-                            continue
+                        known = recorded.get(entry.name)
+                        if known is not None and known.current is not None and known.current.stat_matches(st):
+                            continue  # published before the restart (journal) and unchanged: not again
                         entries.append((st.st_mtime_ns, entry.path))
             wall_ns = self._clock.wall() * 1e9
             for mtime_ns, path in sorted(entries):
@@ -189,13 +216,13 @@ class FolderSource:
 
     # -- events (observer thread) ------------------------------------------------------------------------
     def note(self, path: str, *, closed: bool, age_s: float = 0.0) -> None:
+        """Something happened to the file (created, written, closed, renamed into the folder). A name already
+        inspected is looked at again too: :meth:`_emit` decides whether it holds a new part."""
         p = Path(path)
         if p.parent != self.directory or self._ignored(p.name) or p.name in self._own_names:
             return
         now = self._clock.monotonic()
         with self._lock:
-            if p.name in self._seen:
-                return
             entry = self._pending.get(p.name)
             if entry is None:
                 self._order += 1
@@ -207,11 +234,15 @@ class FolderSource:
         self._wake.set()
 
     def forget(self, path: str) -> None:
-        """The file is gone (deleted, moved away): a new file of that name is a new part."""
+        """The file is gone (deleted, moved away): the name is free, a new file of that name is generation 1.
+        Unless a file of that name is there again already: a polling observer reports a rename over a file as
+        its deletion followed by the move, and that file is the next generation (see :meth:`note`)."""
         name = Path(path).name
+        if os.path.lexists(self.directory / name):
+            return
         with self._lock:
             self._pending.pop(name, None)
-            self._seen.discard(name)
+            self._seen.pop(name, None)
 
     def _ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.settings.ignore_patterns)
@@ -271,25 +302,38 @@ class FolderSource:
                     entry.closed = False
                     entry.t_change = self._clock.monotonic()
             return
+        with self._lock:
+            prev = self._seen.get(name)
+            if prev is not None and (
+                error == _VANISHED
+                or (ident is not None and prev.identity is not None and prev.identity.same_content(ident))
+            ):
+                # No new part: an event about the file already inspected (touch, chmod, the same bytes written
+                # again), or a file gone again before it could be read (no part to name).
+                self._pending.pop(name, None)
+                if ident is not None:
+                    prev.identity = ident
+                return
+            generation = 1 if prev is None else prev.generation + 1
+        frame_id = name if generation == 1 else f"{name}/{generation}"
         if data is not None:
             try:
                 self._policy.check_encoded(data)
             except InputRejected as exc:
                 data, error = None, str(exc)
         if error is not None:
-            log.warning("file rejected without decoding", frame_id=name, path=str(path), error=error)
+            log.warning("file rejected without decoding", frame_id=frame_id, path=str(path), error=error)
         with self._lock:
             self._pending.pop(name, None)
-            self._seen.add(name)
+            self._seen[name] = _Inspected(ident, generation)
             self.seq += 1
-            if self._journal is not None and ident is not None:
-                self._identity[self.seq] = (name, ident)
-                if len(self._identity) > _IDENTITIES_KEPT:  # verdicts skipped by a full after-publish queue
-                    del self._identity[next(iter(self._identity))]
+            self._identity[self.seq] = (name, ident, generation)
+            if len(self._identity) > _IDENTITIES_KEPT:  # verdicts skipped by a full after-publish queue
+                del self._identity[next(iter(self._identity))]
         frame = Frame(
             source=self.name,
             seq=self.seq,
-            frame_id=name,
+            frame_id=frame_id,
             t_arrival=self._clock.monotonic(),
             t_received=self._clock.wall(),
             data=data,
@@ -298,22 +342,22 @@ class FolderSource:
         )
         intake.submit(frame, self.settings.backpressure)
 
-    def _read(self, path: Path) -> tuple[bytes | None, str | None, Identity | None]:
-        """(bytes, None, identity) when complete; (None, reason, identity or None) for a file that will never be
-        an image; (None, None, None) when it changed while being read."""
+    def _read(self, path: Path) -> tuple[bytes | None, str | None, FileIdentity | None]:
+        """(bytes, None, identity with the hashes of the bytes) when complete; (None, reason, identity or None)
+        for a file that will never be an image; (None, None, None) when it changed while being read."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            return None, "file vanished before it could be read", None
+            return None, _VANISHED, None
         except OSError as exc:
             if os.path.islink(path):
                 return None, "symbolic link not followed", None
             return None, f"cannot open: {exc.strerror}", None
         try:
             st = os.fstat(fd)
-            ident = (st.st_size, st.st_mtime_ns)
+            ident = FileIdentity.of(st)
             if not stat.S_ISREG(st.st_mode):
-                return None, "not a regular file", None
+                return None, "not a regular file", ident
             if st.st_size > self.settings.max_file_bytes:
                 return (
                     None,
@@ -331,7 +375,7 @@ class FolderSource:
             data = b"".join(chunks)
             if len(data) != st.st_size or os.fstat(fd).st_size != st.st_size:
                 return None, None, None
-            return data, None, ident
+            return data, None, FileIdentity.of(st, data)
         except OSError as exc:
             return None, f"read failed: {exc.strerror}", None
         finally:
@@ -341,22 +385,30 @@ class FolderSource:
     def on_verdict(self, verdict: Verdict, frame: Frame, message: dict[str, Any]) -> None:
         if frame.source != self.name or frame.path is None:
             return
-        if self._journal is not None:
-            with self._lock:
-                entry = self._identity.pop(frame.seq, None)
-            if entry is not None:
-                try:
-                    self._journal.record(entry[0], entry[1], message)
-                except OSError as exc:  # a full disk must not stop verdicts: the file is re-inspected later
-                    log.warning("could not journal a verdict", frame_id=frame.frame_id, error=str(exc))
+        with self._lock:
+            entry = self._identity.pop(frame.seq, None)
+        if self._journal is not None and entry is not None and entry[1] is not None:
+            try:
+                self._journal.record(entry[0], entry[1], entry[2], message)
+            except OSError as exc:  # a full disk must not stop verdicts: the file is re-inspected later
+                log.warning("could not journal a verdict", frame_id=frame.frame_id, error=str(exc))
         if not self.settings.move_after_verdict:
             return
         sub = DONE if verdict.outcome is Outcome.PASS else REJECTED
         src = Path(frame.path)
+        ident = entry[1] if entry is not None else None
+        if ident is not None and ident.ino is not None:
+            try:
+                replaced = not ident.stat_matches(os.lstat(src))
+            except OSError:
+                replaced = False  # gone: os.replace below says so
+            if replaced:  # a new part under the name since it was read: it waits for its own verdict
+                log.warning("inspected file was replaced before its move; left in place", path=str(src))
+                return
         try:
             os.replace(src, self.directory / sub / src.name)
         except OSError as exc:
             log.warning("could not move inspected file", path=str(src), to=sub, error=str(exc))
             return
         with self._lock:  # the name is free again: a new file with it is a new part
-            self._seen.discard(src.name)
+            self._seen.pop(src.name, None)

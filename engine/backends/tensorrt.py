@@ -7,6 +7,11 @@ tensor (sized for ``max_batch``) and pinned host staging for the input and the l
 ``__enter__`` on the calling thread and freed in ``__exit__``. Before ``__enter__`` returns, every batch size
 of the profile has run once (TensorRT does per-shape work on the first run of each shape).
 
+Before a plan is deserialized: its sidecar key must be this station's, its bytes (read once) must hash to the
+sha256 recorded when it was built, and it must have passed ``inspectd build-engine``'s parity gate — unless
+``allow_ungated`` accepts an ungated plan, which is logged and shown by :meth:`TensorRTBackend.describe`
+(``gate``, a label of ``inspectd_model_info``).
+
 Options: :class:`TensorRTOptions`.
 """
 
@@ -153,10 +158,13 @@ class TensorRTOptions(BackendOptions):
     opt_batch: int | None = Field(
         default=None, ge=1
     )  # the profile's opt batch; None = 8 (or max_batch if less)
-    # Build a plan when the cache holds none for this station (minutes, not parity-gated); False = fail with a
-    # message naming the key it needs.
+    # Build a plan when the cache holds none for this station (minutes, not parity-gated, so only together with
+    # allow_ungated); False = fail with a message naming the key it needs.
     rebuild: bool = False
-    engine_file: Path | None = None  # an explicit plan; its sidecar key is still checked
+    # Serve a plan that has not passed build-engine's parity gate (built by rebuild, or --no-parity): the
+    # operator's explicit decision, logged at start and shown as gate=ungated-accepted in describe().
+    allow_ungated: bool = False
+    engine_file: Path | None = None  # an explicit plan; its sidecar key, sha256 and gate are still checked
     device: int = Field(default=0, ge=0)  # CUDA device ordinal
     workspace_mb: int = Field(default=trt_build.DEFAULT_WORKSPACE_MB, ge=1)  # builder workspace (rebuild)
     warmup_batch_sizes: tuple[int, ...] | None = None  # run at __enter__; None = every size of the profile
@@ -180,6 +188,8 @@ class TensorRTBackend(Backend):
         self.cache = EngineCache(package.engine_cache_dir)
         self.key: EngineKey | None = None
         self.engine_record: dict[str, Any] = {}
+        # Before __enter__: what the configuration admits; after: what the loaded plan is.
+        self.gate: str = "ungated-allowed" if self.options.allow_ungated else "required"
         self.warmed_batch_sizes: tuple[int, ...] = ()
         self._cuda: CudaRuntime | None = None
         self._runtime: Any = None
@@ -193,6 +203,11 @@ class TensorRTBackend(Backend):
     @property
     def precision(self) -> str:
         return self._precision
+
+    def describe(self) -> dict[str, str]:
+        """Adds ``gate``: ``passed`` | ``ungated-accepted`` once entered (``required`` | ``ungated-allowed``,
+        what the options admit, before)."""
+        return {**super().describe(), "gate": self.gate}
 
     def station_key(self, cuda: CudaRuntime, trt: Any) -> EngineKey:
         return make_key(self.package, str(trt.__version__), *cuda.identity(), self._precision, self.profile)
@@ -216,13 +231,14 @@ class TensorRTBackend(Backend):
         explicit = self.options.engine_file
         if explicit is not None:
             plan = explicit
-            self.engine_record = self.cache.verify(plan, key)  # the key is checked before deserializing
+            record = self.cache.verify(plan, key)  # the key is checked before deserializing
         else:
             cached = trt_build.resolve_plan(
                 self.cache,
                 key,
                 package_dir=self.package.directory,
                 rebuild=self.options.rebuild,
+                allow_ungated=self.options.allow_ungated,
                 build=lambda: trt_build.build_plan(
                     self.package.onnx_path,
                     key,
@@ -231,9 +247,16 @@ class TensorRTBackend(Backend):
                     workspace_mb=self.options.workspace_mb,
                 ),
             )
-            plan, self.engine_record = cached.plan, cached.record
+            plan, record = cached.plan, cached.record
+        # Read once, hash those bytes, deserialize only those bytes: a swapped plan never reaches TensorRT.
+        plan_bytes = self.cache.read_plan(plan, record)
+        gate = trt_build.check_gate(
+            record, plan, allow_ungated=self.options.allow_ungated, package_dir=self.package.directory
+        )
+        self.engine_record = record
         self._runtime = trt.Runtime(trt_build.trt_logger())
-        self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        self._engine = self._runtime.deserialize_cuda_engine(plan_bytes)
+        del plan_bytes  # TensorRT copied what it needs; a plan can be hundreds of MB
         if self._engine is None:
             raise BackendError(f"TensorRT could not deserialize {plan}; see its log above")
         self._check_io(trt)
@@ -241,6 +264,7 @@ class TensorRTBackend(Backend):
         if self._context is None:
             raise BackendError("TensorRT could not create an execution context (out of device memory?)")
         self._allocate(trt)
+        self.gate = gate
 
     def _check_io(self, trt: Any) -> None:
         engine, spec = self._engine, self.input_spec

@@ -1,5 +1,10 @@
 """Build the TensorRT engine for this station (ONNX → plan, FP16, batch profile 1..max, timing cache) into the
-package's engine cache; activate it only if it passes the parity gate against ONNX Runtime on real images."""
+package's engine cache; activate it only if it passes the parity gate against ONNX Runtime on real images.
+
+The plan's sidecar records the plan's sha256 (at build) and, once gated, the gate's result for exactly those
+bytes (images, flips, max |Δ|, tolerance); the daemon refuses an ungated plan unless ``allow_ungated``. A cached
+plan counts as a hit only if its bytes still match its sha256 and it is gated (or ``--no-parity`` is asked
+for); an ungated plan is rebuilt and gated, a corrupted one is reported and replaced only with ``--force``."""
 
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-flips", type=int, default=0, help="verdict flips tolerated (default 0)")
     parser.add_argument("--max-score-delta", type=float, default=None, help="largest |Δscore| tolerated")
     parser.add_argument(
-        "--no-parity", action="store_true", help="activate without the gate (recorded as ungated)"
+        "--no-parity",
+        action="store_true",
+        help="activate without the gate (recorded as ungated: the daemon serves it only with allow_ungated)",
     )
     parser.add_argument(
         "--force", action="store_true", help="rebuild even when the cache already has this key"
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         preprocess_images,
         stratified_sample,
     )
-    from engine.trt_build import BatchProfile, EngineCache, build_plan
+    from engine.trt_build import BatchProfile, EngineCache, PlanIntegrityError, build_plan, passed_gate
 
     if not args.no_parity and args.data is None:
         raise SystemExit(
@@ -67,8 +74,15 @@ def run(args: argparse.Namespace) -> int:
     cache = EngineCache(package.engine_cache_dir)
     hit = cache.lookup(key)
     if hit is not None and not args.force:
-        print(f"cache hit: {hit.plan}\n  [{key.describe()}]\n  parity: {hit.record.get('parity')}")
-        return 0
+        try:
+            cache.read_plan(hit.plan, hit.record)  # a hit only if its bytes are the ones that were built
+        except PlanIntegrityError as exc:
+            print(f"REFUSED: {exc}\n  --force replaces it with a newly built one")
+            return 1
+        if passed_gate(hit.record) or args.no_parity:
+            print(f"cache hit: {hit.plan}\n  [{key.describe()}]\n  parity: {hit.record.get('parity')}")
+            return 0
+        print(f"the cache holds an ungated plan for this key ({hit.plan}); building and gating a replacement")
     batch = None
     if not args.no_parity:  # read the images before the long build, so a bad --data fails fast
         images = stratified_sample(list_images(args.data), args.limit or None, args.seed)
@@ -86,10 +100,17 @@ def run(args: argparse.Namespace) -> int:
     candidate = cache.store(
         key, plan, {"built_by": "inspectd build-engine", "build_seconds": seconds}, candidate=True
     )
+    # What the gate's backend checks the candidate's bytes against before it deserializes them:
+    plan_sha256 = str((cache.read_record(candidate) or {}).get("plan_sha256", ""))
     print(f"built {len(plan) / 1e6:.1f} MB plan in {seconds} s: [{key.describe()}]")
     if batch is None:
-        final = cache.activate(key, {"parity": {"gated": False}})
-        print(f"activated WITHOUT parity gate: {final}")
+        final = cache.activate(
+            key, {"parity": {"gated": False, "reason": "activated by inspectd build-engine --no-parity"}}
+        )
+        print(
+            f"activated WITHOUT parity gate: {final}\n  the daemon serves it only with "
+            "model.options.allow_ungated = true"
+        )
         return 0
 
     tol = Tolerance(args.max_flips, args.max_score_delta)
@@ -106,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
                     opt_batch=args.opt_batch,
                     engine_file=candidate,
                     device=args.device,
+                    allow_ungated=True,  # the candidate is ungated until this very run gates it
                 ),
             ],
             max_batch=args.max_batch,
@@ -125,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
         {
             "parity": {
                 "gated": True,
+                "plan_sha256": plan_sha256,  # the gate's result holds for these bytes only
                 **gate.comparison.to_dict(),
                 "tolerance": asdict(tol),
                 "data": str(args.data),
+                "sample": {"limit": args.limit, "seed": args.seed},
             }
         },
     )

@@ -1,5 +1,6 @@
 """The real TensorRT path (NVIDIA's container or a station): build → cache hit → cache miss on a changed ONNX →
-parity gate. Skipped cleanly where ``import tensorrt`` or a CUDA device is missing."""
+parity gate, and the integrity checks (plan sha256, gate record, ungated refused). Skipped cleanly where
+``import tensorrt`` or a CUDA device is missing."""
 
 from __future__ import annotations
 
@@ -37,7 +38,13 @@ if _cuda_devices() == 0:
 from engine.backend import create_backend  # noqa: E402
 from engine.package import load_package  # noqa: E402
 from engine.parity import compare, list_images, preprocess_images  # noqa: E402
-from engine.trt_build import EngineCache, EngineKeyMismatch  # noqa: E402
+from engine.trt_build import (  # noqa: E402
+    EngineCache,
+    EngineKeyMismatch,
+    PlanIntegrityError,
+    UngatedPlanError,
+    sha256_bytes,
+)
 from inspectd.cli import main  # noqa: E402
 from tests.helpers import drawn_image, tiny_package  # noqa: E402
 
@@ -88,6 +95,11 @@ def test_build_hit_miss_and_parity_gate(
     cache = EngineCache(pkg_dir / "engines")
     assert len(cache.entries()) == 1
     assert any(p.name.startswith("timing-") for p in cache.directory.iterdir())
+    (gated_key,) = cache.entries()
+    gated_plan = cache.plan_path(gated_key)
+    record = cache.read_record(gated_plan)
+    assert record is not None and record["plan_sha256"] == sha256_bytes(gated_plan.read_bytes())
+    assert record["parity"]["gated"] is True and record["parity"]["plan_sha256"] == record["plan_sha256"]
 
     pkg = load_package(pkg_dir)
     batch = preprocess_images(pkg, list_images(data))[:8]
@@ -95,6 +107,7 @@ def test_build_hit_miss_and_parity_gate(
         ref = ort.infer(batch)
     with create_backend("tensorrt", pkg, max_batch=8, opt_batch=4) as be:  # rebuild off: must hit the cache
         assert be.warmed_batch_sizes == tuple(range(1, 9))
+        assert be.describe()["gate"] == "passed"
         got = be.infer(batch)
     cmp = compare(ref, got, pkg.meta.decision)
     print(f"TensorRT fp16 vs ORT fp32: max |Δlogit| {cmp.max_abs_logit:.3g}, flips {cmp.flips}/{cmp.n}")
@@ -103,11 +116,23 @@ def test_build_hit_miss_and_parity_gate(
     capsys.readouterr()
     assert main(args) == 0 and "cache hit" in capsys.readouterr().out
 
+    # A corrupted plan is refused before the real deserializer sees a byte of it.
+    good = gated_plan.read_bytes()
+    gated_plan.write_bytes(good[: len(good) // 2])
+    with pytest.raises(PlanIntegrityError, match="replaced or corrupted"):
+        _enter("tensorrt", pkg, max_batch=8, opt_batch=4)
+    gated_plan.write_bytes(good)
+
     _package(pkg_dir, seed=1)  # retrained: new model.onnx in the same package
     changed = load_package(pkg_dir)
     with pytest.raises(EngineKeyMismatch, match="onnx_sha256"):
         _enter("tensorrt", changed, max_batch=8, opt_batch=4)
-    with create_backend("tensorrt", changed, max_batch=8, opt_batch=4, rebuild=True) as be:
+    with pytest.raises(UngatedPlanError, match="allow_ungated"):  # a build at start is ungated: refused
+        _enter("tensorrt", changed, max_batch=8, opt_batch=4, rebuild=True)
+    with create_backend(
+        "tensorrt", changed, max_batch=8, opt_batch=4, rebuild=True, allow_ungated=True
+    ) as be:
+        assert be.describe()["gate"] == "ungated-accepted"
         be.infer(batch[:3])
     assert len(cache.entries()) == 2
 

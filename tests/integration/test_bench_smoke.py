@@ -97,10 +97,21 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
             "p99_over_service",
         } <= row.keys()
         assert row["sent"] > 0
-    assert r["peak_rss_mb"] > 0 and r["cpu"]["daemon_cores_at_saturation"] >= 0
+    # The daemon inspected frames at saturation, so it used CPU: 0 cores would mean the measurement is broken.
+    assert r["peak_rss_mb"] > 0 and r["cpu"]["daemon_cores_at_saturation"] > 0
+    assert r["cpu"]["daemon_cores_at_saturation"] == sat["raw"]["daemon_cores"]
     assert r["baseline_img_s"] > 0 and r["speedup_vs_baseline"] is not None
     assert r["int8"]["gate"] == "absent" and r["gpu"]["measured"] is False
-    assert r["targets"]["peak RSS (MB)"]["met"] in (True, False)
+    rss = r["targets"]["peak RSS (MB)"]
+    assert rss["value"] == r["peak_rss_mb"] and rss["met"] is (rss["value"] <= rss["target"])
+    for name, t in r["targets"].items():  # every target: met is exactly the comparison of value and goal
+        higher = name.startswith(("ratio_to_limit", "speedup"))
+        expected = (
+            None
+            if t["value"] is None
+            else (t["value"] >= t["target"] if higher else t["value"] <= t["target"])
+        )
+        assert t["met"] is expected, name
 
     text = md.read_text()
     assert "**Headline**" in text and "| machine limit (fp32, raw) |" in text

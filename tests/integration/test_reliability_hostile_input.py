@@ -7,7 +7,10 @@ the offline reference, or refused by an explicit ``decode.formats`` policy.
 
 Already covered elsewhere and not repeated here: zero-byte/truncated/random/text files, a symlink out of the
 folder and a directory in it (test_daemon_folder.py); malformed headers, torn raw payloads and wrong part
-counts (test_daemon_camera.py, unit/test_daemon_wire.py).
+counts (test_daemon_camera.py, unit/test_daemon_wire.py); headers that parse as JSON but break the schema
+(type confusion, 5000-digit integers, 1e999, repeated keys: test_daemon_camera.py, unit/test_wire_schema.py,
+with their catalogue in tests/hostile_inputs.py); many-part and maximum-size floods and the memory they cost
+(test_reliability_camera_memory.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,13 @@ them with ONNX Runtime on the memory behind the tensor addresses (the fake CUDA 
 host memory), so results can be checked against the reference. With the FP16 flag, inputs and outputs are
 rounded through float16. ``OUTPUT_BIAS`` shifts every logit, to make a parity gate fail on purpose.
 
+Both API generations the code is written against: :func:`make_module` gives TensorRT 10.x names for a 10.x
+version and 11.x names for an 11.x one (11 removed weak typing: ``BuilderFlag`` has no ``FP16``/``INT8``).
+Both have ``OnnxParser.parse(model, path=None)`` (bytes) and ``parse_from_file(path)``, and
+``Runtime.deserialize_cuda_engine(buffer)``; ``STATE.parsed`` and ``STATE.deserialized_sha256`` record which
+parse was used and the sha256 of every plan buffer handed to TensorRT, so tests can check that exactly the
+verified bytes were used.
+
 Install with :func:`install` (monkeypatches ``sys.modules["tensorrt"]``); ``STATE`` records what happened.
 """
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import hashlib
 import importlib.machinery
 import json
 import sys
@@ -32,6 +40,10 @@ class State:
 
     builds: list[dict[str, Any]] = field(default_factory=list)  # one per build_serialized_network
     deserialized: list[str] = field(default_factory=list)  # versions of plans handed to deserialize
+    deserialized_sha256: list[str] = field(
+        default_factory=list
+    )  # sha256 of every buffer handed to deserialize
+    parsed: list[tuple[str, str]] = field(default_factory=list)  # ("bytes", sha256) | ("file", path)
     executed_batches: list[int] = field(default_factory=list)
     contexts_created: int = 0
     timing_cache_inputs: list[bytes] = field(default_factory=list)
@@ -84,8 +96,19 @@ class MemoryPoolType(enum.IntEnum):
 
 
 class BuilderFlag(enum.IntEnum):
+    """TensorRT 10.x: weakly typed precision flags still exist."""
+
     FP16 = 0
     INT8 = 1
+    REFIT = 5
+    TF32 = 7
+
+
+class BuilderFlag11(enum.IntEnum):
+    """TensorRT 11.x ``BuilderFlag`` (installed under that name): weak typing removed, no FP16/INT8/BF16/FP8."""
+
+    REFIT = 5
+    TF32 = 7
 
 
 class NetworkDefinitionCreationFlag(enum.IntEnum):
@@ -156,15 +179,29 @@ class OnnxParser:
     def get_error(self, i: int) -> _ParserError:
         return self._errors[i]
 
-    def parse_from_file(self, path: str) -> bool:
-        import onnx
+    def parse(self, model: bytes, path: str | None = None) -> bool:
+        """Parse a serialized ONNX model from memory (``path`` would only locate external weights)."""
+        data = bytes(model)
+        STATE.parsed.append(("bytes", hashlib.sha256(data).hexdigest()))
+        return self._parse(data, "<bytes>")
 
+    def parse_from_file(self, path: str) -> bool:
+        STATE.parsed.append(("file", str(path)))
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
+        except OSError as exc:
+            self._errors.append(_ParserError(f"ModelImporter: cannot read {path}: {exc}"))
+            return False
+        return self._parse(data, path)
+
+    def _parse(self, data: bytes, where: str) -> bool:
+        import onnx
+
+        try:
             model = onnx.load_from_string(data)
         except Exception as exc:
-            self._errors.append(_ParserError(f"ModelImporter: cannot read {path}: {exc}"))
+            self._errors.append(_ParserError(f"ModelImporter: cannot read {where}: {exc}"))
             return False
         init = {i.name for i in model.graph.initializer}
 
@@ -279,6 +316,7 @@ class Runtime:
 
     def deserialize_cuda_engine(self, serialized_engine: bytes) -> ICudaEngine | None:
         data = bytes(serialized_engine)
+        STATE.deserialized_sha256.append(hashlib.sha256(data).hexdigest())
         if not data.startswith(PLAN_MAGIC):
             return None  # real TensorRT logs an error and returns None for garbage
         n = int.from_bytes(data[8:12], "little")
@@ -397,6 +435,7 @@ def _view(address: int, shape: Any) -> np.ndarray:
 
 
 def make_module(version: str = "10.3.0") -> types.ModuleType:
+    """A ``tensorrt`` module with the names of ``version``'s API generation (10.x or 11.x)."""
     mod = types.ModuleType("tensorrt")
     mod.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     mod.__version__ = version  # type: ignore[attr-defined]
@@ -406,6 +445,8 @@ def make_module(version: str = "10.3.0") -> types.ModuleType:
         "IExecutionContext", "IBuilderConfig", "ITimingCache", "IHostMemory",
     ):  # fmt: skip
         setattr(mod, name, globals()[name])
+    if int(version.split(".")[0]) >= 11:
+        mod.BuilderFlag = BuilderFlag11  # type: ignore[attr-defined]
     return mod
 
 

@@ -75,3 +75,20 @@ def test_gauge_violation_rejects_and_says_who_rejected() -> None:
     both = decider.decide(frame, 0.9, {}, short)
     assert both.reason is Reason.OUT_OF_TOLERANCE and both.detail["rejected_by"] == ["gauges", "model"]  # type: ignore[index]
     assert decider.decide(frame, 0.1, {}, ()).outcome is Outcome.PASS
+
+
+def test_a_non_finite_gauge_measurement_rejects_with_a_detail_json_can_carry() -> None:
+    """Issue 16, finding 3: a NaN/inf measurement is a violation (never a PASS), and its value goes into the
+    detail as text, so the published verdict keeps the gauges' detail (the wire refuses bare NaN/inf)."""
+    import json
+
+    from engine.gauges import Band, GaugeSet, check
+    from engine.pose import Measurements, PoseParams
+
+    gauges = GaugeSet(bands=(Band("straightness_px", None, 15.0),), pose=PoseParams().to_dict())
+    m = Measurements(910.0, 284.0, 100.0, (1.0,) * 4, -math.inf, 1.1e5)
+    violations = check(m, gauges)
+    v = Decider(Decision(threshold=0.5), "m").decide(FRAME, 0.1, {}, violations)
+    assert (v.outcome, v.reason, v.score) == (Outcome.REJECT, Reason.OUT_OF_TOLERANCE, 0.1)
+    assert v.detail is not None and v.detail["gauges"][0]["value"] == "-inf"
+    assert json.loads(json.dumps(v.detail, allow_nan=False))["gauges"][0]["high"] == 15.0

@@ -127,3 +127,73 @@ def test_replica_is_a_fresh_backend_with_the_same_package_batch_and_options(pack
     assert type(r) is SlowBackend and r is not b
     assert (r.package, r.max_batch, r.options) == (b.package, 4, SlowOptions(delay_s=0.5))
     assert r.options is b.options  # frozen: shared, never copied
+
+
+class ClockJumpBackend(Backend):
+    """Returns logit -4 (a clear PASS) after moving the pipeline's fake clock ``jump_s`` forward: the batch
+    "took" that long by the daemon's clock, while the real time the watchdog sleeps on has hardly moved."""
+
+    name = "clock-jump"
+
+    def __init__(self, package: ModelPackage, *, now: list[float], jump_s: float, **kw: Any) -> None:
+        super().__init__(package, **kw)
+        self.now = now
+        self.jump_s = jump_s
+
+    def _open(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        self.now[0] += self.jump_s
+        return np.full(batch.shape[0], -4.0, np.float32)
+
+
+@pytest.mark.timeout(30)
+def test_a_result_after_the_deadline_is_published_as_a_deadline_reject_even_if_the_watchdog_is_late(
+    package: ModelPackage,
+) -> None:
+    """Issue 16, finding 4, end to end through the inference stage, with the injectable clock: the deadline is
+    30 s of the pipeline's clock, the backend's batch moves that clock 31 s, and the watchdog (waiting 30 s of
+    real time for that deadline) has not run. The model said PASS; the verdict must be REJECT deadline."""
+    from prometheus_client import CollectorRegistry
+
+    from daemon.clock import Clock
+    from daemon.decision import Decider
+    from daemon.metrics import Metrics
+    from engine.preprocess import Preprocessor
+
+    now = [5000.0]
+    settings = Settings(
+        batching={"max_batch": 1, "max_wait_ms": 0.0, "preprocess_threads": 1},
+        deadlines={"max_latency_ms": 30_000},
+        model={"warmup": False},
+    )
+    registry = CollectorRegistry()
+    p = Pipeline(
+        settings,
+        backend=ClockJumpBackend(package, max_batch=1, now=now, jump_s=31.0),
+        preprocessor=Preprocessor(package.meta.preprocess),
+        decider=Decider(package.meta.decision, package.meta.model_id),
+        metrics=Metrics(registry, "t", process_collector=False),
+        clock=Clock(monotonic=lambda: now[0], wall=time.time),
+    )
+    img = np.full((32, 32), 128, np.uint8)
+    p.start()
+    try:
+        p.submit(Frame("camera", 0, "late", now[0], time.time(), image=img), Backpressure.BLOCK)
+        item = p.settled.get(timeout=10)
+    finally:
+        p.drain(5.0)
+    assert item is not None
+    v = item.verdict
+    assert (v.frame_id, v.outcome, v.reason, v.score) == ("late", "REJECT", Reason.DEADLINE, None)
+    assert v.detail is not None and v.detail["max_latency_ms"] == 30_000
+    late = v.detail["late_result"]
+    assert (late["outcome"], late["reason"]) == ("PASS", "model") and 0.0 < late["score"] < 0.05
+    assert late["ms_after_deadline"] == pytest.approx(1000.0)
+    assert item.t_settled == now[0]  # settled by the pipeline's clock, at the result
+    assert registry.get_sample_value("inspectd_late_results_total", {"line": "t"}) == 1
+    assert set(v.timings_ms) == {"decode", "preprocess", "queue", "infer"}  # the model's timings, kept

@@ -40,7 +40,7 @@ def test_second_settle_loses() -> None:
     ledger = make_ledger()
     job = ledger.admit(frame(1))
     assert ledger.settle(job, DECIDER.decide(job.frame, 0.1, {}))
-    assert not ledger.settle(job, DECIDER.reject(job.frame, Reason.DEADLINE))
+    assert ledger.settle(job, DECIDER.reject(job.frame, Reason.DEADLINE)) is None
     (item,) = drain(ledger)
     assert item.verdict.outcome is Outcome.PASS and item.job is job
 
@@ -109,3 +109,76 @@ def test_settle_all_and_close_end_the_stream() -> None:
     assert [i.verdict.reason for i in items] == [Reason.MODEL, Reason.SHUTDOWN, Reason.SHUTDOWN]
     with pytest.raises(RuntimeError):
         ledger.admit(frame(9))
+
+
+class FakeClock:
+    """The ledger's monotonic clock, moved by the test (daemon.clock: injectable for deadline logic)."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def fake_ledger(clock: FakeClock, max_latency_s: float = 0.25) -> Ledger:
+    return Ledger(
+        max_latency_s=max_latency_s,
+        expire=lambda job, reason: DECIDER.reject(job.frame, reason, {"max_latency_ms": 250}),
+        monotonic=clock,
+    )
+
+
+@pytest.mark.parametrize("score", [0.1, 0.9], ids=["pass", "reject"])
+def test_a_model_result_settled_after_the_deadline_is_a_deadline_reject(score: float) -> None:
+    """Issue 16, finding 4: the watchdog has not run (it is late: not even started here), the deadline has
+    passed by the ledger's clock, and the model's result arrives: it must not be published as its verdict."""
+    clock = FakeClock()
+    ledger = fake_ledger(clock)
+    job = ledger.admit(frame(1, clock.t))
+    result = DECIDER.decide(job.frame, score, {"infer": 3.0})
+    clock.t = job.deadline + 0.040  # 40 ms late
+    published = ledger.settle(job, result)
+    (item,) = drain(ledger)
+    assert published is item.verdict and published is not result
+    v = item.verdict
+    assert (v.outcome, v.reason, v.score) == (Outcome.REJECT, Reason.DEADLINE, None)
+    assert v.detail == {
+        "max_latency_ms": 250,
+        "late_result": {
+            "outcome": result.outcome.value,
+            "reason": "model",
+            "score": score,
+            "detail": None,
+            "ms_after_deadline": 40.0,
+        },
+    }
+    assert v.timings_ms == {"infer": 3.0} and item.t_settled == clock.t
+    assert ledger.pending_count == 0 and ledger.settle(job, result) is None  # still exactly one verdict
+
+
+def test_at_the_deadline_is_too_late_and_just_before_it_is_not() -> None:
+    """The same boundary as the watchdog's (a deadline <= now has expired)."""
+    clock = FakeClock()
+    ledger = fake_ledger(clock)
+    on_time, at_deadline = ledger.admit(frame(1, clock.t)), ledger.admit(frame(2, clock.t))
+    clock.t = on_time.deadline - 1e-6
+    ok = DECIDER.decide(on_time.frame, 0.1, {})
+    assert ledger.settle(on_time, ok) is ok
+    clock.t = at_deadline.deadline
+    late = ledger.settle(at_deadline, DECIDER.decide(at_deadline.frame, 0.1, {}))
+    assert late is not None and late.reason is Reason.DEADLINE
+    assert [i.verdict.outcome for i in drain(ledger)] == [Outcome.PASS, Outcome.REJECT]
+
+
+def test_a_late_fail_safe_reject_keeps_its_reason() -> None:
+    """Only model results are turned into deadline rejects: a late engine error is a REJECT already, and its
+    reason says more than ``deadline`` would."""
+    clock = FakeClock()
+    ledger = fake_ledger(clock)
+    job = ledger.admit(frame(1, clock.t))
+    clock.t += 10.0
+    error = DECIDER.reject(job.frame, Reason.ENGINE_ERROR, {"error": "boom"})
+    assert ledger.settle(job, error) is error
+    (item,) = drain(ledger)
+    assert item.verdict is error

@@ -1,4 +1,5 @@
-"""Camera header/payload parsing (pure functions) — example cases and hypothesis properties."""
+"""Camera header/payload parsing (pure functions) — example cases and hypothesis properties (the schema's
+examples, one by one: test_wire_schema.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.wire import MessageError, camera_message, encode, parse_header, parse_message
+from daemon.wire import (
+    ENCODINGS,
+    MAX_HEADER_BYTES,
+    MAX_SIDE,
+    RAW_DTYPES,
+    T_CAPTURE_MAX,
+    MessageError,
+    camera_message,
+    encode,
+    parse_header,
+    parse_message,
+)
 
 MAXPIX = 1 << 20
 
@@ -56,7 +68,7 @@ def test_encoded_payload_passes_through() -> None:
         ([hdr(frame_id="a", encoding="raw", shape=[2, 2], dtype="float32"), b"x" * 16], "header", "a"),
         ([hdr(frame_id="a", encoding="raw", shape=[2, 2]), b"xxx"], "payload", "a"),
         ([hdr(frame_id="a", encoding="raw", shape=[2, 2], dtype="uint16"), b"xxxx"], "payload", "a"),
-        ([hdr(frame_id="a", encoding="raw", shape=[5000, 5000]), b"x"], "payload", "a"),
+        ([hdr(frame_id="a", encoding="raw", shape=[5000, 5000]), b"x"], "header", "a"),  # above max_pixels
         ([hdr(frame_id="a", encoding="png"), b""], "payload", "a"),
         ([hdr(frame_id="a", encoding="png", t_capture="now"), b"x"], "header", "a"),
         ([hdr(frame_id="a", encoding="png", label="maybe"), b"x"], "header", "a"),
@@ -120,6 +132,111 @@ def test_structured_headers_parse_or_raise_message_error(header: dict[str, objec
         assert image is not None and image.nbytes == len(payload) and image.ndim == 2
     else:
         assert data is not None and bytes(data) == payload
+
+
+# -- type confusion and extreme values, written as JSON text (json.dumps cannot write most of them) ---------
+
+HEADER_KEYS = ("frame_id", "encoding", "shape", "dtype", "t_capture", "label")
+
+
+def _obj(items: dict[str, str]) -> str:
+    return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in items.items()) + "}"
+
+
+extreme_numbers = st.one_of(
+    st.integers(4301, 6000).map(lambda n: "1" + "0" * (n - 1)),  # beyond the 4300-digit int-string limit
+    st.integers(309, 700).map(lambda n: "-" * (n % 2) + "9" * n),  # ints float() overflows on
+    st.integers(-(2**80), 2**80).map(str),
+    st.sampled_from(
+        ["1e999", "-1e999", "1E400", "1e-400", "-0", "0.0", "NaN", "Infinity", "-Infinity", "4102444800.5"]
+    ),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+)
+scalar_texts = st.one_of(
+    extreme_numbers,
+    st.sampled_from(["true", "false", "null", '""', '"\\ud800"', '"\\u0000"']),
+    st.text(max_size=12).map(json.dumps),
+    st.integers(250, 20_000).map(lambda n: '"' + "s" * n + '"'),  # long strings (some above 256 chars)
+    st.sampled_from(["raw", "png", "uint8", "uint16", "OK", "NG"]).map(json.dumps),
+)
+json_texts = st.recursive(
+    scalar_texts,
+    lambda inner: (
+        st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]")
+        | st.dictionaries(st.sampled_from([*HEADER_KEYS, "x"]), inner, max_size=3).map(_obj)
+    ),
+    max_leaves=6,
+)
+valid_values = {
+    "frame_id": st.text(min_size=1, max_size=8).map(json.dumps),
+    "encoding": st.sampled_from(["raw", "png"]).map(json.dumps),
+    "shape": st.lists(st.integers(1, 6), min_size=2, max_size=2).map(json.dumps),
+    "dtype": st.sampled_from(["uint8", "uint16"]).map(json.dumps),
+    "t_capture": st.floats(0, 4e9).map(repr),
+    "label": st.sampled_from(["OK", "NG"]).map(json.dumps),
+}
+
+
+@st.composite
+def hostile_headers(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """(header bytes, the frame id it names or None): each known key absent, valid, hostile or repeated; plus
+    unknown keys with hostile values. The frame id is valid exactly when it is drawn valid and not repeated."""
+    pairs: list[tuple[str, str]] = []
+    fid: str | None = None
+    for key in HEADER_KEYS:
+        choice = draw(st.sampled_from(["absent", "valid", "valid", "hostile", "twice"]))
+        if choice == "absent":
+            continue
+        text = draw(json_texts if choice == "hostile" else valid_values[key])
+        pairs.append((key, text))
+        if key == "frame_id" and choice == "valid":
+            fid = json.loads(text)
+        if choice == "twice":
+            pairs.append((key, draw(json_texts | valid_values[key])))
+    pairs.extend((f"meta{i}", t) for i, t in enumerate(draw(st.lists(json_texts, max_size=3))))
+    order = draw(st.permutations(range(len(pairs))))
+    raw = ("{" + ",".join(f'"{pairs[i][0]}":{pairs[i][1]}' for i in order) + "}").encode()
+    return raw, (fid if len(raw) <= MAX_HEADER_BYTES else None)
+
+
+@settings(max_examples=600, deadline=None)
+@given(hostile_headers(), st.binary(max_size=80))
+def test_type_confusion_and_extreme_values_raise_message_error_only(
+    header: tuple[bytes, str | None], payload: bytes
+) -> None:
+    """Whatever a known key holds — a 5000-digit int, 1e999, NaN, a list, an object, a bool, a long string — the
+    result is a header of exact types within the schema's ranges, or a MessageError that names the part
+    whenever the frame id is valid; never ValueError, OverflowError or TypeError."""
+    raw, fid = header
+    try:
+        h, image, data = parse_message([raw, payload], max_pixels=MAXPIX)
+    except MessageError as exc:
+        assert exc.kind in ("header", "payload")
+        if fid is not None:
+            assert exc.frame_id == fid
+        return
+    assert fid is not None and h.frame_id == fid
+    assert type(h.encoding) is str and h.encoding in ENCODINGS
+    assert h.t_capture is None or (type(h.t_capture) is float and 0 <= h.t_capture <= T_CAPTURE_MAX)
+    assert h.label in (None, "OK", "NG")
+    if h.encoding == "raw":
+        assert h.shape is not None and all(type(v) is int and 0 < v <= MAX_SIDE for v in h.shape)
+        assert h.dtype in RAW_DTYPES and image is not None and image.nbytes == len(payload)
+    else:
+        assert data is not None and bytes(data) == payload
+
+
+@settings(max_examples=200, deadline=None)
+@given(hostile_headers(), st.integers(0, 10_000))
+def test_any_part_count_but_two_is_refused_by_name(header: tuple[bytes, str | None], n_parts: int) -> None:
+    raw, fid = header
+    if n_parts == 2:
+        n_parts = 3
+    with pytest.raises(MessageError) as exc:
+        parse_message([raw] if n_parts else [], max_pixels=MAXPIX, n_parts=n_parts)
+    assert exc.value.kind == "multipart" and f"got {n_parts}" in str(exc.value)
+    if fid is not None and n_parts:
+        assert exc.value.frame_id == fid
 
 
 def test_encode_refuses_nan() -> None:

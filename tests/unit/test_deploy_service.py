@@ -115,6 +115,33 @@ def test_unit_timeouts_fit_the_daemons_settings() -> None:
     assert _seconds(unit_value("Service", "WatchdogSec")) > settings.deadlines.stall_s
 
 
+GiB = 1 << 30
+# The daemon's own peak (docs/benchmarks.md: ≤ 1.5 GiB on CPU) plus CUDA/TensorRT host memory on a GPU station.
+DAEMON_BASE_BYTES = int(2.5 * GiB)
+DECODE_BYTES_PER_PIXEL = 4  # a 16-bit decode (2 B/pixel) and its 8-bit copies, per preprocessing thread
+
+
+def _bytes(value: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", value)
+    assert match, f"MemoryMax={value}: give bytes with K/M/G/T (a percentage does not follow the settings)"
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
+def test_unit_memory_max_is_set_and_covers_what_the_example_settings_allow() -> None:
+    """MemoryMax= is the one hard bound on memory (ZeroMQ buffers a whole message of any number of parts
+    before the daemon can refuse it): high enough for everything the example configuration lets the daemon
+    hold, so it is never hit in operation, and not so high that it bounds nothing."""
+    memory_max = _bytes(unit_value("Service", "MemoryMax"))
+    s = load_settings(EXAMPLE_TOML)
+    cam, b = s.sources.camera, s.batching
+    assert cam.rcvhwm * cam.max_message_bytes <= cam.max_buffered_bytes  # load_settings checked it too
+    frames = (b.queue_size + b.buffers * b.max_batch + s.audit.queue_size) * cam.max_message_bytes
+    decode = max(b.preprocess_threads, 1) * s.decode.max_pixels * DECODE_BYTES_PER_PIXEL
+    needed = DAEMON_BASE_BYTES + cam.max_buffered_bytes + frames + decode
+    assert needed <= memory_max <= 2 * needed, (needed / GiB, memory_max / GiB)
+
+
 @pytest.mark.timeout(60)
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = require_tool("systemd-analyze")

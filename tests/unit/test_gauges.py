@@ -137,6 +137,25 @@ def test_check_reports_value_and_band() -> None:
     assert [x.name for x in check(_m(math.nan), gauges)] == ["length_px"]  # untrustworthy never passes
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize(
+    "band",
+    [
+        Band("straightness_px", None, 15.0),  # open below: -inf used to be "inside"
+        Band("length_px", 900.0, None),  # open above: +inf used to be "inside"
+        Band("length_px", 900.0, 940.0),
+    ],
+    ids=["high-only", "low-only", "two-sided"],
+)
+def test_a_non_finite_measurement_is_never_inside_a_band(band: Band, value: float) -> None:
+    """Issue 16, finding 3: NaN compares False against every limit, and ±inf satisfies the limit of a band that
+    is open on its side; neither may ever count as within tolerance (a violation, so REJECT)."""
+    assert not band.contains(value)
+    m = replace(_m(), **{band.name: value})
+    (violation,) = check(m, _gauges((band,)))
+    assert violation.name == band.name and (violation.value == value or math.isnan(violation.value))
+
+
 def test_check_takes_microseconds() -> None:
     gauges = _gauges((Band("length_px", 900.0, 940.0), Band("straightness_px", None, 15.0)))
     m = _m(880.0, 20.0)

@@ -63,7 +63,7 @@ def test_rebuild_then_cache_hit_with_sidecar_key(fakes, pkg_dir: Path) -> None: 
     trt, cuda = fakes
     pkg = load_package(pkg_dir)
     batch = _batch(5)
-    with create_backend("tensorrt", pkg, max_batch=8, rebuild=True) as be:
+    with create_backend("tensorrt", pkg, max_batch=8, rebuild=True, allow_ungated=True) as be:
         got = be.infer(batch)
         key = be.key
     assert len(trt.builds) == 1 and cuda.live == 0
@@ -73,9 +73,10 @@ def test_rebuild_then_cache_hit_with_sidecar_key(fakes, pkg_dir: Path) -> None: 
     sidecar = json.loads(plan.with_suffix(".json").read_text())
     assert sidecar["key"]["onnx_sha256"] == pkg.meta.onnx_sha256
     assert sidecar["key"]["tensorrt_version"] == "10.3.0" and sidecar["key"]["compute_capability"] == "9.0"
-    assert sidecar["parity"] == {"gated": False}  # built by the backend: not parity-gated
+    assert sidecar["parity"]["gated"] is False  # built by the backend: not parity-gated
+    assert "rebuild" in sidecar["parity"]["reason"]
 
-    with create_backend("tensorrt", pkg, max_batch=8, rebuild=True) as be:
+    with create_backend("tensorrt", pkg, max_batch=8, rebuild=True, allow_ungated=True) as be:
         np.testing.assert_array_equal(be.infer(batch), got)
     assert len(trt.builds) == 1, "second load must hit the cache, not rebuild"
     assert trt.deserialized == ["10.3.0", "10.3.0"] and cuda.live == 0
@@ -84,9 +85,11 @@ def test_rebuild_then_cache_hit_with_sidecar_key(fakes, pkg_dir: Path) -> None: 
 def test_profile_precision_workspace_reach_the_builder(fakes, pkg_dir: Path) -> None:  # type: ignore[no-untyped-def]
     trt, _ = fakes
     pkg = load_package(pkg_dir)
-    with create_backend("tensorrt", pkg, max_batch=16, rebuild=True, workspace_mb=256):
+    with create_backend("tensorrt", pkg, max_batch=16, rebuild=True, allow_ungated=True, workspace_mb=256):
         pass
-    with create_backend("tensorrt", pkg, max_batch=16, opt_batch=4, precision="fp32", rebuild=True) as be:
+    with create_backend(
+        "tensorrt", pkg, max_batch=16, opt_batch=4, precision="fp32", rebuild=True, allow_ungated=True
+    ) as be:
         assert be.precision == "fp32"
     first, second = trt.builds
     assert first["profile"] == {"input": [[1, 1, 32, 32], [8, 1, 32, 32], [16, 1, 32, 32]]}
@@ -97,7 +100,7 @@ def test_profile_precision_workspace_reach_the_builder(fakes, pkg_dir: Path) -> 
 
 def test_warm_up_runs_every_batch_size_before_enter_returns(fakes, pkg_dir: Path) -> None:  # type: ignore[no-untyped-def]
     trt, _ = fakes
-    be = create_backend("tensorrt", load_package(pkg_dir), max_batch=6, rebuild=True)
+    be = create_backend("tensorrt", load_package(pkg_dir), max_batch=6, rebuild=True, allow_ungated=True)
     with be:
         assert trt.executed_batches == [1, 2, 3, 4, 5, 6]
         assert be.warmed_batch_sizes == (1, 2, 3, 4, 5, 6)
@@ -107,7 +110,7 @@ def test_warm_up_runs_every_batch_size_before_enter_returns(fakes, pkg_dir: Path
 
 def test_changed_onnx_misses_the_cache(fakes, pkg_dir: Path) -> None:  # type: ignore[no-untyped-def]
     trt, _ = fakes
-    with create_backend("tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True):
+    with create_backend("tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True, allow_ungated=True):
         pass
     old_sha = load_package(pkg_dir).meta.onnx_sha256
     tiny_package(pkg_dir, input_size=SIZE, seed=2)  # retrained model, same package folder
@@ -117,7 +120,7 @@ def test_changed_onnx_misses_the_cache(fakes, pkg_dir: Path) -> None:  # type: i
         _enter("tensorrt", new, max_batch=4)
     assert trt.deserialized == ["10.3.0"]  # the stale plan was never loaded
     batch = _batch(4, seed=3)
-    with create_backend("tensorrt", new, max_batch=4, rebuild=True) as be:
+    with create_backend("tensorrt", new, max_batch=4, rebuild=True, allow_ungated=True) as be:
         got = be.infer(batch)
     assert len(trt.builds) == 2
     np.testing.assert_allclose(got, _reference(pkg_dir, batch), rtol=1e-2, atol=1e-2)
@@ -127,7 +130,7 @@ def test_plan_from_another_tensorrt_version_is_never_deserialized(
     fakes, pkg_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     pkg = load_package(pkg_dir)
-    with create_backend("tensorrt", pkg, max_batch=4, rebuild=True):
+    with create_backend("tensorrt", pkg, max_batch=4, rebuild=True, allow_ungated=True):
         pass
     trt = fake_tensorrt.install(monkeypatch, version="10.4.0")  # the station's TensorRT was upgraded
     with pytest.raises(EngineKeyMismatch, match=r"tensorrt_version: 10\.3\.0 → 10\.4\.0"):
@@ -143,7 +146,7 @@ def test_plan_from_another_tensorrt_version_is_never_deserialized(
     with pytest.raises(EngineKeyMismatch), create_backend("tensorrt", pkg, max_batch=4):
         pass
     assert trt.deserialized == []
-    with create_backend("tensorrt", pkg, max_batch=4, rebuild=True):
+    with create_backend("tensorrt", pkg, max_batch=4, rebuild=True, allow_ungated=True):
         pass
     assert trt.deserialized == ["10.4.0"] and len(trt.builds) == 1
 
@@ -151,7 +154,7 @@ def test_plan_from_another_tensorrt_version_is_never_deserialized(
 def test_explicit_engine_file_with_foreign_sidecar_is_refused(fakes, pkg_dir: Path) -> None:  # type: ignore[no-untyped-def]
     trt, _ = fakes
     pkg = load_package(pkg_dir)
-    with create_backend("tensorrt", pkg, max_batch=4, rebuild=True) as be:
+    with create_backend("tensorrt", pkg, max_batch=4, rebuild=True, allow_ungated=True) as be:
         key = be.key
     assert key is not None
     plan = EngineCache(pkg.engine_cache_dir).plan_path(key)
@@ -166,12 +169,12 @@ def test_explicit_engine_file_with_foreign_sidecar_is_refused(fakes, pkg_dir: Pa
 def test_timing_cache_is_persisted_and_fed_to_the_next_build(fakes, pkg_dir: Path) -> None:  # type: ignore[no-untyped-def]
     trt, _ = fakes
     pkg = load_package(pkg_dir)
-    with create_backend("tensorrt", pkg, max_batch=4, rebuild=True) as be:
+    with create_backend("tensorrt", pkg, max_batch=4, rebuild=True, allow_ungated=True) as be:
         key = be.key
     assert key is not None
     cache_file = EngineCache(pkg.engine_cache_dir).timing_cache_path(key)
     assert "10.3.0" in cache_file.name and "H200" in cache_file.name and cache_file.stat().st_size > 0
-    with create_backend("tensorrt", pkg, max_batch=4, precision="fp32", rebuild=True):
+    with create_backend("tensorrt", pkg, max_batch=4, precision="fp32", rebuild=True, allow_ungated=True):
         pass
     assert trt.timing_cache_inputs[0] == b""  # first build: empty cache
     assert json.loads(trt.timing_cache_inputs[1])["n"] == 1  # second build starts from the first's timings
@@ -180,7 +183,9 @@ def test_timing_cache_is_persisted_and_fed_to_the_next_build(fakes, pkg_dir: Pat
 
 def test_infer_checks_and_execute_failure(fakes, pkg_dir: Path) -> None:  # type: ignore[no-untyped-def]
     trt, cuda = fakes
-    with create_backend("tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True) as be:
+    with create_backend(
+        "tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True, allow_ungated=True
+    ) as be:
         with pytest.raises(InputError, match="batch size 5 outside 1..4"):
             be.infer(_batch(5))
         with pytest.raises(InputError, match="dtype"):
@@ -199,7 +204,7 @@ def test_failed_open_releases_what_it_made(fakes, pkg_dir: Path, failing: str) -
     else:
         cuda.fail.add(failing)
     with pytest.raises(BackendError, match="failed"):
-        _enter("tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True)
+        _enter("tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True, allow_ungated=True)
     assert cuda.live == 0
     if failing == "build":
         assert list(load_package(pkg_dir).engine_cache_dir.glob("*.plan")) == []
@@ -208,19 +213,24 @@ def test_failed_open_releases_what_it_made(fakes, pkg_dir: Path, failing: str) -
 def test_old_tensorrt_and_unparsable_onnx_are_clear_errors(
     fakes, pkg_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
     from engine.backends.tensorrt import make_key
-    from engine.trt_build import BatchProfile
+    from engine.trt_build import BatchProfile, sha256_bytes
 
     key = make_key(load_package(pkg_dir), "10.3.0", "NVIDIA H200", "9.0", "fp16", BatchProfile(1, 2, 4))
     garbage = tmp_path / "bad.onnx"
     garbage.write_bytes(b"not onnx")
-    with pytest.raises(EngineBuildError, match="cannot parse .*bad.onnx"):
-        build_plan(garbage, key, input_name="input", timing_cache=None)
+    with pytest.raises(EngineBuildError, match="cannot parse .*bad.onnx"):  # keyed by its sha: it is parsed
+        build_plan(
+            garbage,
+            replace(key, onnx_sha256=sha256_bytes(b"not onnx")),
+            input_name="input",
+            timing_cache=None,
+        )
     with pytest.raises(
         EngineBuildError, match=r"input 'input' has shape \(-1, 1, 32, 32\); expected \(N, 1, 64, 64\)"
     ):
-        from dataclasses import replace
-
         build_plan(
             pkg_dir / "model.onnx",
             replace(key, input_shape=(1, 64, 64)),
@@ -229,7 +239,7 @@ def test_old_tensorrt_and_unparsable_onnx_are_clear_errors(
         )
     fake_tensorrt.install(monkeypatch, version="8.6.1")
     with pytest.raises(BackendError, match="TensorRT 8.6.1 is too old"):
-        _enter("tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True)
+        _enter("tensorrt", load_package(pkg_dir), max_batch=4, rebuild=True, allow_ungated=True)
 
 
 def test_a_misspelt_option_is_refused_by_name(
@@ -241,10 +251,10 @@ def test_a_misspelt_option_is_refused_by_name(
     state, _ = fakes
     pkg = load_package(pkg_dir)
     with pytest.raises(OptionsError) as exc:
-        create_backend("tensorrt", pkg, max_batch=4, rebuild=True, opt_bach=2)
+        create_backend("tensorrt", pkg, max_batch=4, rebuild=True, allow_ungated=True, opt_bach=2)
     assert str(exc.value) == (
         "unknown option 'opt_bach' for the tensorrt backend (did you mean 'opt_batch'?); its options are: "
-        "device, engine_file, opt_batch, precision, rebuild, warmup_batch_sizes, workspace_mb"
+        "allow_ungated, device, engine_file, opt_batch, precision, rebuild, warmup_batch_sizes, workspace_mb"
     )
     assert exc.value.key == "opt_bach"
     with pytest.raises(
@@ -257,7 +267,10 @@ def test_a_misspelt_option_is_refused_by_name(
     # Every default as before; the strings an environment variable gives are typed ("false" is False).
     d = TensorRTOptions()
     assert (d.precision, d.opt_batch, d.rebuild, d.engine_file, d.device) == ("fp16", None, False, None, 0)
-    assert (d.workspace_mb, d.warmup_batch_sizes) == (1024, None)
-    with create_backend("tensorrt", pkg, max_batch=4, options={"opt_batch": "2", "rebuild": "true"}) as be:
+    assert (d.workspace_mb, d.warmup_batch_sizes, d.allow_ungated) == (1024, None, False)
+    with create_backend(
+        "tensorrt", pkg, max_batch=4, options={"opt_batch": "2", "rebuild": "true", "allow_ungated": "yes"}
+    ) as be:
         assert isinstance(be, TensorRTBackend) and be.profile.opt == 2 and be.options.rebuild is True
+        assert be.options.allow_ungated is True
     assert len(state.builds) == 1

@@ -104,7 +104,8 @@ def test_gate_needs_data_unless_explicitly_skipped(fakes, setup) -> None:  # typ
     assert main(["build-engine", str(pkg_dir), "--no-parity", "--fp32", "--max-batch", "2"]) == 0
     (key,) = EngineCache(pkg_dir / "engines").entries()
     cache = EngineCache(pkg_dir / "engines")
-    assert json.loads(cache.sidecar_path(cache.plan_path(key)).read_text())["parity"] == {"gated": False}
+    parity = json.loads(cache.sidecar_path(cache.plan_path(key)).read_text())["parity"]
+    assert parity == {"gated": False, "reason": "activated by inspectd build-engine --no-parity"}
     assert key.precision == "fp32" and fakes.builds[0]["fp16"] is False
 
 
