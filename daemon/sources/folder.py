@@ -212,7 +212,11 @@ class FolderSource:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The pump thread runs, and so does the observer that notices new files: without it the folder would
+        look healthy while no new part is ever read."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        return self._observer is None or self._observer.is_alive() or self._stop.is_set()
 
     # -- events (observer thread) ------------------------------------------------------------------------
     def note(self, path: str, *, closed: bool, age_s: float = 0.0) -> None:
