@@ -10,6 +10,11 @@ import struct
 
 import cv2
 import numpy as np
+from hypothesis import strategies as st
+
+from daemon.image_policy import FORMATS
+
+EXT = {"png": ".png", "bmp": ".bmp", "tiff": ".tif", "jpeg": ".jpg"}
 
 
 def encode(img: np.ndarray, ext: str, params: list[int] | None = None) -> bytes:
@@ -23,6 +28,49 @@ def gray(h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]
     img = 120 + 60 * np.sin(x / 7.0) * np.cos(y / 11.0) + rng.normal(0, 5, (h, w))
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@st.composite
+def encoded_images(
+    draw: st.DrawFn, *, min_side: int = 1, max_side: int = 96, writer_options: bool = False
+) -> tuple[str, int, int, bytes]:
+    """(format, height, width, bytes): a real encoding of random pixels in a format the policy accepts, with
+    every channel count and depth the format takes; with ``writer_options`` also the encoder settings that
+    change the file's structure (progressive JPEG, restart intervals, PNG levels, TIFF compression)."""
+    fmt = draw(st.sampled_from(FORMATS))
+    h, w = draw(st.integers(min_side, max_side)), draw(st.integers(min_side, max_side))
+    channels = draw(st.sampled_from([1, 3, 4] if fmt in ("png", "tiff", "bmp") else [1, 3]))
+    depth16 = fmt in ("png", "tiff") and draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dtype = np.uint16 if depth16 else np.uint8
+    img = rng.integers(0, np.iinfo(dtype).max, (h, w, channels) if channels > 1 else (h, w), dtype=dtype)
+    params: list[int] = []
+    if writer_options and fmt == "jpeg":
+        params = [
+            cv2.IMWRITE_JPEG_PROGRESSIVE,
+            int(draw(st.booleans())),
+            cv2.IMWRITE_JPEG_RST_INTERVAL,
+            draw(st.sampled_from([0, 0, 1, 3])),
+        ]
+    elif writer_options and fmt == "png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, draw(st.integers(0, 9))]
+    elif writer_options and fmt == "tiff":
+        params = [cv2.IMWRITE_TIFF_COMPRESSION, draw(st.sampled_from([1, 5, 32946]))]
+    return fmt, h, w, encode(img, EXT[fmt], params)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, images: st.SearchStrategy[tuple[str, int, int, bytes]]) -> bytes:
+    """One of ``images`` with up to 8 bytes changed, and cut short half the time."""
+    _, _, _, data = draw(images)
+    buf = bytearray(data)
+    for _ in range(draw(st.integers(1, 8))):
+        if not buf:
+            break
+        i = draw(st.integers(0, len(buf) - 1))
+        buf[i] = draw(st.integers(0, 255))
+    cut = draw(st.integers(0, len(buf)))
+    return bytes(buf[: cut if draw(st.booleans()) else len(buf)])
 
 
 def png_declaring(h: int, w: int) -> bytes:

@@ -21,17 +21,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.decision import Decider
-from daemon.image_policy import FORMATS, InputPolicy, InputRejected, check_complete, sniff
+from daemon.image_policy import InputPolicy, InputRejected, check_complete, sniff
 from daemon.ledger import Ledger
 from daemon.prep import FramePreprocessor
 from daemon.types import Frame, Reason
 from engine.package import Decision
 from engine.preprocess import Preprocessor, PreprocessParams, decode
-from tests.hostile_inputs import encode, gray, jpeg_declaring, unusual_valid
+from tests.hostile_inputs import encode, encoded_images, gray, jpeg_declaring, mutated, unusual_valid
 
 pytestmark = pytest.mark.timeout(120)
 
-EXT = {"png": ".png", "bmp": ".bmp", "tiff": ".tif", "jpeg": ".jpg"}
 INCOMPLETE = r"incomplete|truncated"
 
 
@@ -57,34 +56,16 @@ def opencv_decodes(data: bytes) -> tuple[int, ...] | None:
 
 
 # -- every real encoding is whole; every prefix of it is not ------------------------------------------------
-@st.composite
-def real_encodings(draw: st.DrawFn) -> tuple[str, bytes]:
-    fmt = draw(st.sampled_from(FORMATS))
-    h, w = draw(st.integers(16, 80)), draw(st.integers(16, 80))
-    channels = draw(st.sampled_from([1, 3, 4] if fmt in ("png", "tiff", "bmp") else [1, 3]))
-    depth16 = fmt in ("png", "tiff") and draw(st.booleans())
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dtype = np.uint16 if depth16 else np.uint8
-    img = rng.integers(0, np.iinfo(dtype).max, (h, w, channels) if channels > 1 else (h, w), dtype=dtype)
-    params: list[int] = []
-    if fmt == "jpeg":
-        params = [
-            cv2.IMWRITE_JPEG_PROGRESSIVE,
-            int(draw(st.booleans())),
-            cv2.IMWRITE_JPEG_RST_INTERVAL,
-            draw(st.sampled_from([0, 0, 1, 3])),
-        ]
-    elif fmt == "png":
-        params = [cv2.IMWRITE_PNG_COMPRESSION, draw(st.integers(0, 9))]
-    elif fmt == "tiff":
-        params = [cv2.IMWRITE_TIFF_COMPRESSION, draw(st.sampled_from([1, 5, 32946]))]
-    return fmt, encode(img, EXT[fmt], params)
+def real_encodings() -> st.SearchStrategy[tuple[str, int, int, bytes]]:
+    return encoded_images(min_side=16, max_side=80, writer_options=True)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(real_encodings(), st.data())
-def test_real_encodings_are_whole_and_every_prefix_is_refused(case: tuple[str, bytes], data: Any) -> None:
-    fmt, image = case
+def test_real_encodings_are_whole_and_every_prefix_is_refused(
+    case: tuple[str, int, int, bytes], data: Any
+) -> None:
+    fmt, _, _, image = case
     policy = InputPolicy(min_side=1)
     assert policy.check_encoded(image).format == fmt
     cut = data.draw(st.integers(0, len(image) - 1), label="cut")
@@ -235,20 +216,10 @@ def test_tiff_reasons() -> None:
 
 
 # -- robustness -------------------------------------------------------------------------------------------------
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    _, image = draw(real_encodings())
-    buf = bytearray(image)
-    for _ in range(draw(st.integers(1, 8))):
-        i = draw(st.integers(0, len(buf) - 1))
-        buf[i] = draw(st.integers(0, 255))
-    return bytes(buf[: draw(st.integers(0, len(buf)))] if draw(st.booleans()) else buf)
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.one_of(
-        mutated(),
+        mutated(real_encodings()),
         st.tuples(
             st.sampled_from([b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", b"BM", b"\xff\xd8\xff", b"II*\x00"]),
             st.binary(max_size=400),

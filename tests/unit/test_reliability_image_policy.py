@@ -21,24 +21,20 @@ from hypothesis import strategies as st
 from daemon.image_policy import FORMATS, InputPolicy, InputRejected, sniff
 from daemon.settings import Settings
 from engine.preprocess import DecodeError, decode
-from tests.hostile_inputs import BOMBS, encode, gray, jpeg_declaring, png_declaring, unusual_valid
+from tests.hostile_inputs import (
+    BOMBS,
+    encode,
+    encoded_images,
+    gray,
+    jpeg_declaring,
+    mutated,
+    png_declaring,
+    unusual_valid,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-EXT = {"png": ".png", "bmp": ".bmp", "tiff": ".tif", "jpeg": ".jpg"}
 SMALL = 1 << 20  # pixel limit for decoding fuzzed bytes in-process: nothing big is ever allocated
-
-
-@st.composite
-def encoded_images(draw: st.DrawFn) -> tuple[str, int, int, bytes]:
-    fmt = draw(st.sampled_from(FORMATS))
-    h, w = draw(st.integers(1, 96)), draw(st.integers(1, 96))
-    channels = draw(st.sampled_from([1, 3, 4] if fmt in ("png", "tiff", "bmp") else [1, 3]))
-    depth16 = fmt in ("png", "tiff") and draw(st.booleans())
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dtype = np.uint16 if depth16 else np.uint8
-    img = rng.integers(0, np.iinfo(dtype).max, (h, w, channels) if channels > 1 else (h, w), dtype=dtype)
-    return fmt, h, w, encode(img, EXT[fmt])
 
 
 @settings(max_examples=120, deadline=None)
@@ -69,21 +65,8 @@ def test_sniff_raises_only_input_rejected(data: bytes) -> None:
         assert header.format in FORMATS and header.height >= 0 and header.width >= 0
 
 
-@st.composite
-def mutated_images(draw: st.DrawFn) -> bytes:
-    _, _, _, data = draw(encoded_images())
-    buf = bytearray(data)
-    for _ in range(draw(st.integers(1, 8))):
-        if not buf:
-            break
-        i = draw(st.integers(0, len(buf) - 1))
-        buf[i] = draw(st.integers(0, 255))
-    cut = draw(st.integers(0, len(buf)))
-    return bytes(buf[: cut if draw(st.booleans()) else len(buf)])
-
-
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated_images())
+@given(mutated(encoded_images()))
 def test_decoder_on_mutated_images_returns_gray8_or_decode_error(data: bytes) -> None:
     """What reaches the decoder after the policy: a 2-D uint8 within limits, or DecodeError — nothing else."""
     try:
