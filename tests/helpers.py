@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -51,14 +52,26 @@ def drawn_image(size: int = 1024, seed: int = 7) -> np.ndarray:
     return img
 
 
+def drawn_dataset(root: Path, *, n_ok: int, n_ng: int, size: int, seed_step: int) -> Path:
+    """``good/`` and ``not-good/`` folders of :func:`drawn_image` pictures, each OK one a little brighter and each
+    NG one a little darker than the last, so a tiny package's scores spread over a threshold (parity checks)."""
+    import cv2
+
+    for label, n in (("good", n_ok), ("not-good", n_ng)):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            img = drawn_image(size, seed=seed_step * i + len(label))
+            img = cv2.add(img, 15 * i) if label == "good" else cv2.subtract(img, 12 * i)
+            cv2.imwrite(str(root / label / f"{label}{i:03d}.png"), img)
+    return root
+
+
 def tiny_package(directory, input_size=(64, 64), seed=0, threshold=0.5, name="tiny"):  # type: ignore[no-untyped-def]
     """A small but real ONNX model package (conv → relu → GAP → linear → NG logit), built with onnx.helper.
 
     Fast to create and to run, so daemon and engine tests use a real ONNX Runtime session without torch.
     The logit depends on image content, so verdicts differ between images.
     """
-    from pathlib import Path
-
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 

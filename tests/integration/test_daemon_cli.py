@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.package import ModelPackage, load_package
+from engine.package import ModelPackage
 from inspectd.cli import main
-from tests.helpers import tiny_package
 from tests.integration.daemon_harness import VerdictCollector, daemon_settings, running_app
 from tools.commands import watch
 
@@ -32,13 +31,6 @@ class WatchOutput(io.StringIO):
         if s.startswith("heartbeat "):
             self.heartbeat.set()
         return super().write(s)
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
-    d = tmp_path_factory.mktemp("pkg") / "tiny"
-    tiny_package(d, input_size=(32, 32))
-    return load_package(d)
 
 
 @pytest.mark.timeout(60)

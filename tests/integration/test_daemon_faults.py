@@ -13,7 +13,7 @@ import pytest
 from daemon.app import App
 from daemon.settings import Backpressure
 from engine.package import ModelPackage
-from tests.helpers import tiny_package, wait_until
+from tests.helpers import wait_until
 from tests.integration.daemon_harness import (
     CameraPusher,
     ScriptedBackend,
@@ -25,15 +25,6 @@ from tests.integration.daemon_harness import (
 pytestmark = pytest.mark.integration
 
 IMG = np.full((64, 64), 128, np.uint8)
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
-    from engine.package import load_package
-
-    d = tmp_path_factory.mktemp("pkg") / "tiny"
-    tiny_package(d, input_size=(32, 32))
-    return load_package(d)
 
 
 @pytest.mark.timeout(60)

@@ -21,8 +21,8 @@ import pytest
 
 from daemon.app import App
 from daemon.systemd_notify import SystemdNotifier
-from engine.package import ModelPackage, load_package
-from tests.helpers import tiny_package, wait_until
+from engine.package import ModelPackage
+from tests.helpers import wait_until
 from tests.integration.daemon_harness import CameraPusher, ScriptedBackend, daemon_settings
 from tests.integration.test_daemon_lifecycle import NotifyListener
 
@@ -156,13 +156,6 @@ STAGES: dict[str, tuple[Callable[[App, Path], Any], dict[str, Any]]] = {
     "source-folder-observer": (kill_folder_observer, {"folder": True, "stage": "source-folder"}),
     "after-publish": (kill_after_publish, {"audit": True}),
 }
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
-    d = tmp_path_factory.mktemp("pkg") / "tiny"
-    tiny_package(d, input_size=(32, 32))
-    return load_package(d)
 
 
 @pytest.fixture

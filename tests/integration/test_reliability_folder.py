@@ -21,19 +21,12 @@ from daemon.settings import Backpressure, FolderSettings
 from daemon.sources.folder import FolderSource
 from daemon.sources.journal import EDGE_BYTES, FileIdentity, edge_digest, same_file
 from daemon.types import Frame, Outcome, Reason, Verdict
-from engine.package import ModelPackage, load_package
-from tests.helpers import tiny_package, wait_until
+from engine.package import ModelPackage
+from tests.helpers import wait_until
 from tests.hostile_inputs import encode, gray
 from tests.integration.daemon_harness import daemon_settings, offline_scores, running_app
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
-    d = tmp_path_factory.mktemp("pkg") / "tiny"
-    tiny_package(d, input_size=(32, 32))
-    return load_package(d)
 
 
 class Seen:

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from engine.package import ModelPackage, load_package
-from tests.helpers import tiny_package, wait_until
+from engine.package import ModelPackage
+from tests.helpers import wait_until
 from tests.hostile_inputs import BOMBS, encode, gray, png_declaring, unusual_valid
 from tests.integration.daemon_harness import (
     CameraPusher,
@@ -39,13 +39,6 @@ from tests.integration.daemon_harness import (
 pytestmark = pytest.mark.integration
 
 ENCODING = {".png": "png", ".jpg": "jpeg", ".tif": "tiff", ".bmp": "bmp"}
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
-    d = tmp_path_factory.mktemp("pkg") / "tiny"
-    tiny_package(d, input_size=(32, 32))
-    return load_package(d)
 
 
 @pytest.fixture

@@ -21,20 +21,13 @@ import zmq
 
 from daemon.security import configure_client, generate_keys
 from daemon.wire import camera_message
-from engine.package import ModelPackage, load_package
-from tests.helpers import tiny_package, wait_until
+from engine.package import ModelPackage
+from tests.helpers import wait_until
 from tests.integration.daemon_harness import daemon_settings, running_app
 
 pytestmark = pytest.mark.integration
 
 IMG = np.full((64, 64), 90, np.uint8)
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
-    d = tmp_path_factory.mktemp("pkg") / "tiny"
-    tiny_package(d, input_size=(32, 32))
-    return load_package(d)
 
 
 @pytest.fixture(scope="module")

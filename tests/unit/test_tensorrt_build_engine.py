@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import pytest
 
 from engine.backend import create_backend
@@ -13,7 +12,7 @@ from engine.package import load_package
 from engine.parity import list_images, preprocess_images, verdicts
 from engine.trt_build import EngineCache
 from inspectd.cli import main
-from tests.helpers import drawn_image, tiny_package
+from tests.helpers import drawn_dataset, tiny_package
 from tests.unit import fake_cudart, fake_tensorrt
 
 
@@ -25,13 +24,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> fake_tensorrt.State:
 
 @pytest.fixture()
 def setup(tmp_path: Path) -> tuple[Path, Path]:
-    data = tmp_path / "data"
-    for label, n in (("good", 6), ("not-good", 4)):
-        (data / label).mkdir(parents=True)
-        for i in range(n):
-            img = drawn_image(128, seed=10 * i + len(label))
-            img = cv2.add(img, 15 * i) if label == "good" else cv2.subtract(img, 12 * i)
-            cv2.imwrite(str(data / label / f"{label}{i:03d}.png"), img)
+    data = drawn_dataset(tmp_path / "data", n_ok=6, n_ng=4, size=128, seed_step=10)
     pkg_dir = tmp_path / "pkg"
     tiny_package(pkg_dir, input_size=(32, 32), seed=4)
     return pkg_dir, data

@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import pytest
 
 from engine.backend import create_backend
@@ -31,7 +30,7 @@ from engine.trt_build import (
     build_plan,
 )
 from inspectd.cli import main
-from tests.helpers import drawn_image, tiny_package
+from tests.helpers import drawn_dataset, tiny_package
 from tests.unit import fake_cudart, fake_tensorrt
 
 SIZE = (32, 32)
@@ -48,14 +47,7 @@ def pkg_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def data(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    for label, n in (("good", 5), ("not-good", 3)):
-        (root / label).mkdir(parents=True)
-        for i in range(n):
-            img = drawn_image(96, seed=7 * i + len(label))
-            img = cv2.add(img, 15 * i) if label == "good" else cv2.subtract(img, 12 * i)
-            cv2.imwrite(str(root / label / f"{label}{i:03d}.png"), img)
-    return root
+    return drawn_dataset(tmp_path / "data", n_ok=5, n_ng=3, size=96, seed_step=7)
 
 
 def _install(monkeypatch: pytest.MonkeyPatch, version: str) -> tuple[Any, Any]:
