@@ -295,11 +295,21 @@ def test_publisher_memory_is_bounded_without_or_with_a_stalled_subscriber(tmp_pa
         push_and_wait(daemon, 2 * n)  # subscribed but not reading: at most sndhwm queued, the rest dropped
         rss2 = daemon.rss_bytes()
         seqs = []
-        while stalled.poll(5000):  # read what was kept for us, up to a heartbeat that shows the end
+        end = (
+            time.monotonic() + 30
+        )  # bounded: a stream that never shows the end fails here, with what it showed
+        while time.monotonic() < end and stalled.poll(
+            5000
+        ):  # what was kept for us, up to a heartbeat at the end
             msg = json.loads(stalled.recv_multipart()[1])
             seqs.append(msg["seq"] if msg["type"] == "verdict" else msg["seq_last"])
             if msg["type"] == "heartbeat" and msg["seq_last"] >= 2 * n:
                 break
+        else:
+            pytest.fail(
+                f"no heartbeat with seq_last >= {2 * n} within 30 s: {len(seqs)} messages, "
+                f"last seq {seqs[-5:]}; daemon log tail: {daemon.tail()}"
+            )
         stalled.close(linger=0)
         assert daemon.terminate() == 0
     print(

@@ -177,6 +177,15 @@ valid_values = {
 }
 
 
+def _valid_frame_id(text: str) -> bool:
+    """A hostile draw can happen to be a fine frame id (``"0"``): it is then not hostile."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, str) and 0 < len(value) <= 256
+
+
 @st.composite
 def hostile_headers(draw: st.DrawFn) -> tuple[bytes, str | None]:
     """(header bytes, the frame id it names or None): each known key absent, valid, hostile or repeated; plus
@@ -187,7 +196,8 @@ def hostile_headers(draw: st.DrawFn) -> tuple[bytes, str | None]:
         choice = draw(st.sampled_from(["absent", "valid", "valid", "hostile", "twice"]))
         if choice == "absent":
             continue
-        text = draw(json_texts if choice == "hostile" else valid_values[key])
+        hostile = json_texts.filter(lambda t: not _valid_frame_id(t)) if key == "frame_id" else json_texts
+        text = draw(hostile if choice == "hostile" else valid_values[key])
         pairs.append((key, text))
         if key == "frame_id" and choice == "valid":
             fid = json.loads(text)
