@@ -1,9 +1,10 @@
 """Dimensional gauging at run time: tolerance bands on ``engine.pose`` measurements, and the check against them.
 
 The ``GaugeSet`` is what ``model.json`` holds under ``gauges``; ``load_gauges`` opens it for the daemon and
-``check`` is the run-time test (µs per part). ``values`` and ``outside`` are the same test over many parts at once.
-Bands are learned from OK parts by ``training.gauge_fit`` (``inspectd calibrate-gauges``); the OK-vs-NG figure is
-``engine.gauge_plot``. numpy only (plus engine.pose).
+``check`` is the run-time test (µs per part). ``values``, ``outside`` and ``outside_any`` are the same test over
+many parts at once. Bands are learned from OK parts by ``training.gauge_fit`` (``inspectd train`` by default,
+``inspectd calibrate-gauges`` to calibrate a package again); the OK-vs-NG figure is ``engine.gauge_plot``.
+numpy only (plus engine.pose).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ SCHEMA_VERSION = 1
 # field added to PoseParams later counts as changing measurements until someone says otherwise.)
 _NOT_MEASURING = frozenset(
     {
-        "crop_width", "crop_height", "fill", "min_blob_area_px", "second_object_frac", "border_margin_px",
-        "min_length_px", "max_length_px", "max_width_px", "min_head_tip_ratio",
+        "crop_width", "crop_height", "fill", "anchor", "head_margin_px", "min_blob_area_px",
+        "second_object_frac", "border_margin_px", "min_length_px", "max_length_px", "max_width_px",
+        "min_head_tip_ratio",
     }
 )  # fmt: skip
 
@@ -247,3 +249,12 @@ def outside(measurements: Sequence[Measurements], band: Band) -> np.ndarray:
     if band.high is not None:
         inside &= v <= band.high
     return ~inside
+
+
+def outside_any(measurements: Sequence[Measurements], bands: Sequence[Band]) -> np.ndarray:
+    """Boolean mask: which parts fall outside at least one of ``bands`` (vectorised ``bool(check(...))``): the
+    parts the gauges reject."""
+    out = np.zeros(len(measurements), bool)
+    for band in bands:
+        out |= outside(measurements, band)
+    return out

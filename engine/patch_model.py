@@ -48,6 +48,7 @@ class PatchMemory(nn.Module):
     shift: torch.Tensor
     scale: torch.Tensor
     top_k: torch.Tensor
+    residual: torch.Tensor
 
     def __init__(
         self,
@@ -61,12 +62,13 @@ class PatchMemory(nn.Module):
         shift: float = 0.0,
         scale: float = 1.0,
         top_k: int = 1,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         gh, gw = mask.shape
         if kernel.ndim != 4 or kernel.shape[1] != 1 or bank.ndim != 3:
             raise ValueError(f"kernel (K,1,p,p) and bank (L,K,N) expected, got {kernel.shape}, {bank.shape}")
-        if bank.shape[0] != gh * gw or bank.shape[1] != kernel.shape[0]:
+        if bank.shape[0] != gh * gw or bank.shape[1] != kernel.shape[0] + int(residual):
             raise ValueError(
                 f"bank {tuple(bank.shape)} does not fit grid {gh}×{gw} and {kernel.shape[0]} features"
             )
@@ -86,6 +88,8 @@ class PatchMemory(nn.Module):
         if not 1 <= int(top_k) <= int(mask.sum().item()):
             raise ValueError(f"top_k {top_k} must be between 1 and the {int(mask.sum().item())} scored cells")
         self.register_buffer("top_k", torch.tensor(int(top_k), dtype=torch.int64))
+        self.register_buffer("residual", torch.tensor(bool(residual)))
+        self._residual = bool(residual)
         self._top_k = int(top_k)
         self._grid = (int(gh), int(gw))
         self._offsets = [(int(dy), int(dx)) for dy, dx in self.offsets.tolist()]
@@ -111,6 +115,7 @@ class PatchMemory(nn.Module):
             float(state["shift"]),
             float(state["scale"]),
             int(state["top_k"]),
+            bool(state["residual"]) if "residual" in state else False,
         )
 
     @property
@@ -119,13 +124,30 @@ class PatchMemory(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) normalised crops → (B, K, gh, gw) patch codes."""
-        f = F.conv2d(x.to(self.kernel.dtype), self.kernel, stride=self._stride)
+        x = x.to(self.kernel.dtype)
+        f = F.conv2d(x, self.kernel, stride=self._stride)
+        if self._residual:
+            f = torch.cat([f, self.residual_norm(x, f)], 1)
         tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]  # not re-exported
         if not tracing and tuple(f.shape[2:]) != self._grid:
             raise ValueError(
                 f"input {tuple(x.shape[2:])} gives a {tuple(f.shape[2:])} grid; fitted for {self._grid}"
             )
         return f
+
+    def residual_norm(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, gh, gw): the norm of each mean-free patch outside the kept components.
+
+        The codes keep the components along which good patches vary most; a thin scratch or a bent crest tip
+        is mostly *outside* them, so its code alone may have a close good twin. This norm is one more feature
+        (in the codes' pixel units): the distance then never falls below the difference in unexplained detail.
+        """
+        p = int(self.kernel.shape[-1])
+        ones = torch.ones(1, 1, p, p, dtype=x.dtype, device=x.device)
+        s1 = F.conv2d(x, ones, stride=self._stride)
+        s2 = F.conv2d(x * x, ones, stride=self._stride)
+        energy = s2 - s1 * s1 / float(p * p) - (codes * codes).sum(1, keepdim=True)
+        return torch.sqrt(torch.clamp(energy, min=0.0))
 
     def distances(self, feats: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, gh, gw) codes → (B, gh, gw) squared distance to the nearest bank patch within the offsets.

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 FILLS = ("median", "replicate")
+ANCHORS = ("centre", "head")
 
 
 class PoseError(ValueError):
@@ -58,6 +59,11 @@ class PoseParams:
     crop_width: int = 1000  # normalised crop (full-res px): fits 850–990 px parts with the head at the left
     crop_height: int = 320  # heads ≈ 285 px wide (as measured here) plus margin
     fill: str = "median"  # outside the frame: "median" (background level) or "replicate" (edge pixels)
+    # Where the crop is pinned: "centre" (the part's mid-point mid-crop: each end moves by half the length
+    # variation) or "head" (the head face ``head_margin_px`` from the left edge: head, neck and shank line up
+    # across parts whatever their length, and only the tip end moves).
+    anchor: str = "centre"
+    head_margin_px: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.work_scale <= 1.0:
@@ -86,6 +92,13 @@ class PoseParams:
             raise ValueError("pose.profile_bins must be ≥ 1 and the crop at least 8×8")
         if self.fill not in FILLS:
             raise ValueError(f"pose.fill must be one of {FILLS}, got {self.fill!r}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"pose.anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.anchor == "head" and not 0.0 <= self.head_margin_px <= self.crop_width - self.max_length_px:
+            raise ValueError(
+                f"pose.head_margin_px {self.head_margin_px} must be in [0, crop_width − max_length_px = "
+                f"{self.crop_width - self.max_length_px:g}]: a plausible part would be cut by the crop"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +129,21 @@ class Measurements:
         d = asdict(self)
         d["width_profile"] = list(self.width_profile)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurements:
+        """The inverse of :meth:`to_dict` (training caches measurements beside the crops as JSON)."""
+        known = {f.name for f in fields(cls)}
+        if set(d) != known:
+            raise ValueError(f"measurements need exactly the keys {sorted(known)}, got {sorted(d)}")
+        return cls(
+            length_px=float(d["length_px"]),
+            head_width_px=float(d["head_width_px"]),
+            tip_width_px=float(d["tip_width_px"]),
+            width_profile=tuple(float(v) for v in d["width_profile"]),
+            straightness_px=float(d["straightness_px"]),
+            area_px2=float(d["area_px2"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,11 +411,15 @@ def estimate_pose(gray: np.ndarray, params: PoseParams = PoseParams()) -> Pose:
 
 
 def crop_matrix(pose: Pose, params: PoseParams = PoseParams()) -> np.ndarray:
-    """2×3 affine map frame → crop: a pure rotation (det +1) putting the head left and the centre mid-crop."""
+    """2×3 affine map frame → crop: a pure rotation (det +1) putting the head left and the part's centre (or,
+    with ``anchor="head"``, its head face) at a fixed place on the crop's mid-line."""
     a = math.radians(pose.angle_deg)
     ca, sa = math.cos(a), math.sin(a)
-    cx, cy = pose.centre
-    ox, oy = (params.crop_width - 1) / 2.0, (params.crop_height - 1) / 2.0
+    oy = (params.crop_height - 1) / 2.0
+    if params.anchor == "head":
+        (cx, cy), ox = pose.head_xy, params.head_margin_px
+    else:
+        (cx, cy), ox = pose.centre, (params.crop_width - 1) / 2.0
     # Rotate the head→tip direction onto +x; y stays "down" (a rotation, never a reflection).
     return np.array([[ca, sa, ox - ca * cx - sa * cy], [-sa, ca, oy + sa * cx - ca * cy]])
 

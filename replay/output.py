@@ -15,6 +15,9 @@ from replay.report_html import confusion_png, heatmaps, write_html
 from replay.runner import RunResult
 from replay.selection import Selection
 
+# What replay.json repeats of the package's calibration: the operating point it promised, beside what the replay saw.
+CALIBRATION_KEYS = ("split", "n_ok", "n_ng", "recall", "false_reject_rate", "escapes", "escape_rate_upper")
+
 
 def _version() -> str:
     try:
@@ -63,6 +66,8 @@ def build_report(
             "input_size": list(meta.preprocess.input_size),
             "pose": meta.preprocess.pose is not None,
             "heatmap_output": meta.heatmap_output,
+            "gauges": [b["name"] for b in (meta.gauges or {}).get("bands", [])],
+            "calibration": {k: meta.calibration.get(k) for k in CALIBRATION_KEYS if k in meta.calibration},
         },
         "settings": {
             "line": settings.line,

@@ -4,7 +4,9 @@ reasons, latency percentiles, throughput; the file-by-file comparison with an ea
 NG is the positive class and every REJECT counts as "called NG", whatever its reason: a part rejected for a
 deadline or a decode error does not reach the customer either, exactly as a grey-zone part does not (the same
 convention as ``inspectd evaluate``). The reasons are reported beside it, so a fail-safe REJECT is never
-mistaken for a good model decision.
+mistaken for a good model decision. ``by_source`` splits the model's and the gauges' REJECTs (the same
+breakdown as ``inspectd evaluate``: engine.stats.rejections_by_source), and the escape rate comes with its
+one-sided 95 % upper bound (the replay's NG are a sample too).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.stats import percentiles
+from engine.stats import ESCAPE_CONFIDENCE, escape_upper_bound, percentiles, rejections_by_source
 
 REPORT_JSON = "replay.json"
 REPORT_VERSION = 1
@@ -24,6 +26,17 @@ REPORT_VERSION = 1
 
 # latency_ms and stage_ms in replay.json: milliseconds to the microsecond
 PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "mean")
+MODEL_REASONS = ("model", "grey_zone")
+
+
+def rejected_by(record: dict[str, Any]) -> tuple[bool, bool]:
+    """(the model, the gauges): who rejected this part. An ``out_of_tolerance`` verdict records in
+    ``rejected_by`` whether the model would have rejected it too; fail-safe REJECTs are neither's."""
+    if record["verdict"] != "REJECT":
+        return False, False
+    if record["reason"] == "out_of_tolerance":
+        return "model" in (record.get("rejected_by") or []), True
+    return record["reason"] in MODEL_REASONS, False
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -49,6 +62,7 @@ def summarise(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         row["total"] += 1
         row[r["label"] if r["label"] in ("OK", "NG") else "unlabelled"] += 1
     stages = sorted({k for r in records for k in r["timings_ms"]})
+    who = [rejected_by(r) for r in labelled]
     return {
         "n": len(records),
         "n_ok": fp + tn,
@@ -63,6 +77,14 @@ def summarise(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         "missed_ng": fn,
         "false_rejects": fp,
         "per_type": per_type,
+        "by_source": rejections_by_source(
+            [r["label"] == "NG" for r in labelled],
+            [r["defect_type"] or r["label"] for r in labelled],
+            [m for m, _ in who],
+            [g for _, g in who],
+        ),
+        "escape_rate_upper": escape_upper_bound(fn, tp + fn, ESCAPE_CONFIDENCE),
+        "escape_confidence": ESCAPE_CONFIDENCE,
         "reject_reasons": dict(sorted(by_reason.items(), key=lambda kv: -kv[1]["total"])),
         "fail_safe_rejects": sum(1 for r in rejects if r["reason"] not in ("model", "grey_zone")),
         "latency_ms": percentiles([r["latency_ms"] for r in records], PERCENTILE_KEYS),

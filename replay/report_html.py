@@ -138,7 +138,10 @@ def write_html(report: dict[str, Any], out: Path) -> Path:
         ("false-reject rate (OK rejected)", _fmt(s["false_reject_rate"])),
         ("accuracy", _fmt(s["accuracy"])),
         ("missed NG (NG that passed)", _fmt(s["missed_ng"])),
+        (f"escape rate, {100 * s['escape_confidence']:.0f} % upper bound", f"≤ {_fmt(100 * s['escape_rate_upper'], 1)} %"),
         ("threshold on p(NG)", _fmt(m["threshold"], 4) + gz),
+        ("gauges", html.escape(", ".join(m.get("gauges") or []) or "none")),
+        ("calibrated for", _calibrated(m.get("calibration") or {})),
         ("latency arrival → published (ms)",
          f"p50 {_fmt(lat['p50'], 1)}, p95 {_fmt(lat['p95'], 1)}, p99 {_fmt(lat['p99'], 1)}, max {_fmt(lat['max'], 1)}"),
         ("throughput", f"{_fmt(s['throughput']['images_per_s'], 1)} images/s ({s['throughput']['seconds']:.1f} s, rate {report['run']['source']['rate']})"),
@@ -154,6 +157,7 @@ def write_html(report: dict[str, Any], out: Path) -> Path:
         ["defect type", "n", "rejected", "recall"],
         [[html.escape(k), v["n"], v["rejected"], _fmt(v["recall"])] for k, v in s["per_type"].items()],
     )
+    sources = _sources_table(s["by_source"])
     reasons = _table(
         ["REJECT reason", "total", "truth OK", "truth NG", "unlabelled"],
         [
@@ -193,6 +197,10 @@ Created {html.escape(report["created"])} by inspectd {html.escape(report["inspec
 <h2>Gates</h2>{gates}
 <h2>Confusion at the package's threshold</h2><div class=figs>{_img(out / "confusion.png", "confusion")}</div>
 <h2>Per defect type</h2>{per_type}
+<h2>Model, gauges and the verdict</h2>
+<p>Who rejected the labelled parts: the model (score at or above the threshold, grey zone included), the gauges
+(<code>out_of_tolerance</code>; the verdict records whether the model would have rejected the part too), either
+of them (fail-safe REJECTs are in neither column).</p>{sources}
 <h2>REJECT reasons</h2>{reasons}
 <h2>Stage timings</h2>{stages}
 {cmp_html}
@@ -207,6 +215,34 @@ Created {html.escape(report["created"])} by inspectd {html.escape(report["inspec
     path = out / "report.html"
     path.write_text(doc, encoding="utf-8")
     return path
+
+
+def _calibrated(cal: dict[str, Any]) -> str:
+    """The package's calibration in one line (empty for a package calibrated before the escape bound existed)."""
+    if not cal:
+        return "–"
+    text = (
+        f"recall {_fmt(cal.get('recall'))}, false-reject rate {_fmt(cal.get('false_reject_rate'))} on "
+        f"{cal.get('n_ng')} NG / {cal.get('n_ok')} OK ({html.escape(str(cal.get('split')))})"
+    )
+    if cal.get("escape_rate_upper") is not None:
+        text += f"; escape rate ≤ {_fmt(100 * cal['escape_rate_upper'], 1)} % (95 % upper bound)"
+    return text
+
+
+def _sources_table(src: dict[str, Any]) -> str:
+    """engine.stats.rejections_by_source as a table: NG overall and per type, then OK."""
+
+    def share(n: int, total: int) -> str:
+        return f"{n}/{total}" if total else "–"
+
+    named = [("NG, all types", src["ng"]), *((f"NG {t}", c) for t, c in src["per_type"].items()),
+             ("OK (false rejects)", src["ok"])]  # fmt: skip
+    return _table(
+        ["parts", "n", "rejected by the model", "by the gauges", "by either", "gauges only"],
+        [[html.escape(name), c["n"], *(share(c[k], c["n"]) for k in ("model", "gauges", "either", "gauges_only"))]
+         for name, c in named],
+    )  # fmt: skip
 
 
 def _compare_html(c: dict[str, Any] | None) -> str:

@@ -49,11 +49,15 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     folds: int = 0  # ≥ 2: k-fold, the test part is fold ``fold``
     fold: int = 0
-    # Calibration on the validation split.
-    target_recall: float = 1.0
-    grey_zone_frr: float | None = (
-        None  # upper edge T2: the lowest threshold whose val false-reject rate ≤ this
-    )
+    # Calibration (training.calibrate) on the validation split, plus the patch memory's unseen training images.
+    target_recall: float = 1.0  # NG recall kept by model and gauges together
+    # Re-inspection budget: grey zone up to T2, the lowest threshold that scraps at most this share of the
+    # calibration OK parts automatically (the gauges' rejects counted first); None = no grey zone.
+    grey_zone_frr: float | None = None
+    # Gauges (training.gauge_fit): tolerance bands on the pose measurements, learnt from the training split's OK
+    # parts, calibrated as one decision with the model's threshold and packaged with it by export. Only with the
+    # pose crop (the measurements come from the pose it estimates): ``pose=False`` learns none.
+    gauges: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Patch memory only (training/patch_memory.py): patch side and stride (input pixels), principal
     # components kept, neighbour search window ± (rows, columns) of grid cells, scored cells.
@@ -64,6 +68,8 @@ class TrainConfig:
     patch_mask_share: float = 0.6  # score only cells covered by more than this share of the good parts
     patch_top_k: int = 4  # score = mean of this many largest cell z-scores
     patch_axial_phases: int = 2  # memory copies moved along the axis by 1/phases of a stride (thread phase)
+    patch_sd_pool: int = 1  # a cell's good spread is at least its neighbours' within this odd window
+    patch_residual: bool = False  # add each patch's norm outside the kept components as a feature
 
     def __post_init__(self) -> None:
         checks = {
@@ -85,12 +91,18 @@ class TrainConfig:
             "max_minutes": self.max_minutes > 0,
             "target_recall": 0 < self.target_recall <= 1,
             "grey_zone_frr": self.grey_zone_frr is None or 0 <= self.grey_zone_frr < 1,
+            "gauges": isinstance(self.gauges, bool),
             "folds": self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid training option(s) {bad}: {[getattr(self, k) for k in bad]}")
         self.preprocess()  # validates input_size, CLAHE, interpolation and pose parameters
+
+    @property
+    def gauged(self) -> bool:
+        """Whether a run learns gauge bands: asked for, and measured by the pose crop."""
+        return self.gauges and self.pose
 
     def preprocess(self) -> PreprocessParams:
         pose = None
@@ -118,6 +130,8 @@ class TrainConfig:
             mask_share=self.patch_mask_share,
             top_k=self.patch_top_k,
             axial_phases=self.patch_axial_phases,
+            residual=self.patch_residual,
+            sd_pool=self.patch_sd_pool,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,8 +144,9 @@ class TrainConfig:
     @classmethod
     def from_saved(cls, d: dict[str, Any]) -> TrainConfig:
         """A run's own saved config (config.json, run.json). Runs saved before ``arch`` existed were all
-        ResNet18, so a missing ``arch`` means that, not today's default."""
-        return cls.from_dict({"arch": "resnet18", **d})
+        ResNet18, and runs saved before ``gauges`` existed learnt none, so a missing key means that, not today's
+        default."""
+        return cls.from_dict({"arch": "resnet18", "gauges": False, **d})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:

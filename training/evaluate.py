@@ -1,6 +1,11 @@
 """Evaluate a training run (torch, best checkpoint) or an exported package (ONNX Runtime — the production path)
 on one part of its split, and write ``metrics.json``, PNG figures and a self-contained ``report.html``.
 
+The verdict scored is the daemon's: REJECT when the model or a gauge band says so (the target's gauges: the
+package's ``gauges``, a run's gauges.json). Beside it, what the model and the gauges each catch
+(``by_source``), the model alone (``model_only``), the escape rate's 95 % upper bound, and what each grey-zone
+budget of the calibration does on these images.
+
 Images whose preprocessing fails (undecodable, no pose found) are scored as REJECT, as the daemon would
 decide them, and listed in the report; they are never dropped from the denominators.
 """
@@ -17,11 +22,15 @@ import numpy as np
 
 from engine.backend import sigmoid
 from engine.dataset import DataError, Dataset, Sample, discover, subset
+from engine.gauges import GaugeSet, load_gauges, outside_any
 from engine.package import Decision, load_package
-from engine.preprocess import Preprocessor, load_gray
+from engine.pose import estimate_pose
+from engine.preprocess import DecodeError, Preprocessor, load_gray
 from engine.split import Split
+from engine.stats import ESCAPE_CONFIDENCE, escape_upper_bound, rejections_by_source
 from training.augment import part_alpha, swap_background
-from training.images import load_images, normalised
+from training.calibrate import zone_counts
+from training.images import Images, load_images, normalised
 from training.metrics import at_threshold, auroc, auroc_ci
 from training.scored import FAILED_LOGIT, Scored, Target
 
@@ -40,10 +49,11 @@ def open_target(path: str | Path) -> Target:
         }
         split = Split.from_dict(sp) if sp else None
         history = list(meta.training.get("history", []))
-        return Target("package", p, meta.preprocess, meta.decision, split, history, info)
+        gauges = load_gauges(meta.gauges, meta.preprocess.pose)
+        return Target("package", p, meta.preprocess, meta.decision, split, history, info, gauges)
     if (p / "run.json").is_file():
         from training.config import TrainConfig
-        from training.train import SPLIT
+        from training.train import SPLIT, load_run_gauges
         from training.train import history as run_history
 
         summary = json.loads((p / "run.json").read_text(encoding="utf-8"))
@@ -57,14 +67,16 @@ def open_target(path: str | Path) -> Target:
             "best_epoch": summary.get("best_epoch"),
             "stopped": summary.get("stopped"),
         }
-        return Target("run", p, cfg.preprocess(), decision, Split.load(p / SPLIT), run_history(p), info)
+        split = Split.load(p / SPLIT)
+        return Target("run", p, cfg.preprocess(), decision, split, run_history(p), info, load_run_gauges(p))
     raise FileNotFoundError(
         f"{p} is neither a model package (model.json) nor a finished training run (run.json)"
     )
 
 
 def score(target: Target, ds: Dataset, samples: list[Sample], *, threads: int = 2) -> Scored:
-    """Preprocess with the target's parameters and run it; failed images get ``FAILED_LOGIT`` (REJECT)."""
+    """Preprocess with the target's parameters and run it; failed images get ``FAILED_LOGIT`` (REJECT). With
+    gauges, which images they reject."""
     pre = Preprocessor(target.preprocess)
     imgs = load_images(ds, samples, pre, threads=threads)
     x = normalised(pre, imgs.pixels)
@@ -89,7 +101,29 @@ def score(target: Target, ds: Dataset, samples: list[Sample], *, threads: int = 
         pixels={p: imgs.pixels[i] for p, i in row.items()},
         cams={p: cams[i] for p, i in row.items()} if cams is not None else {},
         neutral_logits=neutral,
+        gauge_reject=_gauge_reject(target.gauges, ds, samples, imgs) if target.gauges else None,
     )
+
+
+def _gauge_reject(gauges: GaugeSet, ds: Dataset, samples: list[Sample], imgs: Images) -> np.ndarray:
+    """Per sample, whether it falls outside a band, measured as the daemon measures: with the pose the crop was
+    cut with (``imgs.measurements``; an image whose crop failed is already a REJECT and no gauge's), or, for a
+    model without a pose crop, by ``estimate_pose`` with the gauges' parameters, where a part that cannot be
+    measured cannot pass a gauge."""
+    if imgs.measurements is not None:
+        flags = outside_any(imgs.measurements, gauges.bands)
+        by_path = {s.path: bool(f) for s, f in zip(imgs.samples, flags, strict=True)}
+        return np.array([by_path.get(s.path, False) for s in samples], bool)
+    params = gauges.pose_params()
+    out = []
+    for s in samples:
+        try:
+            m = estimate_pose(load_gray(str(ds.abspath(s))), params).measurements
+        except (DecodeError, OSError, ValueError):  # PoseError is a ValueError
+            out.append(True)
+            continue
+        out.append(bool(outside_any([m], gauges.bands)[0]))
+    return np.array(out, bool)
 
 
 def _infer_package(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -131,18 +165,31 @@ def _infer_run(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None
 
 
 def compute_metrics(scored: Scored, decision: Decision) -> dict[str, Any]:
+    """The combined verdict's metrics (model or gauges: what the daemon decides), the model's alone beside them,
+    who caught what, and every image's score and verdict."""
     y = np.array([s.label for s in scored.samples])
     p = sigmoid(scored.logits)
     lo = decision.grey_zone[0] if decision.grey_zone else decision.threshold
-    reject = p >= lo  # grey zone counts as REJECT: a part in it does not pass unattended
+    by_model = p >= lo  # grey zone counts as REJECT: a part in it does not pass unattended
+    gauged = scored.gauge_reject if scored.gauge_reject is not None else np.zeros(len(y), bool)
+    reject = by_model | gauged
     m: dict[str, Any] = {"n": len(y), "n_ok": int((y == 0).sum()), "n_ng": int((y == 1).sum())}
     m["auroc"] = auroc(scored.logits, y)
     m["auroc_ci95"] = list(auroc_ci(scored.logits, y))
     m["threshold"] = decision.threshold
     m["grey_zone"] = list(decision.grey_zone) if decision.grey_zone else None
     if decision.grey_zone:
-        m["grey_fraction"] = float(np.mean((p >= decision.grey_zone[0]) & (p < decision.grey_zone[1])))
+        # a gauge reject is REJECT out_of_tolerance, never grey
+        grey = (p >= decision.grey_zone[0]) & (p < decision.grey_zone[1]) & ~gauged
+        m["grey_fraction"] = float(np.mean(grey))
     m |= at_threshold(reject, y)
+    m["gauges"] = scored.gauge_reject is not None
+    alone = at_threshold(by_model, y)
+    m["model_only"] = {k: alone[k] for k in ("recall", "false_reject_rate", "confusion")}
+    m["by_source"] = rejections_by_source(y == 1, [s.group for s in scored.samples], by_model, gauged)
+    m["escapes"] = int(((y == 1) & ~reject).sum())
+    m["escape_rate_upper"] = escape_upper_bound(m["escapes"], m["n_ng"], ESCAPE_CONFIDENCE)
+    m["escape_confidence"] = ESCAPE_CONFIDENCE
     per: dict[str, dict[str, Any]] = {}
     ok_logits = scored.logits[y == 0]
     for kind in sorted({s.group for s in scored.samples}):
@@ -154,6 +201,7 @@ def compute_metrics(scored: Scored, decision: Decision) -> dict[str, Any]:
         per[kind] = {
             "n": len(idx),
             "recall": float(reject[idx].mean()),
+            "model_recall": float(by_model[idx].mean()),
             "auroc_vs_ok": auroc(np.r_[scored.logits[idx], ok_logits], vs_ok),
         }
     m["per_type"] = per
@@ -168,12 +216,26 @@ def compute_metrics(scored: Scored, decision: Decision) -> dict[str, Any]:
             "logit": float(z[i]),
             "p_ng": float(p[i]),
             "reject": bool(reject[i]),
+            "gauge_reject": bool(gauged[i]),
         }
         for i, s in enumerate(scored.samples)
     ]
     m["failed"] = scored.failed
     m["failed_by_reason"] = dict(Counter(r.split(":")[0] for r in scored.failed.values()))
     return _clean(m)
+
+
+def budgets_here(scored: Scored, decision: Decision, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The calibration's grey-zone budget table (``rows``: training.calibrate.budget_table) applied to these
+    images: each budget's grey zone, and where it sends these parts (training.calibrate.zone_counts)."""
+    y = np.array([s.label for s in scored.samples])
+    p = sigmoid(scored.logits)
+    out = []
+    for row in rows:
+        gz = row.get("grey_zone")
+        d = Decision(gz[0], (gz[0], gz[1])) if gz else Decision(decision.threshold)
+        out.append({"budget": row["budget"], "grey_zone": gz} | zone_counts(p, y, scored.gauge_reject, d))
+    return out
 
 
 def cam_on_part(scored: Scored) -> dict[str, Any]:
@@ -261,6 +323,9 @@ def evaluate(
         raise ValueError(f"the {part} split of {target.path} is empty")
     scored = score(target, ds, samples)
     metrics = compute_metrics(scored, target.decision)
+    budget_rows = (target.info.get("calibration") or {}).get("grey_zone_budgets")
+    if budget_rows:
+        metrics["grey_zone_budgets"] = budgets_here(scored, target.decision, budget_rows)
     metrics["split"] = part
     metrics["evaluated"] = {
         "kind": target.kind,

@@ -8,8 +8,10 @@ the shortened fronts through (6/10 caught at 5·MAD); the quantile band follows 
 The margin is in pixels because it stands for the measurement's repeatability and the quantile's sampling error,
 not for the spread of the parts.
 
-The bands are ``engine.gauges.Band`` s, written into a ``GaugeSet`` by ``inspectd calibrate-gauges``
-(training.commands.calibrate_gauges); the daemon only checks them (engine.gauges). numpy only (plus engine).
+The bands are ``engine.gauges.Band`` s, gathered into a ``GaugeSet`` by :func:`fit_gauge_set`: ``inspectd train``
+learns one from the training split's OK parts (training.train), ``inspectd calibrate-gauges`` from a folder into an
+existing package (training.commands.calibrate_gauges); the daemon only checks them (engine.gauges). numpy only
+(plus engine).
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.gauges import DEFAULT_MARGIN_PX, DEFAULT_QUANTILES, MEASUREMENTS, UNITS, Band, outside, values
+from engine.gauges import (
+    DEFAULT_MARGIN_PX,
+    DEFAULT_QUANTILES,
+    MEASUREMENTS,
+    UNITS,
+    Band,
+    GaugeSet,
+    outside,
+    outside_any,
+    values,
+)
 from engine.pose import Measurements
 
 # Measured on screws-300 (docs/gauging.md): length catches 9/10 shortened fronts at 2/250 OK rejected, and
@@ -30,6 +42,8 @@ from engine.pose import Measurements
 # parts by construction of its quantiles, before the margin).
 DEFAULT_BANDS: tuple[str, ...] = ("length_px", "straightness_px")
 DEFAULT_ONE_SIDED: Mapping[str, Literal["low", "high"]] = {"straightness_px": "high"}
+DEFAULT_K = 5  # folds of the OK false-reject estimate
+MIN_OK = 20  # below this the 0.5 %/99.5 % quantiles are just the extreme parts, and k-fold folds hold ~4
 
 
 def _check_options(
@@ -130,6 +144,40 @@ def kfold_cost(
     """
     flags = kfold_flags(measurements_ok, k=k, seed=seed, **learn)
     return {name: float(f.mean()) for name, f in flags.items()}
+
+
+def fit_gauge_set(
+    ok: Sequence[Measurements],
+    ng: Mapping[str, Sequence[Measurements]],
+    *,
+    pose: Mapping[str, Any],
+    names: Sequence[str] = DEFAULT_BANDS,
+    q: tuple[float, float] = DEFAULT_QUANTILES,
+    margin_px: float = DEFAULT_MARGIN_PX,
+    one_sided: Mapping[str, str] | None = None,
+    k: int = DEFAULT_K,
+    seed: int = 0,
+) -> tuple[GaugeSet, np.ndarray]:
+    """The ``GaugeSet`` of bands on ``names`` learnt from the OK parts ``ok``, measured with ``pose``
+    (PoseParams.to_dict()), with its k-fold OK false-reject estimate and the NG parts it catches per defect type
+    (``ng``: type → parts; NG parts never shape a band). Also returns, per OK part, whether bands learnt
+    without it reject it (k-fold): the honest flag for calibrating a threshold on those same parts.
+    """
+    bands = learn_bands(ok, names=names, q=q, margin_px=margin_px, one_sided=one_sided)
+    flags = kfold_flags(ok, k=k, seed=seed, names=names, q=q, margin_px=margin_px, one_sided=one_sided)
+    any_ok = np.logical_or.reduce([flags[n] for n in names])
+    gauges = GaugeSet(
+        bands=bands,
+        pose=dict(pose),
+        margin_px=margin_px,
+        quantiles=q,
+        n_ok=len(ok),
+        kfold=k,
+        false_reject_estimate={n: float(flags[n].mean()) for n in names} | {"any": float(any_ok.mean())},
+        ng_caught={t: [int(outside_any(parts, bands).sum()), len(parts)] for t, parts in ng.items()},
+        created=created_now(),
+    )
+    return gauges, any_ok
 
 
 def created_now() -> str:

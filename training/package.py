@@ -1,4 +1,5 @@
-"""A finished training run → a verified model package (training.export.export_package) with its provenance."""
+"""A finished training run → a verified model package (training.export.export_package) with its provenance and
+the gauges the run learnt: the package is the whole inspection the threshold was calibrated for."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from engine.dataset import discover, subset
+from engine.gauges import load_gauges
 from engine.package import Decision, ModelMeta
 from engine.preprocess import Preprocessor
 from engine.split import Split
 from training.export import export_package
 from training.images import load_images, normalised
-from training.train import SPLIT, history, load_run_model
+from training.train import SPLIT, history, load_run_gauges, load_run_model
 
 MAX_VERIFY = 64
 TEST_KEYS = (
@@ -34,6 +36,11 @@ TEST_KEYS = (
     "auroc_neutral_background",
     "cam_on_part",
     "brightness_baseline",
+    "gauges",
+    "model_only",
+    "by_source",
+    "escapes",
+    "escape_rate_upper",
 )
 
 
@@ -45,16 +52,20 @@ def export_run(
     data: str | Path | None = None,
     heatmap: bool = True,
 ) -> ModelMeta:
-    """Export the run's best checkpoint, checked against its real validation images at its calibrated threshold."""
+    """Export the run's best checkpoint, checked against its real validation images at its calibrated threshold,
+    with the run's gauges (its threshold was calibrated counting on them)."""
     run = Path(run_dir)
     model, cfg, summary = load_run_model(run)
+    pre = Preprocessor(cfg.preprocess())
+    gauges = load_run_gauges(run)
+    if gauges is not None:  # as the daemon will open them: bands measured as its pose crop measures
+        load_gauges(gauges.to_dict(), pre.params.pose)
     ds = discover(data or summary["data"])
     split = Split.load(run / SPLIT)
     if split.data_hash and split.data_hash != ds.content_hash():
         raise ValueError(
             f"{ds.root} is not the data the run was trained on (content hash differs); pass --data"
         )
-    pre = Preprocessor(cfg.preprocess())
     val = load_images(ds, subset(ds, split.val), pre)
     if not len(val.samples):
         raise ValueError("no usable validation images to verify the export with")
@@ -93,4 +104,5 @@ def export_run(
         training=training,
         metrics=metrics,
         calibration=cal,
+        gauges=gauges.to_dict() if gauges is not None else None,
     )

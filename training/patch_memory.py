@@ -33,6 +33,8 @@ class PatchSettings:
     mask_share: float = 0.6  # a cell is scored when more than this share of the good parts cover it (0 = any)
     top_k: int = 4  # the score is the mean of this many largest cell z-scores (1 = the largest)
     axial_phases: int = 2  # the memory also holds each good crop moved along the axis by k/phases of a stride
+    sd_pool: int = 1  # a cell's spread is at least its neighbours' within this window (odd; 1 = its own)
+    residual: bool = False  # one more feature: the patch's norm outside the kept components (fine detail)
 
 
 def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
@@ -41,6 +43,15 @@ def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
     sil = torch.from_numpy(np.stack([part_alpha(img) > 0.5 for img in pixels_ok]).astype(np.float32))
     share = F.max_pool2d(sil[:, None], s.patch, stride=s.stride)[:, 0].mean(0)
     return (share > s.mask_share).float()
+
+
+def _pool(sd: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., gh, gw) spread maps, each cell raised to the largest within a k × k window around it."""
+    if k <= 1:
+        return sd
+    shape = sd.shape
+    flat = sd.reshape(-1, 1, *shape[-2:])
+    return F.max_pool2d(flat, k, stride=1, padding=k // 2).reshape(shape)
 
 
 def _move_along_axis(x: torch.Tensor, px: int) -> torch.Tensor:
@@ -81,16 +92,35 @@ def fit(
     comps = comps * torch.sign(comps.sum(1, keepdim=True) + 1e-12)  # a fixed sign per component
     comps = comps - comps.mean(1, keepdim=True)  # projecting x − mean(x) = projecting x on this
     kernel = comps.reshape(dims, 1, s.patch, s.patch).contiguous()
+    # A model without a bank yet: its feature map is what the bank stores (the codes, plus the residual norm).
+    grid = F.conv2d(x[:1], kernel, stride=s.stride).shape[2:]
+    probe = PatchMemory(
+        kernel,
+        torch.zeros(grid[0] * grid[1], dims + int(s.residual), 1),
+        torch.ones(*grid),
+        torch.zeros(1, 2),
+        s.stride,
+        residual=s.residual,
+    )
+
+    def features(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([probe.features(t[i : i + CHUNK]) for i in range(0, len(t), CHUNK)])
+
     with torch.no_grad():
-        feats = F.conv2d(x, kernel, stride=s.stride)
+        feats = features(x)
         # The thread's phase slides its pattern along the axis by any amount; the search moves in whole grid
         # cells. Crops moved by a fraction of a cell fill in between, so a good thread finds a close twin.
         moved = [feats] + [
-            F.conv2d(_move_along_axis(x, round(k * s.stride / s.axial_phases)), kernel, stride=s.stride)
+            features(_move_along_axis(x, round(k * s.stride / s.axial_phases)))
             for k in range(1, s.axial_phases)
         ]
     gh, gw = feats.shape[2:]
-    bank = torch.cat(moved, 0).reshape(n * len(moved), dims, gh * gw).permute(2, 1, 0).contiguous()
+    bank = (
+        torch.cat(moved, 0)
+        .reshape(n * len(moved), dims + int(s.residual), gh * gw)
+        .permute(2, 1, 0)
+        .contiguous()
+    )
     offsets = torch.tensor(
         [
             (dy, dx)
@@ -104,7 +134,9 @@ def fit(
             f"no grid cell is covered by more than {s.mask_share:g} of the good parts' silhouettes; "
             "lower patch_mask_share (or check that the images show dark parts on a light background)"
         )
-    model = PatchMemory(kernel, bank, mask, offsets, s.stride, top_k=min(s.top_k, int(mask.sum())))
+    model = PatchMemory(
+        kernel, bank, mask, offsets, s.stride, top_k=min(s.top_k, int(mask.sum())), residual=s.residual
+    )
     log(
         f"patch memory: {n} good images × {len(moved)} axial phase(s), {gh}×{gw} cells of {s.patch}² patches, "
         f"{dims} components, {len(offsets)} offsets, {int(mask.sum())} cells on the part"
@@ -122,7 +154,7 @@ def fit(
         mu = loo.mean(0)
         sd = loo.std(0)
         floor = s.sd_floor * sd.median()
-        sd = torch.maximum(sd, floor).clamp_min(1e-6)
+        sd = torch.maximum(_pool(sd, s.sd_pool), floor).clamp_min(1e-6)
         model.mu.copy_(mu)
         model.sd.copy_(sd)
         # Each good image's own score, with the per-cell statistics taken without it (closed form): a glint that
@@ -132,7 +164,7 @@ def fit(
         s1, s2 = d.sum(0), (d * d).sum(0)
         mu_i = (s1 - d) / (n - 1)
         var_i = ((s2 - d * d) - (n - 1) * mu_i * mu_i) / max(n - 2, 1)
-        sd_i = torch.maximum(var_i.clamp_min(0.0).sqrt(), floor.double()).clamp_min(1e-6)
+        sd_i = torch.maximum(_pool(var_i.clamp_min(0.0).sqrt(), s.sd_pool), floor.double()).clamp_min(1e-6)
         scores = model.score_of(((d - mu_i) / sd_i).float())  # shift 0, scale 1 so far
         shift = float(scores.mean() + 3.0 * scores.std())
         scale = float(scores.std().clamp_min(1e-3))

@@ -105,8 +105,8 @@ def figures(
         )
         figs["curves"] = _save(fig, out / "curves.png")
 
-    lo = target.decision.grey_zone[0] if target.decision.grey_zone else target.decision.threshold
-    wrong = [i for i, s in enumerate(scored.samples) if (p[i] >= lo) != bool(s.label)]
+    reject = [r["reject"] for r in metrics["images"]]  # the combined verdict: model or gauges
+    wrong = [i for i, s in enumerate(scored.samples) if reject[i] != bool(s.label)]
     ng = [i for i, s in enumerate(scored.samples) if s.label == 1 and i not in wrong]
     rng = np.random.default_rng(0)
     sample_ng = sorted(rng.choice(ng, size=min(n_ng_heatmaps, len(ng)), replace=False).tolist()) if ng else []
@@ -146,6 +146,88 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v)) if v is not None else "–"
 
 
+def _pct(n: int, total: int) -> str:
+    return f"{n}/{total} ({100.0 * n / total:.1f} %)" if total else "–"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return (
+        f"<table><tr>{th}</tr>"
+        + "".join(f"<tr><td>{'</td><td>'.join(r)}</td></tr>" for r in rows)
+        + "</table>"
+    )
+
+
+def _calibration_text(cal: dict[str, Any]) -> str:
+    """The calibration's operating point in one line: its set, recall and false rejects (combined, and the
+    model's alone), and the escape rate's upper bound; what a package made before any of it says, it says."""
+    if not cal:
+        return "–"
+    text = (
+        f"on {cal.get('n_ng')} NG / {cal.get('n_ok')} OK ({html.escape(str(cal.get('split')))}): recall "
+        f"{_fmt(cal.get('recall'))}, false-reject rate {_fmt(cal.get('false_reject_rate'))}"
+    )
+    if cal.get("gauges"):
+        text += (
+            f" with the gauges (model alone {_fmt(cal.get('model_recall'))}, "
+            f"{_fmt(cal.get('model_false_reject_rate'))}; gauges reject {cal.get('ng_rejected_by_gauges')} NG, "
+            f"{cal.get('ok_rejected_by_gauges')} OK)"
+        )
+    if cal.get("escape_rate_upper") is not None:
+        text += (
+            f"; escape rate ≤ {100 * cal['escape_rate_upper']:.1f} % ({100 * cal['escape_confidence']:.0f} % "
+            f"upper bound, {cal['escapes']} of {cal['n_ng']} NG passed)"
+        )
+    return text
+
+
+def _sources_html(m: dict[str, Any]) -> str:
+    """Who rejected what: the model, the gauges, either (the verdict), and the NG only the gauges caught."""
+    src = m["by_source"]
+    head = ["parts", "n", "rejected by the model", "by the gauges", "by either (the verdict)", "gauges only"]
+    rows = [[html.escape(name), str(c["n"])] + [_pct(c[k], c["n"]) for k in ("model", "gauges", "either", "gauges_only")]
+            for name, c in [("NG, all types", src["ng"]), *((f"NG {t}", c) for t, c in src["per_type"].items()),
+                            ("OK (false rejects)", src["ok"])]]  # fmt: skip
+    note = "" if m.get("gauges") else "<p>This model has no gauges: every REJECT is the model's.</p>"
+    return "<h2>Model, gauges and the combined verdict</h2>" + note + _table(head, rows)
+
+
+def _zone_cells(c: dict[str, int] | None) -> list[str]:
+    """One training.calibrate.zone_counts record as table cells, each a share of its class."""
+    if c is None:
+        return ["–"] * 4
+    ok = c["ok_scrapped"] + c["ok_reinspected"] + c["ok_passed"]
+    ng = c["ng_rejected"] + c["ng_reinspected"] + c["ng_passed"]
+    return [_pct(c["ok_scrapped"], ok), _pct(c["ok_reinspected"], ok), _pct(c["ng_rejected"], ng),
+            _pct(c["ng_reinspected"], ng)]  # fmt: skip
+
+
+def _budgets_html(cal: dict[str, Any], here: list[dict[str, Any]] | None, split: str) -> str:
+    """What a re-inspection budget buys: per grey-zone budget, where the parts go, on the calibration images and
+    on the evaluated ones."""
+    rows_cal = cal.get("grey_zone_budgets") or []
+    if not rows_cal:
+        return ""
+    here_by = {r["budget"]: r for r in here or []}
+    rows = []
+    for r in rows_cal:
+        gz = r["grey_zone"]
+        mark = " (shipped)" if gz and gz == cal.get("grey_zone") else ""
+        cells = [f"{100 * r['budget']:g} %{mark}", f"{gz[0]:.4g}–{gz[1]:.4g}" if gz else "none"]
+        rows.append(cells + _zone_cells(r) + _zone_cells(here_by.get(r["budget"])))
+    cols = ["OK scrapped", "OK re-inspected", "NG rejected", "NG re-inspected"]
+    head = ["budget (OK scrapped unseen)", "grey zone on p(NG)"] + [f"calibration: {c}" for c in cols]
+    head += [f"{split}: {c}" for c in cols]
+    return (
+        "<h2>Grey-zone budget: what re-inspection buys</h2><p>For each budget (the share of OK calibration parts "
+        "that may be scrapped without a person looking: <code>--grey-zone-frr</code>), the grey zone above the "
+        "threshold it sets, and where the parts go: rejected automatically (score above the grey zone, or "
+        "outside a gauge band) or sent to a person (in the grey zone). The threshold, and so the NG that pass, "
+        "do not depend on the budget.</p>" + _table(head, rows)
+    )
+
+
 def write_report(
     out: Path, target: Target, scored: Scored, metrics: dict[str, Any], *, n_ng_heatmaps: int = 8
 ) -> Path:
@@ -166,8 +248,17 @@ def write_report(
             "threshold on p(NG)",
             _fmt(m["threshold"]) + (f", grey zone {m['grey_zone']}" if m.get("grey_zone") else ""),
         ),
-        ("NG recall", _fmt(m["recall"])),
+        ("NG recall" + (" (the verdict: model or gauges)" if m.get("gauges") else ""), _fmt(m["recall"])),
         ("false-reject rate (OK rejected)", _fmt(m["false_reject_rate"])),
+        (
+            "the model alone: NG recall, false-reject rate",
+            f"{_fmt(m['model_only']['recall'])}, {_fmt(m['model_only']['false_reject_rate'])}",
+        ),
+        (
+            f"escape rate (NG passed), {100 * m['escape_confidence']:.0f} % upper bound",
+            f"{_pct(m['escapes'], m['n_ng'])}; ≤ {100 * m['escape_rate_upper']:.1f} %",
+        ),
+        ("calibration", _calibration_text(target.info.get("calibration") or {})),
         ("accuracy", _fmt(m["accuracy"])),
         ("precision", _fmt(m["precision"])),
         ("F1", _fmt(m["f1"])),
@@ -188,7 +279,7 @@ def write_report(
     ]
     per = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v['n']}</td><td>{_fmt(v.get('recall', v.get('pass_rate')))}</td>"
-        f"<td>{_fmt(v.get('auroc_vs_ok'))}</td></tr>"
+        f"<td>{_fmt(v.get('model_recall'))}</td><td>{_fmt(v.get('auroc_vs_ok'))}</td></tr>"
         for k, v in m["per_type"].items()
     )
     failed = "".join(
@@ -220,7 +311,9 @@ NG is the positive class; a grey-zone score counts as REJECT. The heatmaps show 
 ({"where the crop is unlike every good screw: z-scores above 0 on the part" if patch else "the positive part of the class-activation map"}) on the image the model saw: check that it sits on the defect,
 not on the background or the image as a whole (the brightness confound).</p>
 <table>{"".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)}</table>
-<h2>Per defect type</h2><table><tr><th>type</th><th>n</th><th>recall (OK: pass rate)</th><th>AUROC vs all OK</th></tr>{per}</table>
+<h2>Per defect type</h2><table><tr><th>type</th><th>n</th><th>recall (OK: pass rate)</th><th>the model alone</th><th>AUROC vs all OK</th></tr>{per}</table>
+{_sources_html(m)}
+{_budgets_html(target.info.get("calibration") or {}, m.get("grey_zone_budgets"), m["split"])}
 {f"<h2>Preprocessing failures</h2><ul>{failed}</ul>" if failed else ""}
 {body}
 <h2>Provenance</h2><pre>{html.escape(json.dumps(target.info, indent=1, default=str)[:20000])}</pre>

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from engine.dataset import Sample
+from engine.gauges import GaugeSet
 from engine.package import Decision
 from engine.preprocess import PreprocessParams
 from engine.split import Split
@@ -25,6 +26,7 @@ class Scored:
     pixels: dict[str, np.ndarray]  # path → what the network saw (uint8), for the heatmap overlays
     cams: dict[str, np.ndarray]  # path → CAM (h, w) in the network's feature resolution
     neutral_logits: np.ndarray | None = None  # the same images on one shared background (see score)
+    gauge_reject: np.ndarray | None = None  # (N,) bool: outside a gauge band (None: the target has no gauges)
 
 
 @dataclass(frozen=True)
@@ -36,3 +38,4 @@ class Target:
     split: Split | None
     history: list[dict[str, Any]]
     info: dict[str, Any]
+    gauges: GaugeSet | None = None  # applied beside the model, as the daemon applies them

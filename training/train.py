@@ -16,8 +16,10 @@ Choices that are not the recipe's, and why (docs/training.md has the measurement
 
 :func:`train` is a list of steps, each a function of the ones before: :func:`start_run` (ranks, run directory,
 threads, seed) → :func:`load_data` → :func:`split_data` → :func:`preprocess` → :func:`fit_patch_memory` or
-:func:`fit_cnn` (each writes best.pt, last.pt and metrics.jsonl) → :func:`calibrate_best` → :func:`write_run`
-(run.json). What flows between them: :class:`RunSetup`, :class:`Prepared` and :class:`Fitted`.
+:func:`fit_cnn` (each writes best.pt, last.pt and metrics.jsonl) → :func:`fit_gauges` (with the pose crop: bands
+from the training split's OK parts) → :func:`calibrate_best` (one threshold for model and gauges together) →
+:func:`write_run` (run.json, gauges.json). What flows between them: :class:`RunSetup`, :class:`Prepared`,
+:class:`Fitted` and :class:`Gauging`.
 """
 
 from __future__ import annotations
@@ -37,22 +39,26 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.dataset import DataError, Dataset, discover, subset
+from engine.gauges import GaugeSet, outside_any
 from engine.model import build_model, model_from_state
+from engine.pose import Measurements
 from engine.preprocess import Preprocessor
 from engine.split import Split, make_kfold, make_split
 from training.augment import augment
 from training.calibrate import Calibration, calibrate
 from training.config import TrainConfig
+from training.gauge_fit import MIN_OK, fit_gauge_set
 from training.images import Images, load_images, normalised
 from training.metrics import auroc
 
-CONFIG, SPLIT, METRICS, LAST, BEST, RUN = (
+CONFIG, SPLIT, METRICS, LAST, BEST, RUN, GAUGES = (
     "config.json",
     "split.json",
     "metrics.jsonl",
     "last.pt",
     "best.pt",
     "run.json",
+    "gauges.json",
 )
 
 
@@ -236,17 +242,53 @@ class Prepared:
 
 
 @dataclass(frozen=True, slots=True)
+class ExtraCalibration:
+    """Training images the model never learnt from, scored as a new part would be: their NG logits, their rows
+    in ``Prepared.tr`` (in the order of ``logits``: labels and gauge flags are looked up there) and a name for
+    the calibration set they make with the validation split."""
+
+    logits: np.ndarray
+    rows: np.ndarray
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Fitted:
     """What a fit hands to calibration once best.pt is written: the device to evaluate it on, how the fit ended
-    (run.json's ``stopped``, ``epochs_run``, ``best_epoch``, ``seconds``) and ``calibration_extra``: logits,
-    labels and a name for images beyond the validation split that the model never learnt from (or None)."""
+    (run.json's ``stopped``, ``epochs_run``, ``best_epoch``, ``seconds``) and ``calibration_extra``: images
+    beyond the validation split to calibrate on (or None)."""
 
     device: torch.device
     stopped: str
     epochs_run: int
     best_epoch: int
     seconds: float
-    calibration_extra: tuple[np.ndarray, np.ndarray, str] | None = None
+    calibration_extra: ExtraCalibration | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Gauging:
+    """The run's gauges (None: not learnt, ``why_not`` says why) and which images they reject, for calibrating
+    the model's threshold beside them: ``train_reject`` per training image (an OK part judged by bands learnt
+    without it, k-fold; an NG part by the bands) and ``val_reject`` per validation image (by the bands)."""
+
+    gauges: GaugeSet | None
+    why_not: str = ""
+    train_reject: np.ndarray | None = None
+    val_reject: np.ndarray | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """run.json's ``gauges``: what was learnt (the bands themselves are in gauges.json) or why not."""
+        if self.gauges is None:
+            return {"file": None, "why_not": self.why_not}
+        g = self.gauges
+        return {
+            "file": GAUGES,
+            "bands": {b.name: b.describe() for b in g.bands},
+            "n_ok": g.n_ok,
+            "false_reject_estimate": g.false_reject_estimate,
+            "ng_caught": g.ng_caught,
+        }
 
 
 def train(
@@ -272,8 +314,9 @@ def train(
         fitted = fit_cnn(setup, prep, resume=resume, progress=progress)
     summary: dict[str, Any] = {}
     if setup.dist.main and fitted is not None:
-        logits, cal = calibrate_best(setup, prep, fitted)
-        summary = write_run(setup, prep, fitted, logits, cal)
+        gauging = fit_gauges(setup, prep)
+        logits, cal = calibrate_best(setup, prep, fitted, gauging)
+        summary = write_run(setup, prep, fitted, logits, cal, gauging)
         setup.log(_result_line(summary, cfg))
     if setup.dist.world > 1:
         dist.barrier()
@@ -373,9 +416,9 @@ def fit_patch_memory(setup: RunSetup, prep: Prepared) -> Fitted | None:
         fh.write(json.dumps(row) + "\n")
     setup.log(f"fitted in {fit_s:.1f} s; val AUROC {row['val_auroc']:.3f}")
     ng = tr.labels == 1
-    extra = (
+    extra = ExtraCalibration(
         np.concatenate([predict(model, normalised(prep.pre, tr.pixels[ng]), device), loo]),
-        np.concatenate([np.ones(int(ng.sum()), np.int64), np.zeros(len(loo), np.int64)]),
+        np.concatenate([np.flatnonzero(ng), np.flatnonzero(ok)]),  # loo follows the OK images' order
         "val + train NG + train OK (leave-one-out)",
     )
     return Fitted(
@@ -551,30 +594,86 @@ def _stop_reason(
     return None
 
 
-def calibrate_best(setup: RunSetup, prep: Prepared, fitted: Fitted) -> tuple[np.ndarray, Calibration]:
+def fit_gauges(setup: RunSetup, prep: Prepared) -> Gauging:
+    """With the pose crop (and ``cfg.gauges``): tolerance bands (training.gauge_fit defaults) learnt from the
+    training split's OK parts — the parts the model is fitted on — and which calibration images they reject.
+
+    Too few OK parts for quantile bands (``MIN_OK``) leaves the run without gauges, said in the log and in
+    run.json, rather than failing a small experiment.
+    """
+    cfg, tr, va = setup.cfg, prep.tr, prep.va
+    if not cfg.gauged:
+        return Gauging(None, "gauges off (--no-gauges)" if cfg.pose else "no pose crop (pose=False)")
+    assert tr.measurements is not None and va.measurements is not None  # a pose crop measures every image
+    ok_rows = np.flatnonzero(tr.labels == 0)
+    ok = [tr.measurements[i] for i in ok_rows]
+    if len(ok) < MIN_OK:
+        why = f"only {len(ok)} OK training images (quantile bands need ≥ {MIN_OK})"
+        setup.log(f"warning: no gauges: {why}")
+        return Gauging(None, why)
+    ng: dict[str, list[Measurements]] = {}
+    for samples, measured in ((tr.samples, tr.measurements), (va.samples, va.measurements)):
+        for s, m in zip(samples, measured, strict=True):
+            if s.label == 1:
+                ng.setdefault(s.group, []).append(m)
+    gauges, ok_flags = fit_gauge_set(
+        ok, dict(sorted(ng.items())), pose=cfg.preprocess().pose or {}, seed=cfg.seed
+    )
+    train_reject = outside_any(tr.measurements, gauges.bands)
+    train_reject[ok_rows] = ok_flags  # the OK parts the bands were learnt from: judged without themselves
+    bands = ", ".join(f"{b.name} {b.describe()}" for b in gauges.bands)
+    caught = ", ".join(f"{t} {c}/{n}" for t, (c, n) in gauges.ng_caught.items())
+    setup.log(
+        f"gauges from {len(ok)} OK training parts: {bands}; OK false-reject "
+        f"{gauges.false_reject_estimate['any']:.3f} ({gauges.kfold}-fold); NG caught: {caught or 'none'}"
+    )
+    return Gauging(gauges, "", train_reject, outside_any(va.measurements, gauges.bands))
+
+
+def calibrate_best(
+    setup: RunSetup, prep: Prepared, fitted: Fitted, gauging: Gauging | None = None
+) -> tuple[np.ndarray, Calibration]:
     """The best checkpoint's validation logits, and the threshold calibrated on them (plus the fit's
-    ``calibration_extra``)."""
+    ``calibration_extra``), knowing which of those images the run's gauges reject."""
     best = torch.load(setup.run / BEST, map_location=fitted.device, weights_only=True)
     model = model_from_state(best["model"]).to(fitted.device)
     logits = predict(model, prep.x_val, fitted.device)
-    cal_z, cal_y, cal_name = logits, prep.va.labels, "val"
-    if fitted.calibration_extra is not None:
-        cal_z = np.concatenate([logits, fitted.calibration_extra[0]])
-        cal_y = np.concatenate([prep.va.labels, fitted.calibration_extra[1]])
-        cal_name = fitted.calibration_extra[2]
+    extra = fitted.calibration_extra
+    rows = extra.rows if extra is not None else np.empty(0, np.intp)
+    cal_z = np.concatenate([logits, extra.logits]) if extra is not None else logits
+    cal_y = np.concatenate([prep.va.labels, prep.tr.labels[rows]])
+    gauge_reject = None
+    if gauging is not None and gauging.gauges is not None:
+        assert gauging.val_reject is not None and gauging.train_reject is not None
+        gauge_reject = np.concatenate([gauging.val_reject, gauging.train_reject[rows]])
     cfg = setup.cfg
     cal = calibrate(
-        cal_z, cal_y, target_recall=cfg.target_recall, grey_zone_frr=cfg.grey_zone_frr, split=cal_name
+        cal_z,
+        cal_y,
+        target_recall=cfg.target_recall,
+        grey_zone_frr=cfg.grey_zone_frr,
+        split=extra.name if extra is not None else "val",
+        gauge_reject=gauge_reject,
     )
     return logits, cal
 
 
 def write_run(
-    setup: RunSetup, prep: Prepared, fitted: Fitted, logits: np.ndarray, cal: Calibration
+    setup: RunSetup,
+    prep: Prepared,
+    fitted: Fitted,
+    logits: np.ndarray,
+    cal: Calibration,
+    gauging: Gauging,
 ) -> dict[str, Any]:
-    """run.json: the data, the config, the best checkpoint on the validation split, the calibration and how
-    the fit ended; returned as written."""
+    """run.json: the data, the config, the best checkpoint on the validation split, the calibration, the gauges
+    (gauges.json: the GaugeSet that export packages) and how the fit ended; returned as written."""
     ds = prep.ds
+    if gauging.gauges is not None:
+        text = json.dumps(gauging.gauges.to_dict(), indent=2) + "\n"
+        (setup.run / GAUGES).write_text(text, encoding="utf-8")
+    else:
+        (setup.run / GAUGES).unlink(missing_ok=True)  # a re-run into the same directory: no stale bands
     summary = {
         "data": str(ds.root.resolve()),
         "layout": ds.layout,
@@ -585,6 +684,7 @@ def write_run(
         "config": setup.cfg.to_dict(),
         "val": val_metrics(logits, prep.va.labels) | {"n": len(logits)},
         "calibration": cal.to_dict(),
+        "gauges": gauging.summary(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "stopped": fitted.stopped,
         "epochs_run": fitted.epochs_run,
@@ -597,15 +697,25 @@ def write_run(
 
 def _result_line(summary: dict[str, Any], cfg: TrainConfig) -> str:
     cal = summary["calibration"]
-    if cfg.arch == "patch_memory":
-        return (
-            f"threshold {cal['threshold']:.4g} on {cal['n_ng']} NG / {cal['n_ok']} OK ({cal['split']}): "
-            f"recall {cal['recall']:.2f}, false-reject rate {cal['false_reject_rate']:.2f}"
+    gauges = ""
+    if cal["gauges"]:
+        gauges = (
+            f" with the gauges (model alone {cal['model_recall']:.2f} / {cal['model_false_reject_rate']:.2f}; "
+            f"gauges reject {cal['ng_rejected_by_gauges']} NG, {cal['ok_rejected_by_gauges']} OK)"
         )
+    escape = (
+        f"; escape rate ≤ {100 * cal['escape_rate_upper']:.1f} % ({100 * cal['escape_confidence']:.0f} % upper "
+        f"bound: {cal['escapes']} of {cal['n_ng']} NG passed)"
+    )
+    at = (
+        f"threshold {cal['threshold']:.4g} on {cal['n_ng']} NG / {cal['n_ok']} OK ({cal['split']}): "
+        f"recall {cal['recall']:.2f}, false-reject rate {cal['false_reject_rate']:.2f}{gauges}{escape}"
+    )
+    if cfg.arch == "patch_memory":
+        return at
     return (
-        f"stopped: {summary['stopped']}; best epoch {summary['best_epoch']}; val AUROC {summary['val']['val_auroc']:.3f}; "
-        f"threshold {cal['threshold']:.4g} (val recall {cal['recall']:.2f}, "
-        f"false-reject rate {cal['false_reject_rate']:.2f})"
+        f"stopped: {summary['stopped']}; best epoch {summary['best_epoch']}; "
+        f"val AUROC {summary['val']['val_auroc']:.3f}; {at}"
     )
 
 
@@ -659,6 +769,17 @@ def load_run_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module,
     model = model_from_state(ck["model"])
     summary = json.loads((run / RUN).read_text(encoding="utf-8"))
     return model.eval(), cfg, summary
+
+
+def load_run_gauges(run_dir: str | Path) -> GaugeSet | None:
+    """The gauges a run learnt (gauges.json), or None when it learnt none."""
+    p = Path(run_dir) / GAUGES
+    if not p.is_file():
+        return None
+    try:
+        return GaugeSet.from_dict(json.loads(p.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{p}: {exc}") from None
 
 
 def history(run_dir: str | Path) -> list[dict[str, Any]]:

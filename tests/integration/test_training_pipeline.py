@@ -1,5 +1,7 @@
 """train → evaluate → export on synthetic screws through the CLI: a loadable package whose ONNX Runtime
-verdicts equal torch's, a report that renders, and a resumed run identical to an uninterrupted one."""
+verdicts equal torch's, a report that renders, a resumed run identical to an uninterrupted one, and the default
+package as the whole inspection (gauge bands learnt by train, one decision calibrated with them, shipped by
+export, applied by the daemon)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from engine.backend import create_backend, sigmoid  # noqa: E402
 from engine.dataset import discover, subset  # noqa: E402
+from engine.gauges import GaugeSet, load_gauges  # noqa: E402
 from engine.package import ModelPackage, load_package  # noqa: E402
 from engine.preprocess import Preprocessor  # noqa: E402
 from engine.split import Split  # noqa: E402
@@ -138,11 +141,96 @@ def test_patch_memory_train_evaluate_export_through_the_cli(synth: Path, tmp_pat
     assert cal["split"] == "val + train NG + train OK (leave-one-out)"
     assert cal["n_ng"] > 1 and cal["n_ok"] > n_train_ok // 2  # more than the 4-image val split alone
     assert cal["recall"] == 1.0
+    assert summary["gauges"] == {"file": None, "why_not": "no pose crop (pose=False)"}
+    assert cal["gauges"] is False and not (run / "gauges.json").exists()
 
     assert main(["evaluate", str(run), "--data", str(synth)]) == 0
     assert main(["export", str(run), "--out", str(model_dir)]) == 0
     pkg = load_package(model_dir)
     assert pkg.meta.training["config"]["arch"] == "patch_memory" and pkg.meta.heatmap_output == "cam"
+    assert pkg.meta.gauges is None
     assert_onnxruntime_equals_torch(run, pkg, synth)
     assert json.loads((run / "eval-test" / "metrics.json").read_text())["auroc"] is not None
     assert "patch memory: nearest good patch" in (run / "eval-test" / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def screws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Production-size synthetic screws that the pose finds and measures: 30 OK (24 in the training split,
+    enough for quantile bands) and 10 NG, two of each type; the manipulated fronts are 8–15 % short."""
+    root = tmp_path_factory.mktemp("screws")
+    write_dataset(root, 30, 10, seed=21)
+    return root
+
+
+def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
+    screws: Path, tmp_path: Path
+) -> None:
+    """``train`` + ``export`` with their defaults: the package holds the bands learnt from the training OK
+    parts, its threshold was calibrated knowing which NG they reject, its calibration carries the escape
+    rate's upper bound, evaluation and replay show model and gauges apart, and the daemon rejects a fresh
+    too-short screw ``out_of_tolerance``."""
+    run, model_dir = tmp_path / "run", tmp_path / "model"
+    assert main(["train", "--data", str(screws), "--out", str(run), "--no-progress", "--threads", "1"]) == 0
+    summary = json.loads((run / "run.json").read_text())
+    gauges = GaugeSet.from_dict(json.loads((run / "gauges.json").read_text()))
+    assert summary["config"]["gauges"] is True and summary["gauges"]["file"] == "gauges.json"
+    assert [b.name for b in gauges.bands] == ["length_px", "straightness_px"] and gauges.n_ok == 24
+    caught, total = gauges.ng_caught["manipulated_front"]
+    assert caught == total > 0  # the shortened fronts of the calibration set, judged by the bands
+    cal = summary["calibration"]
+    assert cal["gauges"] is True and cal["recall"] == 1.0
+    assert cal["ng_rejected_by_gauges"] == sum(c for c, _ in gauges.ng_caught.values())
+    assert cal["escapes"] == 0 and cal["escape_rate_upper"] == pytest.approx(1 - 0.05 ** (1 / cal["n_ng"]))
+    assert {0.0, 0.05, 0.2} <= {r["budget"] for r in cal["grey_zone_budgets"]}
+
+    assert main(["export", str(run), "--out", str(model_dir)]) == 0
+    pkg = load_package(model_dir)
+    assert pkg.meta.gauges == gauges.to_dict()
+    assert load_gauges(pkg.meta.gauges, pkg.meta.preprocess.pose) == gauges  # as the daemon opens them
+    assert pkg.meta.calibration["escape_rate_upper"] == cal["escape_rate_upper"]
+
+    ev = tmp_path / "ev"
+    assert main(["evaluate", str(model_dir), "--data", str(screws), "--split", "all", "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["gauges"] is True and metrics["by_source"]["per_type"]["manipulated_front"]["gauges"] == 2
+    assert metrics["escapes"] == 0 and len(metrics["grey_zone_budgets"]) == len(cal["grey_zone_budgets"])
+    html = (ev / "report.html").read_text()
+    assert "Model, gauges and the combined verdict" in html and "Grey-zone budget" in html
+
+    fresh = tmp_path / "fresh"
+    write_dataset(fresh, 2, 1, seed=99)  # one NG: a manipulated front no model or band has seen
+    out = tmp_path / "replay"
+    assert (
+        main(["replay", str(fresh), "--model", str(model_dir), "--out", str(out), "--max-latency-ms", "5000"])
+        == 0
+    )
+    report = json.loads((out / "replay.json").read_text())
+    (short,) = [r for r in report["images"] if r["label"] == "NG"]
+    assert (short["verdict"], short["reason"]) == ("REJECT", "out_of_tolerance"), short
+    assert report["summary"]["by_source"]["ng"]["gauges"] == 1 and report["model"]["gauges"] == [
+        "length_px",
+        "straightness_px",
+    ]
+
+
+def test_no_gauges_trains_the_model_alone(screws: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        str(screws),
+        "--out",
+        str(run),
+        "--no-gauges",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["gauges"] == {"file": None, "why_not": "gauges off (--no-gauges)"}
+    cal = summary["calibration"]
+    assert cal["gauges"] is False and cal["ng_rejected_by_gauges"] == 0
+    assert (cal["model_recall"], cal["model_false_reject_rate"]) == (cal["recall"], cal["false_reject_rate"])
+    assert not (run / "gauges.json").exists()

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from engine.gauge_plot import gauge_figure
-from engine.gauges import Band, GaugeSet, Violation, check, load_gauges, pose_mismatch
+from engine.gauges import Band, GaugeSet, Violation, check, load_gauges, outside_any, pose_mismatch
 from engine.pose import Measurements, PoseParams, estimate_pose
 from tools.synth import image_seed, render_screw, write_dataset
-from training.gauge_fit import DEFAULT_BANDS, kfold_cost, kfold_flags, learn_bands
+from training.gauge_fit import DEFAULT_BANDS, fit_gauge_set, kfold_cost, kfold_flags, learn_bands
 
 N_OK, N_SHORT = 40, 10
 
@@ -72,6 +72,25 @@ def test_kfold_judges_each_part_by_bands_learned_without_it() -> None:
     flags = kfold_flags(ok, k=5, seed=3, q=(0.0, 1.0), margin_px=1.0)
     assert flags["length_px"].tolist() == [False] * 29 + [True]
     assert kfold_cost(ok, k=5, seed=3, q=(0.0, 1.0), margin_px=1.0)["length_px"] == pytest.approx(1 / 30)
+
+
+def test_fit_gauge_set_gives_the_bands_their_costs_and_honest_ok_flags() -> None:
+    """What ``inspectd train`` learns: the bands, the k-fold OK flags it calibrates with (the long OK part is
+    flagged only by bands learnt without it), the NG caught per type (by the bands; NG never shape them)."""
+    ok = [_m(900.0 + (i % 7)) for i in range(29)] + [_m(960.0)]
+    ng = {"manipulated_front": [_m(800.0), _m(903.0)], "scratch_head": [_m(903.0, straight=40.0)]}
+    gauges, flags = fit_gauge_set(ok, ng, pose=PoseParams().to_dict(), q=(0.0, 1.0), margin_px=1.0, seed=3)
+    assert gauges.bands == learn_bands(ok, q=(0.0, 1.0), margin_px=1.0)
+    assert flags.tolist() == [False] * 29 + [True]
+    assert gauges.false_reject_estimate == {"length_px": 1 / 30, "straightness_px": 0.0, "any": 1 / 30}
+    assert gauges.ng_caught == {"manipulated_front": [1, 2], "scratch_head": [1, 1]}
+    assert (gauges.n_ok, gauges.kfold, gauges.quantiles) == (30, 5, (0.0, 1.0))
+    assert outside_any(ng["manipulated_front"] + ng["scratch_head"], gauges.bands).tolist() == [
+        True,
+        False,
+        True,
+    ]
+    assert [bool(check(m, gauges)) for m in ok] == outside_any(ok, gauges.bands).tolist()
 
 
 # ----------------------------------------------------------------------------------------- band arithmetic

@@ -98,6 +98,17 @@ def test_config_roundtrip_and_preprocess_params() -> None:
     assert PRESETS["recipe"].preprocess().pose is None
 
 
+def test_gauges_need_the_pose_crop_and_old_runs_had_none() -> None:
+    assert PRESETS["default"].gauged and PRESETS["cnn"].gauged  # the pose-crop presets learn bands
+    assert not PRESETS["recipe"].gauged  # whole frame: nothing measured
+    assert not replace(PRESETS["default"], gauges=False).gauged
+    saved = PRESETS["default"].to_dict()
+    del saved["gauges"]  # a run saved before gauges existed learnt none
+    assert TrainConfig.from_saved(saved).gauges is False
+    with pytest.raises(ValueError, match="gauges"):
+        TrainConfig(gauges="yes")  # type: ignore[arg-type]
+
+
 def test_background_illumination_changes_the_background_and_keeps_the_part() -> None:
     img = np.full((60, 180), 190, np.uint8)
     img[20:40, 30:150] = 60  # the part

@@ -1,4 +1,6 @@
-"""Learn tolerance bands on the pose measurements from OK images and write them into a package's model.json.
+"""Learn tolerance bands on the pose measurements from OK images and write them into a package's model.json:
+calibrating a package's gauges again (``inspectd train`` already learns them from the training split's OK parts
+for every pose-crop model, and ``inspectd export`` packages them), e.g. on more good parts or a new lot.
 
 Every image is measured with engine.pose (the package's preprocess.pose parameters if it has them, else the
 defaults). Bands come from the OK images; the table shows, for every gaugeable measurement, the OK false-reject
@@ -20,9 +22,15 @@ import numpy as np
 from engine.gauge_plot import gauge_figure
 from engine.gauges import DEFAULT_MARGIN_PX, DEFAULT_QUANTILES, MEASUREMENTS, GaugeSet, outside
 from engine.pose import Measurements, PoseError, PoseParams, estimate_pose
-from training.gauge_fit import DEFAULT_BANDS, DEFAULT_ONE_SIDED, created_now, kfold_flags, learn_bands
-
-MIN_OK = 20  # below this the 0.5 %/99.5 % quantiles are just the extreme parts, and k-fold folds hold ~4
+from training.gauge_fit import (
+    DEFAULT_BANDS,
+    DEFAULT_K,
+    DEFAULT_ONE_SIDED,
+    MIN_OK,
+    fit_gauge_set,
+    kfold_flags,
+    learn_bands,
+)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -80,7 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=dict(DEFAULT_ONE_SIDED),
         help="bands limited on one side only, NAME:low|high,… (default straightness_px:high; '' = none)",
     )
-    parser.add_argument("--k", type=int, default=5, help="folds of the OK false-reject estimate (default 5)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=DEFAULT_K,
+        help=f"folds of the OK false-reject estimate (default {DEFAULT_K})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="fold assignment seed (default 0)")
     parser.add_argument("--figure", type=Path, help="also write the OK-vs-NG histograms with the bands (PNG)")
     parser.add_argument("--dry-run", action="store_true", help="measure and report, leave model.json alone")
@@ -148,23 +161,12 @@ def report(
         hi = "–" if b.high is None else f"{b.high:.2f}"
         row = f"{'*' if n in chosen else ' '} {n:18s} {lo:>9s} {hi:>9s}  {_frac(int(flags[n].sum()), len(ok)):24s}"
         lines.append(row + "".join(f"  {_frac(int(c.sum()), len(c)):>17s}" for c in caught[n].values()))
-    any_ok = np.logical_or.reduce([flags[n] for n in chosen])
-    any_ng = {t: np.logical_or.reduce([caught[n][t] for n in chosen]) for t in ng}
-    row = f"  {'any chosen band':18s} {'':9s} {'':9s}  {_frac(int(any_ok.sum()), len(ok)):24s}"
-    lines.append(row + "".join(f"  {_frac(int(c.sum()), len(c)):>17s}" for c in any_ng.values()))
-    lines.append("  (* = written to model.json; NG caught by bands learned from all OK parts)")
-    fr = {n: float(flags[n].mean()) for n in chosen} | {"any": float(any_ok.mean())}
-    gauges = GaugeSet(
-        bands=tuple(bands[n] for n in chosen),
-        pose=pose.to_dict(),
-        margin_px=margin,
-        quantiles=q,
-        n_ok=len(ok),
-        kfold=k,
-        false_reject_estimate=fr,
-        ng_caught={t: [int(c.sum()), len(c)] for t, c in any_ng.items()},
-        created=created_now(),
+    gauges, any_ok = fit_gauge_set(
+        ok, ng, pose=pose.to_dict(), names=chosen, q=q, margin_px=margin, one_sided=one_sided, k=k, seed=seed
     )
+    row = f"  {'any chosen band':18s} {'':9s} {'':9s}  {_frac(int(any_ok.sum()), len(ok)):24s}"
+    lines.append(row + "".join(f"  {_frac(*gauges.ng_caught[t]):>17s}" for t in ng))
+    lines.append("  (* = written to model.json; NG caught by bands learned from all OK parts)")
     return gauges, lines
 
 

@@ -38,9 +38,21 @@ def run(args: argparse.Namespace) -> int:
         f"(95% CI {ci[0]:.2f}–{ci[1]:.2f}); at threshold {m['threshold']:.4g}: NG recall {m['recall']:.3f}, "
         f"false-reject rate {m['false_reject_rate']:.3f}, accuracy {m['accuracy']:.3f}"
     )
+    src = m["by_source"]
+    if m["gauges"]:
+        print(
+            f"  the verdict is model or gauges: the model alone recall {m['model_only']['recall']:.3f}, "
+            f"false-reject rate {m['model_only']['false_reject_rate']:.3f}; the gauges reject "
+            f"{src['ng']['gauges']} NG ({src['ng']['gauges_only']} the model passed) and {src['ok']['gauges']} OK"
+        )
+    print(
+        f"  escape rate {m['escapes']}/{m['n_ng']}, ≤ {100 * m['escape_rate_upper']:.1f} % "
+        f"({100 * m['escape_confidence']:.0f} % upper bound)"
+    )
     for kind, v in m["per_type"].items():
         if kind != "OK":
-            print(f"  {kind:<20} n={v['n']:<3} recall {v['recall']:.2f}")
+            gauged = f" (gauges {src['per_type'][kind]['gauges']})" if m["gauges"] else ""
+            print(f"  {kind:<20} n={v['n']:<3} recall {v['recall']:.2f}{gauged}")
     if m["failed"]:
         print(f"  {len(m['failed'])} image(s) failed preprocessing (scored REJECT): {m['failed_by_reason']}")
     print(f"report: {out / 'report.html'}")

@@ -1,4 +1,4 @@
-"""Export a training run as a verified model package: model.onnx (one file) + model.json."""
+"""Export a training run as a verified model package: model.onnx (one file) + model.json, with the run's gauges."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine.dataset import DataError
+    from engine.gauges import Band
     from training.export import ExportError
     from training.package import export_run
 
@@ -34,4 +35,6 @@ def run(args: argparse.Namespace) -> int:
         f"threshold {meta.decision.threshold:.4g}"
         + (f", grey zone {meta.decision.grey_zone}" if meta.decision.grey_zone else "")
     )
+    bands = [Band.from_dict(b) for b in (meta.gauges or {}).get("bands", [])]
+    print("gauges: " + (", ".join(f"{b.name} {b.describe()}" for b in bands) or "none (the model alone)"))
     return 0

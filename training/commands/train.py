@@ -1,5 +1,6 @@
 """Train the screw model on a folder of labelled images into a run directory: by default the patch memory on the
-pose crop (fitted in about 30 s), or a ResNet18 (1 channel) with `--preset cnn` or `recipe`."""
+pose crop (fitted in about 30 s) with the length/straightness gauges learnt from the same OK parts, or a ResNet18
+(1 channel) with `--preset cnn` or `recipe`."""
 
 from __future__ import annotations
 
@@ -60,10 +61,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int)
     parser.add_argument("--split-file", type=Path, help="reuse this split.json instead of making a split")
     parser.add_argument(
-        "--target-recall", type=float, help="NG recall the calibrated threshold keeps on val (default 1.0)"
+        "--target-recall",
+        type=float,
+        help="NG recall that model and gauges together keep on the calibration images (default 1.0)",
     )
     parser.add_argument(
-        "--grey-zone-frr", type=float, help="add a grey zone whose upper edge has this val false-reject rate"
+        "--grey-zone-frr",
+        type=float,
+        help="re-inspection budget: add a grey zone whose upper edge scraps at most this share of the "
+        "calibration OK parts automatically (the rest of the model's rejects go to a person)",
+    )
+    parser.add_argument(
+        "--gauges",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with the pose crop: learn length/straightness tolerance bands from the training OK parts and "
+        "calibrate the threshold with them (default on; --no-gauges: the model alone)",
     )
     parser.add_argument(
         "--max-minutes", type=float, help="wall-clock budget; stops after the epoch that would exceed it"
@@ -97,6 +110,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         "fold": args.fold,
         "target_recall": args.target_recall,
         "grey_zone_frr": args.grey_zone_frr,
+        "gauges": args.gauges,
         "max_minutes": args.max_minutes,
         "threads": args.threads,
     }
@@ -131,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
                     "rotate",
                     "target_recall",
                     "grey_zone_frr",
+                    "gauges",
                     "config",
                 )
             }

@@ -1,0 +1,357 @@
+"""Repeated stratified k-fold of model variants: what each setting buys, measured where no choice was made.
+
+Usage::
+
+    python -m training.variants --data ../shared/data/screws-300 --variant default top8 --repeats 3
+
+For every repeat (the split seed) and fold (``engine.split.make_kfold``), the variant's model is fitted on the
+OK images of the other folds (train + val parts), its threshold is calibrated as ``inspectd train`` does it (on
+the fit side's NG and its OK images scored leave-one-out; gauges learned from the fit side's OK parts), and the
+held-out fold is scored once. Every image is thus scored ``repeats`` times, each time by a model that never saw
+it. The summary gives, pooled over all held-out scores:
+
+- AUROC per fold (mean, sd, min) and pooled;
+- the false-reject rate at NG recall 1.0 of the pooled scores, by the model alone and with the gauges (NG the
+  gauges reject need not be caught by the model; OK parts the gauges reject are false rejects);
+- the same at each fold's own calibrated threshold (what the procedure train → calibrate → deploy delivers);
+- per defect type: AUROC against the OK parts and recall at the calibrated thresholds.
+
+Pooled logits mix the folds' models; each model's logit scale is set by its own good parts (leave-one-out), so
+pooling is meaningful, and the per-fold AUROC is reported beside it. Only the patch memory is supported (the
+ResNet18 presets take minutes per fold; ``inspectd train --folds`` covers them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.dataset import Dataset, discover
+from engine.gauges import outside
+from engine.pose import Measurements, PoseParams, estimate_pose
+from engine.preprocess import Preprocessor, load_gray
+from engine.split import make_kfold
+from training.calibrate import calibrate
+from training.config import PRESETS, TrainConfig
+from training.gauge_fit import kfold_flags, learn_bands
+from training.images import load_images, normalised
+from training.metrics import auroc
+
+# name → TrainConfig overrides of the default preset (every row of docs/training.md's variant table).
+# A variant with a "fuse" list averages the logits of several members (each a set of overrides), each member's
+# logit already standardised on its own good parts' leave-one-out scores.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "top8": {"patch_top_k": 8},
+    "top16": {"patch_top_k": 16},
+    "dims64": {"patch_dims": 64},
+    "window13": {"patch_window": [1, 3]},
+    "res75": {"input_size": [240, 750]},
+    "res75_top8": {"input_size": [240, 750], "patch_top_k": 8},
+    "res100": {"input_size": [320, 1000]},
+    "p12s6": {"patch_size": 12, "patch_stride": 6},
+    "p24s8": {"patch_size": 24, "patch_stride": 8},
+    "residual": {"patch_residual": True},
+    "residual_dims16": {"patch_residual": True, "patch_dims": 16},
+    "sdpool3": {"patch_sd_pool": 3},
+    "sdpool3_residual": {"patch_sd_pool": 3, "patch_residual": True},
+    "phases4": {"patch_axial_phases": 4},
+    "head_anchor": {"pose_params": {"anchor": "head"}},
+    "head_anchor_residual": {"pose_params": {"anchor": "head"}, "patch_residual": True},
+    "band100": {"input_size": [320, 1000], "roi": [50, 270, 440, 1000]},
+    "fuse_band100": {
+        "fuse": [
+            {"patch_sd_pool": 3, "patch_residual": True},
+            {
+                "input_size": [320, 1000],
+                "roi": [50, 270, 440, 1000],
+                "patch_sd_pool": 3,
+                "patch_residual": True,
+            },
+        ]
+    },
+    "fuse_50_75": {"fuse": [{}, {"input_size": [240, 750]}]},
+    "fuse_50_100": {"fuse": [{}, {"input_size": [320, 1000]}]},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One fold of one repeat: held-out logits, the fold's calibrated threshold (logit), gauge flags."""
+
+    test: np.ndarray  # indices into the dataset
+    logits: np.ndarray
+    threshold_logit: float
+    gauge_reject: np.ndarray  # held-out parts outside the fold's bands
+    fit_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FoldScores:
+    """One model's logits on a fold: the held-out parts, the fit side's NG and its OK parts (leave-one-out)."""
+
+    test: np.ndarray
+    ng: np.ndarray
+    loo: np.ndarray
+    fit_s: float
+
+
+def measure_all(ds: Dataset, params: PoseParams) -> list[Measurements | None]:
+    out: list[Measurements | None] = []
+    for s in ds.samples:
+        try:
+            out.append(estimate_pose(load_gray(str(ds.abspath(s))), params).measurements)
+        except ValueError:
+            out.append(None)
+    return out
+
+
+def fit_fold(
+    cfg: TrainConfig,
+    x: np.ndarray,
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    fit_idx: np.ndarray,
+    test_idx: np.ndarray,
+) -> FoldScores:
+    import torch
+
+    from training.patch_memory import fit
+
+    ok = fit_idx[labels[fit_idx] == 0]
+    ng = fit_idx[labels[fit_idx] == 1]
+    t0 = time.monotonic()
+    model, loo = fit(x[ok], pixels[ok], cfg.patch_settings(), seed=cfg.seed, log=lambda _: None)
+    fit_s = time.monotonic() - t0
+
+    def score(idx: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return np.concatenate(
+                [model(torch.from_numpy(x[idx[i : i + 8]]))[:, 0].numpy() for i in range(0, len(idx), 8)]
+            ).astype(np.float64)
+
+    return FoldScores(score(test_idx), score(ng), loo.astype(np.float64), fit_s)
+
+
+def gauge_flags(
+    meas: Sequence[Measurements | None], labels: np.ndarray, fit_idx: np.ndarray, test_idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out parts outside the bands learned from the fit side's OK parts, and the calibration parts'
+    flags (fit-side NG: the bands; fit-side OK: k-fold, each judged by bands learned without it)."""
+    ok = fit_idx[labels[fit_idx] == 0]
+    ng = fit_idx[labels[fit_idx] == 1]
+    good = [meas[i] for i in ok]
+    if any(m is None for m in good):
+        raise ValueError("a fit-side OK part has no pose")
+    bands = learn_bands([m for m in good if m is not None])
+
+    def out_of(idx: np.ndarray) -> np.ndarray:
+        return np.array(
+            [meas[i] is None or any(bool(outside([meas[i]], b)[0]) for b in bands) for i in idx], bool
+        )
+
+    flags = kfold_flags([m for m in good if m is not None])
+    return out_of(test_idx), np.concatenate([out_of(ng), np.logical_or.reduce(list(flags.values()))])
+
+
+def _calibrate_knows_gauges() -> bool:
+    import inspect
+
+    return "gauge_reject" in inspect.signature(calibrate).parameters
+
+
+def frr_at_full_recall(z: np.ndarray, y: np.ndarray, caught: np.ndarray | None = None) -> float:
+    """Share of OK parts rejected when the threshold catches every NG not already ``caught`` (by gauges);
+    OK parts ``caught`` count as rejected."""
+    caught = np.zeros(len(z), bool) if caught is None else caught
+    need = z[(y == 1) & ~caught]
+    thr = float(need.min()) if need.size else np.inf
+    rejected = (z >= thr) | caught
+    return float(rejected[y == 0].mean())
+
+
+def summarise(scored: list[Scored], ds: Dataset, repeats: int) -> dict[str, Any]:
+    labels = np.array([s.label for s in ds.samples])
+    groups = np.array([s.group for s in ds.samples])
+    idx = np.concatenate([s.test for s in scored])
+    z = np.concatenate([s.logits for s in scored])
+    g = np.concatenate([s.gauge_reject for s in scored])
+    thr = np.concatenate([np.full(len(s.test), s.threshold_logit) for s in scored])
+    y = labels[idx]
+    per_fold = [auroc(s.logits, labels[s.test]) for s in scored]
+    reject_model = z >= thr
+    reject = reject_model | g
+    out: dict[str, Any] = {
+        "folds": len(scored),
+        "repeats": repeats,
+        "scored": len(z),
+        "auroc_mean": float(np.mean(per_fold)),
+        "auroc_sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
+        "auroc_min": float(np.min(per_fold)),
+        "auroc_pooled": auroc(z, y),
+        "frr_at_recall1_model": frr_at_full_recall(z, y),
+        "frr_at_recall1_with_gauges": frr_at_full_recall(z, y, g),
+        "calibrated_recall": float(reject[y == 1].mean()),
+        "calibrated_frr": float(reject[y == 0].mean()),
+        "calibrated_frr_model_only": float(reject_model[y == 0].mean()),
+        "calibrated_misses": sorted({str(ds.samples[i].path) for i in idx[(y == 1) & ~reject]}),
+        "fit_s_mean": float(np.mean([s.fit_s for s in scored])),
+        "per_type": {},
+    }
+    for t in sorted(set(groups[labels == 1])):
+        sel = groups[idx] == t
+        both = sel | (y == 0)
+        out["per_type"][t] = {
+            "auroc": auroc(z[both], y[both]),
+            "recall_calibrated": float(reject[sel].mean()),
+            "gauges_caught": float(g[sel].mean()),
+        }
+    # The weakest NG against the good parts: how many OK scores lie above each of the 5 lowest NG.
+    ok_z = np.sort(z[y == 0])
+    ng_order = np.argsort(z[y == 1])[:5]
+    out["weakest_ng"] = [
+        {
+            "path": str(ds.samples[int(idx[y == 1][i])].path),
+            "ok_above": int(len(ok_z) - np.searchsorted(ok_z, z[y == 1][i], side="right")),
+            "gauges": bool(g[y == 1][i]),
+        }
+        for i in ng_order
+    ]
+    return out
+
+
+def run_variant(
+    name: str,
+    spec: dict[str, Any],
+    base: TrainConfig,
+    ds: Dataset,
+    meas: Sequence[Measurements | None],
+    *,
+    folds: int,
+    repeats: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    specs = spec.get("fuse", [spec])
+    members = [TrainConfig.from_dict({k: v for k, v in m.items() if k != "roi"}, base) for m in specs]
+    data = []
+    for cfg, m in zip(members, specs, strict=True):
+        pre = Preprocessor(cfg.preprocess())
+        imgs = load_images(ds, ds.samples, pre)
+        if imgs.failed:
+            raise ValueError(f"{len(imgs.failed)} image(s) failed preprocessing: {list(imgs.failed)[:5]}")
+        t, b, left, right = m.get("roi", (0, imgs.pixels.shape[1], 0, imgs.pixels.shape[2]))
+        px = np.ascontiguousarray(imgs.pixels[:, t:b, left:right])
+        data.append((normalised(pre, px), px))
+    labels = np.array([s.label for s in ds.samples])
+    pos = {s.path: i for i, s in enumerate(ds.samples)}
+    scored: list[Scored] = []
+    t0 = time.monotonic()
+    for r in range(repeats):
+        for f in range(folds):
+            sp = make_kfold(ds.samples, folds=folds, fold=f, seed=r)
+            fit_idx = np.array([pos[p] for p in sp.train + sp.val])
+            test_idx = np.array([pos[p] for p in sp.test])
+            parts = [
+                fit_fold(c, x, px, labels, fit_idx, test_idx)
+                for c, (x, px) in zip(members, data, strict=True)
+            ]
+            z_test = np.mean([p.test for p in parts], 0)
+            z_cal = np.mean([np.concatenate([p.ng, p.loo]) for p in parts], 0)
+            g_test, g_cal = gauge_flags(meas, labels, fit_idx, test_idx)
+            n_ng = len(parts[0].ng)
+            y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])
+            kw: dict[str, Any] = {"gauge_reject": g_cal} if _calibrate_knows_gauges() else {}
+            cal = calibrate(z_cal, y_cal, target_recall=1.0, **kw)
+            fit_s = sum(p.fit_s for p in parts)
+            scored.append(Scored(test_idx, z_test, cal.threshold_logit, g_test, fit_s))
+            log(f"  {name}: repeat {r} fold {f}: AUROC {auroc(z_test, labels[test_idx]):.3f} ({fit_s:.0f} s)")
+    summary = summarise(scored, ds, repeats)
+    summary["variant"] = name
+    summary["config"] = spec
+    summary["seconds"] = round(time.monotonic() - t0, 1)
+    return summary
+
+
+def line(s: dict[str, Any]) -> str:
+    types = " ".join(f"{t[:11]} {v['auroc']:.3f}" for t, v in s["per_type"].items())
+    return (
+        f"{s['variant']:24s} AUROC {s['auroc_mean']:.3f}±{s['auroc_sd']:.3f} (min {s['auroc_min']:.3f}) "
+        f"pooled {s['auroc_pooled']:.4f} | FRR@R1 model {s['frr_at_recall1_model']:.3f} "
+        f"+gauges {s['frr_at_recall1_with_gauges']:.3f} | calibrated recall {s['calibrated_recall']:.3f} "
+        f"FRR {s['calibrated_frr']:.3f} | {types} | fit {s['fit_s_mean']:.0f} s"
+    )
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """docs/training.md's variant table: one markdown row per summary (the last one of each variant name)."""
+    last = {r["variant"]: r for r in rows}
+    types = sorted({t for r in last.values() for t in r["per_type"]})
+    head = (
+        "| variant | folds × repeats | AUROC per fold (mean ± sd, min) | pooled AUROC | FRR @ recall 1.0: model "
+        "| + gauges | at calibrated thresholds: recall / FRR | "
+        + " | ".join(t.replace("_", " ") for t in types)
+        + " | fit s |"
+    )
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in last.values():
+        out.append(
+            f"| `{r['variant']}` | {r['folds'] // r['repeats']} × {r['repeats']} "
+            f"| {r['auroc_mean']:.3f} ± {r['auroc_sd']:.3f}, {r['auroc_min']:.3f} | {r['auroc_pooled']:.3f} "
+            f"| {r['frr_at_recall1_model']:.3f} | {r['frr_at_recall1_with_gauges']:.3f} "
+            f"| {r['calibrated_recall']:.3f} / {r['calibrated_frr']:.3f} | "
+            + " | ".join(f"{r['per_type'][t]['auroc']:.3f}" for t in types)
+            + f" | {r['fit_s_mean']:.0f} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.variants", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path)
+    ap.add_argument("--table", type=Path, help="print the markdown table of a --out file and exit")
+    ap.add_argument("--variant", nargs="+", default=["default"], help=f"any of {list(VARIANTS)}")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--out", type=Path, help="append each variant's summary (JSON lines) here")
+    args = ap.parse_args(argv)
+    if args.table:
+        lines = args.table.read_text(encoding="utf-8").splitlines()
+        print(table([json.loads(x) for x in lines if x.strip()]))
+        return 0
+    if args.data is None:
+        ap.error("--data is required (or --table FILE)")
+    unknown = [v for v in args.variant if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    ds = discover(args.data)
+    base = PRESETS["default"]
+    meas = measure_all(ds, PoseParams.from_dict(dict(base.pose_params)))
+    for name in args.variant:
+        s = run_variant(
+            name,
+            VARIANTS[name],
+            base,
+            ds,
+            meas,
+            folds=args.folds,
+            repeats=args.repeats,
+            log=lambda m: print(m, flush=True),
+        )
+        print(line(s), flush=True)
+        print("  weakest NG:", s["weakest_ng"], "misses:", s["calibrated_misses"], flush=True)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(s) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
