@@ -82,6 +82,10 @@ def model_from_state(state: dict[str, Any]) -> torch.nn.Module:
         from engine.patch_model import PatchMemory
 
         return PatchMemory.from_state(state).eval()
+    if isinstance(state, dict) and any(k.startswith("members.") and k.endswith(".bank") for k in state):
+        from engine.patch_model import PatchEnsemble
+
+        return PatchEnsemble.from_state(state).eval()
     model = build_model(None)
     model.load_state_dict(state)
     return model

@@ -35,6 +35,24 @@ ARCH = "patch_memory"
 FAR = 1.0e4  # a distance for "no neighbour here" (the shifted window left the grid); z-scores stay finite
 
 
+def crop_view(x: torch.Tensor, view: tuple[int, int, int, int, int] | None) -> torch.Tensor:
+    """(B, C, H, W) → rows top:bottom, columns left:right of ``view``, averaged over pool × pool blocks."""
+    if view is None:
+        return x
+    top, bottom, left, right, pool = view
+    x = x[:, :, top:bottom, left:right]
+    return F.avg_pool2d(x, pool) if pool > 1 else x
+
+
+def _view_of(v: Any) -> tuple[int, int, int, int, int] | None:
+    if v is None:
+        return None
+    t = tuple(int(i) for i in (v.tolist() if hasattr(v, "tolist") else v))
+    if len(t) != 5:
+        raise ValueError(f"a patch memory's view has 5 entries (top, bottom, left, right, pool), got {t}")
+    return None if not any(t) else (t[0], t[1], t[2], t[3], t[4])
+
+
 class PatchMemory(nn.Module):
     kernel: torch.Tensor
     bank: torch.Tensor
@@ -49,6 +67,7 @@ class PatchMemory(nn.Module):
     scale: torch.Tensor
     top_k: torch.Tensor
     residual: torch.Tensor
+    view: torch.Tensor
 
     def __init__(
         self,
@@ -63,6 +82,7 @@ class PatchMemory(nn.Module):
         scale: float = 1.0,
         top_k: int = 1,
         residual: bool = False,
+        view: tuple[int, int, int, int, int] | None = None,
     ) -> None:
         super().__init__()
         gh, gw = mask.shape
@@ -89,6 +109,12 @@ class PatchMemory(nn.Module):
             raise ValueError(f"top_k {top_k} must be between 1 and the {int(mask.sum().item())} scored cells")
         self.register_buffer("top_k", torch.tensor(int(top_k), dtype=torch.int64))
         self.register_buffer("residual", torch.tensor(bool(residual)))
+        # (top, bottom, left, right, pool): the memory sees input rows top:bottom, columns left:right, averaged
+        # over pool × pool blocks; all zero = the whole input as it comes.
+        if view is not None and (view[4] < 1 or not 0 <= view[0] < view[1] or not 0 <= view[2] < view[3]):
+            raise ValueError(f"view (top, bottom, left, right, pool) must be a non-empty region, got {view}")
+        self.register_buffer("view", torch.tensor(view or (0, 0, 0, 0, 0), dtype=torch.int64))
+        self._view = tuple(int(v) for v in view) if view is not None else None
         self._residual = bool(residual)
         self._top_k = int(top_k)
         self._grid = (int(gh), int(gw))
@@ -116,6 +142,7 @@ class PatchMemory(nn.Module):
             float(state["scale"]),
             int(state["top_k"]),
             bool(state["residual"]) if "residual" in state else False,
+            _view_of(state.get("view")),
         )
 
     @property
@@ -124,7 +151,7 @@ class PatchMemory(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) normalised crops → (B, K, gh, gw) patch codes."""
-        x = x.to(self.kernel.dtype)
+        x = self.crop(x.to(self.kernel.dtype))
         f = F.conv2d(x, self.kernel, stride=self._stride)
         if self._residual:
             f = torch.cat([f, self.residual_norm(x, f)], 1)
@@ -134,6 +161,10 @@ class PatchMemory(nn.Module):
                 f"input {tuple(x.shape[2:])} gives a {tuple(f.shape[2:])} grid; fitted for {self._grid}"
             )
         return f
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of the (B, 1, H, W) input this memory looks at (its ``view``)."""
+        return crop_view(x, self._view)
 
     def residual_norm(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """(B, 1, gh, gw): the norm of each mean-free patch outside the kept components.
@@ -149,7 +180,9 @@ class PatchMemory(nn.Module):
         energy = s2 - s1 * s1 / float(p * p) - (codes * codes).sum(1, keepdim=True)
         return torch.sqrt(torch.clamp(energy, min=0.0))
 
-    def distances(self, feats: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    def distances(
+        self, feats: torch.Tensor, exclude: torch.Tensor | None = None, origin: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, K, gh, gw) codes → (B, gh, gw) squared distance to the nearest bank patch within the offsets.
 
         All offsets go into one batched product, so the bank is read from memory once per batch, not once per
@@ -169,7 +202,12 @@ class PatchMemory(nn.Module):
         # min. Two passes over the (L, n_off·B, N) product (MatMul, Add) instead of four, and half the peak
         # memory: that tensor is ~31 MB per image (ONNX Runtime's arena held ~200 MB per image in a batch).
         d = torch.bmm(qf, self.bank_m2) + self.bank_sq  # (L, n_off·B, N)
-        if exclude is not None:
+        if exclude is not None and origin is not None:
+            # A thinned bank keeps different images' patches at each cell: ``origin`` (L, N) names the good
+            # image of each kept column, ``exclude`` (B,) each query's own image.
+            ids = exclude.reshape(b).repeat(n_off)  # (n_off·B,), in qf's row order
+            d = d.masked_fill(origin[:, None, :] == ids[None, :, None], FAR)
+        elif exclude is not None:
             cols = exclude.reshape(b, -1).repeat(n_off, 1)  # (n_off·B, m), in qf's row order
             rows = torch.arange(n_off * b).unsqueeze(1).expand_as(cols)
             d[:, rows, cols] = FAR
@@ -204,3 +242,65 @@ class PatchMemory(nn.Module):
         """(B,) logits and the (B, gh, gw) map of z-scores above 0 on the part: where it looks unlike any good screw."""
         z = self.zmap(x)
         return self.score_of(z).to(x.dtype), (torch.clamp(z, min=0.0) * self.mask).to(x.dtype)
+
+
+class PatchEnsemble(nn.Module):
+    """Several patch memories on one input, each looking at its own ``view`` (e.g. the whole crop at half
+    resolution and the thread band at full resolution); the logit is the mean of theirs.
+
+    Each member's logit is already standardised on its own good parts (leave-one-out), so the mean weighs
+    them alike. The heat map is every member's z-map put back where it looked, on one grid of ``cell``-pixel
+    cells over the input (⌈H/cell⌉ × ⌈W/cell⌉), the largest where they overlap.
+    """
+
+    def __init__(self, members: list[PatchMemory], input_size: tuple[int, int], cell: int = 8) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one patch memory")
+        self.members = nn.ModuleList(members)
+        self._members = list(members)
+        self.register_buffer("input_size", torch.tensor(input_size, dtype=torch.int64))
+        self.register_buffer("cell", torch.tensor(int(cell), dtype=torch.int64))
+        self._input = (int(input_size[0]), int(input_size[1]))
+        self._cell = int(cell)
+        for i, m in enumerate(members):
+            _, b, _, r, _ = m._view or (0, input_size[0], 0, input_size[1], 1)
+            if b > input_size[0] or r > input_size[1]:
+                raise ValueError(f"member {i}'s view {m._view} must lie inside the {input_size} input")
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PatchEnsemble:
+        n = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("members."))
+        members = [
+            PatchMemory.from_state(
+                {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"members.{i}.")}
+            )
+            for i in range(n)
+        ]
+        size = state["input_size"].tolist()
+        return cls(members, (int(size[0]), int(size[1])), int(state["cell"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) → (B, 1) NG logits."""
+        logits = [m(x) for m in self._members]
+        return torch.stack(logits, 0).mean(0)
+
+    def with_heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = self._input
+        c = self._cell
+        logits, maps = [], []
+        for m in self._members:
+            logit, heat = m.with_heatmap(x)
+            logits.append(logit)
+            # Each member cell back onto the input pixels it steps over (stride × pool of them, from the
+            # view's corner), then the largest per ``cell``-pixel cell: a finer member's peak is never dropped.
+            t, _, left, _, pool = m._view or (0, h, 0, w, 1)
+            step = m._stride * pool
+            gh, gw = m.input_grid
+            pixels = F.interpolate(heat[:, None], scale_factor=float(step), mode="nearest")
+            maps.append(F.pad(pixels, (left, w - left - gw * step, t, h - t - gh * step)))
+        heat_all = maps[0]
+        for more in maps[1:]:
+            heat_all = torch.maximum(heat_all, more)
+        cells = F.max_pool2d(heat_all, c, stride=c, ceil_mode=True)[:, 0]
+        return torch.stack(logits, 0).mean(0), cells

@@ -68,8 +68,13 @@ class TrainConfig:
     patch_mask_share: float = 0.6  # score only cells covered by more than this share of the good parts
     patch_top_k: int = 4  # score = mean of this many largest cell z-scores
     patch_axial_phases: int = 2  # memory copies moved along the axis by 1/phases of a stride (thread phase)
+    patch_spread_quantile: float = 0.0  # > 0: each cell's good spread from this upper quantile, not the sd
     patch_sd_pool: int = 1  # a cell's good spread is at least its neighbours' within this odd window
     patch_residual: bool = False  # add each patch's norm outside the kept components as a feature
+    # Several memories fused into one (engine.patch_model.PatchEnsemble): each entry overrides the settings
+    # above for one member (training.patch_memory.PatchSettings names: view, patch, stride, dims, …);
+    # () = one memory with the settings above.
+    patch_members: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         checks = {
@@ -93,6 +98,9 @@ class TrainConfig:
             "grey_zone_frr": self.grey_zone_frr is None or 0 <= self.grey_zone_frr < 1,
             "gauges": isinstance(self.gauges, bool),
             "folds": self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
+            "patch_members": all(
+                isinstance(m, dict) and _view_fits(m.get("view"), self.input_size) for m in self.patch_members
+            ),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -118,6 +126,21 @@ class TrainConfig:
             pose=pose,
         )
 
+    def patch_members_settings(self) -> list[Any]:
+        """One training.patch_memory.PatchSettings per member (``patch_members``; one when it is empty)."""
+        from training.patch_memory import PatchSettings
+
+        base = self.patch_settings()
+        known = {f.name for f in fields(PatchSettings)}
+        out = []
+        for i, member in enumerate(self.patch_members or ({},)):
+            unknown = sorted(set(member) - known)
+            if unknown:
+                raise ValueError(f"patch_members[{i}]: unknown setting(s) {unknown}; known: {sorted(known)}")
+            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in member.items()}
+            out.append(replace(base, **kw))
+        return out
+
     def patch_settings(self) -> Any:
         """training.patch_memory.PatchSettings from the ``patch_*`` options."""
         from training.patch_memory import PatchSettings
@@ -132,6 +155,7 @@ class TrainConfig:
             axial_phases=self.patch_axial_phases,
             residual=self.patch_residual,
             sd_pool=self.patch_sd_pool,
+            spread_quantile=self.patch_spread_quantile,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,9 +188,21 @@ class TrainConfig:
                 kw[k] = (int(v[0]), int(v[1])) if isinstance(v, list | tuple) else (int(v), int(v))
             elif k == "split":
                 kw[k] = (float(v[0]), float(v[1]), float(v[2]))
+            elif k == "patch_members":
+                kw[k] = tuple(dict(m) for m in v)
             else:
                 kw[k] = v
         return replace(base, **kw)
+
+
+def _view_fits(view: Any, size: tuple[int, int]) -> bool:
+    """A member's ``view`` (top, bottom, left, right, pool) is absent or a region inside the input."""
+    if view is None:
+        return True
+    if not isinstance(view, list | tuple) or len(view) != 5 or not all(isinstance(v, int) for v in view):
+        return False
+    top, bottom, left, right, pool = view
+    return 0 <= top < bottom <= size[0] and 0 <= left < right <= size[1] and pool >= 1
 
 
 # The assignment's recipe as written (trained from scratch): whole frame, 256², ±10° rotation, flips.

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.patch_model import PatchMemory
+from engine.patch_model import PatchEnsemble, PatchMemory, crop_view
 from training.augment import part_alpha
 
 CHUNK = 16  # images per distance batch: (L, CHUNK, N) floats stay a few hundred MB
@@ -33,16 +34,58 @@ class PatchSettings:
     mask_share: float = 0.6  # a cell is scored when more than this share of the good parts cover it (0 = any)
     top_k: int = 4  # the score is the mean of this many largest cell z-scores (1 = the largest)
     axial_phases: int = 2  # the memory also holds each good crop moved along the axis by k/phases of a stride
+    spread_quantile: float = 0.0  # > 0: the per-cell spread from this upper quantile of good distances
     sd_pool: int = 1  # a cell's spread is at least its neighbours' within this window (odd; 1 = its own)
     residual: bool = False  # one more feature: the patch's norm outside the kept components (fine detail)
+    # (top, bottom, left, right, pool): the input region this memory sees and its block averaging (pool 2 =
+    # half resolution); None = the whole input as it comes.
+    view: tuple[int, int, int, int, int] | None = None
+    # > 0: keep this many stored patches per grid cell, chosen by greedy k-centre (PatchCore's coreset) from
+    # the good images' patches and their moved copies; inference cost falls in proportion. 0 = keep all.
+    bank_size: int = 0
 
 
 def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
     """Grid cells where the part lies: a patch there overlaps the silhouette of more than ``mask_share`` of
     the good screws. Dust on the background plate far from any screw then cannot reject a part."""
     sil = torch.from_numpy(np.stack([part_alpha(img) > 0.5 for img in pixels_ok]).astype(np.float32))
+    sil = crop_view(sil[:, None], s.view)[:, 0]  # the silhouette share over the same view as the patches
     share = F.max_pool2d(sil[:, None], s.patch, stride=s.stride)[:, 0].mean(0)
     return (share > s.mask_share).float()
+
+
+def _coreset(bank: torch.Tensor, m: int) -> torch.Tensor:
+    """(L, m) column indices per cell: greedy k-centre over each cell's (K, N) stored codes, starting from the
+    code nearest the cell's mean; each next pick is the code farthest from those picked (PatchCore's coreset,
+    per location). The kept codes cover the good variation with far fewer columns."""
+    cells = bank.shape[0]
+    b = bank.permute(0, 2, 1)  # (L, N, K)
+    rows = torch.arange(cells)
+    pick = ((b - b.mean(1, keepdim=True)) ** 2).sum(2).argmin(1)
+    idx = torch.empty(cells, m, dtype=torch.int64)
+    idx[:, 0] = pick
+    nearest = ((b - b[rows, pick][:, None]) ** 2).sum(2)  # (L, N) distance to the closest pick so far
+    for j in range(1, m):
+        pick = nearest.argmax(1)
+        idx[:, j] = pick
+        nearest = torch.minimum(nearest, ((b - b[rows, pick][:, None]) ** 2).sum(2))
+    return idx
+
+
+def _quantile_spread(d: torch.Tensor, mu: torch.Tensor, q: float, *, leave_out: bool = False) -> torch.Tensor:
+    """Per-cell spread from an upper quantile of the good distances: (quantile − mu) / z_q, so a Gaussian cell
+    gets its sd back and a cell with a heavy tail (a glint some good parts have) a wider one.
+
+    ``d``: (n, gh, gw) good distances. ``leave_out``: (n, gh, gw), image i's spread from the others only (its
+    own distance, if among the top, is replaced by the next order statistic)."""
+    n = d.shape[0]
+    k = max(1, min(n - 2, round((1.0 - q) * (n - 1))))  # the k-th largest of the others
+    top = torch.topk(d, k + 1, dim=0).values  # (k + 1, gh, gw), descending
+    zq = NormalDist().inv_cdf(q)
+    if not leave_out:
+        return ((top[k - 1] - mu) / zq).clamp_min(0.0)
+    qi = torch.where(d >= top[k - 1], top[k], top[k - 1])
+    return ((qi - mu) / zq).clamp_min(0.0)
 
 
 def _pool(sd: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,15 +117,20 @@ def fit(
     Returns the model and each good image's leave-one-out logit (scored against the memory without its own
     patches: what a good screw the fit never saw would score)."""
     s = settings
-    n, _, height, width = x_ok.shape
+    n = x_ok.shape[0]
+    x = torch.from_numpy(np.ascontiguousarray(x_ok, np.float32))
+    height, width = crop_view(x[:1], s.view).shape[2:]
     if n < 3:
         raise ValueError(f"a patch memory needs at least 3 good training images, got {n}")
     if min(height, width) < s.patch:
         raise ValueError(f"input {height}×{width} is smaller than one {s.patch}-pixel patch")
-    x = torch.from_numpy(np.ascontiguousarray(x_ok, np.float32))
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n, generator=g)[: min(n, s.pca_images)]
-    patches = F.unfold(x[pick], s.patch, stride=s.stride).permute(0, 2, 1).reshape(-1, s.patch * s.patch)
+    patches = (
+        F.unfold(crop_view(x[pick], s.view), s.patch, stride=s.stride)
+        .permute(0, 2, 1)
+        .reshape(-1, s.patch * s.patch)
+    )
     patches = patches - patches.mean(1, keepdim=True)
     dims = min(s.dims, patches.shape[1])
     # Exact PCA from the (D × D) covariance: deterministic, unlike pca_lowrank's random projections.
@@ -93,7 +141,7 @@ def fit(
     comps = comps - comps.mean(1, keepdim=True)  # projecting x − mean(x) = projecting x on this
     kernel = comps.reshape(dims, 1, s.patch, s.patch).contiguous()
     # A model without a bank yet: its feature map is what the bank stores (the codes, plus the residual norm).
-    grid = F.conv2d(x[:1], kernel, stride=s.stride).shape[2:]
+    grid = F.conv2d(crop_view(x[:1], s.view), kernel, stride=s.stride).shape[2:]
     probe = PatchMemory(
         kernel,
         torch.zeros(grid[0] * grid[1], dims + int(s.residual), 1),
@@ -101,7 +149,9 @@ def fit(
         torch.zeros(1, 2),
         s.stride,
         residual=s.residual,
+        view=s.view,
     )
+    pool = s.view[4] if s.view else 1
 
     def features(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([probe.features(t[i : i + CHUNK]) for i in range(0, len(t), CHUNK)])
@@ -111,7 +161,7 @@ def fit(
         # The thread's phase slides its pattern along the axis by any amount; the search moves in whole grid
         # cells. Crops moved by a fraction of a cell fill in between, so a good thread finds a close twin.
         moved = [feats] + [
-            features(_move_along_axis(x, round(k * s.stride / s.axial_phases)))
+            features(_move_along_axis(x, round(k * s.stride * pool / s.axial_phases)))
             for k in range(1, s.axial_phases)
         ]
     gh, gw = feats.shape[2:]
@@ -121,6 +171,11 @@ def fit(
         .permute(2, 1, 0)
         .contiguous()
     )
+    origin: torch.Tensor | None = None  # (L, N) the good image each kept column came from (thinned bank only)
+    if 0 < s.bank_size < bank.shape[2]:
+        keep = _coreset(bank, s.bank_size)
+        bank = torch.gather(bank, 2, keep[:, None, :].expand(-1, bank.shape[1], -1)).contiguous()
+        origin = keep % n  # columns are image i, then its moved copies at i + n, i + 2n …
     offsets = torch.tensor(
         [
             (dy, dx)
@@ -135,7 +190,14 @@ def fit(
             "lower patch_mask_share (or check that the images show dark parts on a light background)"
         )
     model = PatchMemory(
-        kernel, bank, mask, offsets, s.stride, top_k=min(s.top_k, int(mask.sum())), residual=s.residual
+        kernel,
+        bank,
+        mask,
+        offsets,
+        s.stride,
+        top_k=min(s.top_k, int(mask.sum())),
+        residual=s.residual,
+        view=s.view,
     )
     log(
         f"patch memory: {n} good images × {len(moved)} axial phase(s), {gh}×{gw} cells of {s.patch}² patches, "
@@ -148,11 +210,24 @@ def fit(
             torch.stack([torch.arange(i, min(i + CHUNK, n)) + p * n for p in range(len(moved))], 1)
             for i in range(0, n, CHUNK)
         ]
-        loo = torch.cat(
-            [model.distances(feats[i : i + CHUNK], exclude=own[j]) for j, i in enumerate(range(0, n, CHUNK))]
-        )
+        if origin is None:
+            loo = torch.cat(
+                [
+                    model.distances(feats[i : i + CHUNK], exclude=own[j])
+                    for j, i in enumerate(range(0, n, CHUNK))
+                ]
+            )
+        else:
+            loo = torch.cat(
+                [
+                    model.distances(
+                        feats[i : i + CHUNK], exclude=torch.arange(i, min(i + CHUNK, n)), origin=origin
+                    )
+                    for i in range(0, n, CHUNK)
+                ]
+            )
         mu = loo.mean(0)
-        sd = loo.std(0)
+        sd = loo.std(0) if s.spread_quantile == 0 else _quantile_spread(loo, mu, s.spread_quantile)
         floor = s.sd_floor * sd.median()
         sd = torch.maximum(_pool(sd, s.sd_pool), floor).clamp_min(1e-6)
         model.mu.copy_(mu)
@@ -163,8 +238,12 @@ def fit(
         d = loo.double()
         s1, s2 = d.sum(0), (d * d).sum(0)
         mu_i = (s1 - d) / (n - 1)
-        var_i = ((s2 - d * d) - (n - 1) * mu_i * mu_i) / max(n - 2, 1)
-        sd_i = torch.maximum(_pool(var_i.clamp_min(0.0).sqrt(), s.sd_pool), floor.double()).clamp_min(1e-6)
+        if s.spread_quantile == 0:
+            var_i = ((s2 - d * d) - (n - 1) * mu_i * mu_i) / max(n - 2, 1)
+            spread_i = var_i.clamp_min(0.0).sqrt()
+        else:
+            spread_i = _quantile_spread(d, mu_i, s.spread_quantile, leave_out=True)
+        sd_i = torch.maximum(_pool(spread_i, s.sd_pool), floor.double()).clamp_min(1e-6)
         scores = model.score_of(((d - mu_i) / sd_i).float())  # shift 0, scale 1 so far
         shift = float(scores.mean() + 3.0 * scores.std())
         scale = float(scores.std().clamp_min(1e-3))
@@ -172,3 +251,21 @@ def fit(
         model.scale.fill_(scale)
         loo_logits = ((scores - shift) / scale).numpy().astype(np.float32)
     return model.eval(), loo_logits
+
+
+def fit_members(
+    x_ok: np.ndarray,
+    pixels_ok: np.ndarray,
+    members: list[PatchSettings],
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[PatchMemory | PatchEnsemble, np.ndarray]:
+    """One memory per settings, fitted on the same good images; several make a :class:`PatchEnsemble`
+    whose leave-one-out logits are the mean of the members' (as its forward)."""
+    fitted = [fit(x_ok, pixels_ok, m, seed=seed, log=log) for m in members]
+    if len(fitted) == 1:
+        return fitted[0]
+    size = (int(x_ok.shape[2]), int(x_ok.shape[3]))
+    model = PatchEnsemble([m for m, _ in fitted], size).eval()
+    return model, np.mean([loo for _, loo in fitted], 0).astype(np.float32)

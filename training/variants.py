@@ -48,6 +48,11 @@ from training.metrics import auroc
 # name → TrainConfig overrides of the default preset (every row of docs/training.md's variant table).
 # A variant with a "fuse" list averages the logits of several members (each a set of overrides), each member's
 # logit already standardised on its own good parts' leave-one-out scores.
+FULL = [320, 1000]  # the pose crop at full resolution (the patch memory ensembles' input)
+HALF = [0, 320, 0, 1000, 2]  # a member's view: the whole crop at half resolution
+THREAD = [48, 272, 440, 1000, 1]  # the thread band (tip end) at full resolution
+HEAD = [0, 320, 0, 320, 1]  # the head and neck at full resolution
+TUNED = {"sd_pool": 3, "residual": True}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "top8": {"patch_top_k": 8},
@@ -55,31 +60,55 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dims64": {"patch_dims": 64},
     "window13": {"patch_window": [1, 3]},
     "res75": {"input_size": [240, 750]},
-    "res75_top8": {"input_size": [240, 750], "patch_top_k": 8},
-    "res100": {"input_size": [320, 1000]},
-    "p12s6": {"patch_size": 12, "patch_stride": 6},
-    "p24s8": {"patch_size": 24, "patch_stride": 8},
+    "phases4": {"patch_axial_phases": 4},
     "residual": {"patch_residual": True},
-    "residual_dims16": {"patch_residual": True, "patch_dims": 16},
     "sdpool3": {"patch_sd_pool": 3},
     "sdpool3_residual": {"patch_sd_pool": 3, "patch_residual": True},
-    "phases4": {"patch_axial_phases": 4},
+    "q95_sdpool3": {"patch_spread_quantile": 0.95, "patch_sd_pool": 3},
     "head_anchor": {"pose_params": {"anchor": "head"}},
-    "head_anchor_residual": {"pose_params": {"anchor": "head"}, "patch_residual": True},
-    "band100": {"input_size": [320, 1000], "roi": [50, 270, 440, 1000]},
-    "fuse_band100": {
-        "fuse": [
-            {"patch_sd_pool": 3, "patch_residual": True},
-            {
-                "input_size": [320, 1000],
-                "roi": [50, 270, 440, 1000],
-                "patch_sd_pool": 3,
-                "patch_residual": True,
-            },
-        ]
+    "thread_band_only": {"input_size": FULL, "patch_members": [{"view": THREAD}]},
+    "half+thread": {"input_size": FULL, "patch_members": [{"view": HALF}, {"view": THREAD}]},
+    "half+thread_tuned": {
+        "input_size": FULL,
+        "patch_members": [{"view": HALF, **TUNED}, {"view": THREAD, **TUNED}],
     },
-    "fuse_50_75": {"fuse": [{}, {"input_size": [240, 750]}]},
-    "fuse_50_100": {"fuse": [{}, {"input_size": [320, 1000]}]},
+    "half+thread+head_tuned": {
+        "input_size": FULL,
+        "patch_members": [{"view": HALF, **TUNED}, {"view": THREAD, **TUNED}, {"view": HEAD, **TUNED}],
+    },
+    "half+thread_d16": {
+        "input_size": FULL,
+        "patch_members": [{"view": HALF, "dims": 16, **TUNED}, {"view": THREAD, "dims": 16, **TUNED}],
+    },
+    "half+thread_d16_w11": {
+        "input_size": FULL,
+        "patch_members": [
+            {"view": HALF, "dims": 16, "window": [1, 1], **TUNED},
+            {"view": THREAD, "dims": 16, "window": [1, 1], **TUNED},
+        ],
+    },
+    "half+thread_ph1": {
+        "input_size": FULL,
+        "patch_members": [{"view": HALF, **TUNED}, {"view": THREAD, "axial_phases": 1, **TUNED}],
+    },
+    "half+thread_b200": {
+        "input_size": FULL,
+        "patch_members": [
+            {"view": HALF, "bank_size": 200, **TUNED},
+            {"view": THREAD, "bank_size": 200, **TUNED},
+        ],
+    },
+    "half+thread_b100": {
+        "input_size": FULL,
+        "patch_members": [
+            {"view": HALF, "bank_size": 100, **TUNED},
+            {"view": THREAD, "bank_size": 100, **TUNED},
+        ],
+    },
+    "half+thread_p24_tuned": {
+        "input_size": FULL,
+        "patch_members": [{"view": HALF, **TUNED}, {"view": THREAD, "patch": 24, **TUNED}],
+    },
 }
 
 
@@ -124,12 +153,14 @@ def fit_fold(
 ) -> FoldScores:
     import torch
 
-    from training.patch_memory import fit
+    from training.patch_memory import fit_members
 
     ok = fit_idx[labels[fit_idx] == 0]
     ng = fit_idx[labels[fit_idx] == 1]
     t0 = time.monotonic()
-    model, loo = fit(x[ok], pixels[ok], cfg.patch_settings(), seed=cfg.seed, log=lambda _: None)
+    model, loo = fit_members(
+        x[ok], pixels[ok], cfg.patch_members_settings(), seed=cfg.seed, log=lambda _: None
+    )
     fit_s = time.monotonic() - t0
 
     def score(idx: np.ndarray) -> np.ndarray:
@@ -239,17 +270,12 @@ def run_variant(
     repeats: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    specs = spec.get("fuse", [spec])
-    members = [TrainConfig.from_dict({k: v for k, v in m.items() if k != "roi"}, base) for m in specs]
-    data = []
-    for cfg, m in zip(members, specs, strict=True):
-        pre = Preprocessor(cfg.preprocess())
-        imgs = load_images(ds, ds.samples, pre)
-        if imgs.failed:
-            raise ValueError(f"{len(imgs.failed)} image(s) failed preprocessing: {list(imgs.failed)[:5]}")
-        t, b, left, right = m.get("roi", (0, imgs.pixels.shape[1], 0, imgs.pixels.shape[2]))
-        px = np.ascontiguousarray(imgs.pixels[:, t:b, left:right])
-        data.append((normalised(pre, px), px))
+    cfg = TrainConfig.from_dict(spec, base)
+    pre = Preprocessor(cfg.preprocess())
+    imgs = load_images(ds, ds.samples, pre)
+    if imgs.failed:
+        raise ValueError(f"{len(imgs.failed)} image(s) failed preprocessing: {list(imgs.failed)[:5]}")
+    x = normalised(pre, imgs.pixels)
     labels = np.array([s.label for s in ds.samples])
     pos = {s.path: i for i, s in enumerate(ds.samples)}
     scored: list[Scored] = []
@@ -259,18 +285,14 @@ def run_variant(
             sp = make_kfold(ds.samples, folds=folds, fold=f, seed=r)
             fit_idx = np.array([pos[p] for p in sp.train + sp.val])
             test_idx = np.array([pos[p] for p in sp.test])
-            parts = [
-                fit_fold(c, x, px, labels, fit_idx, test_idx)
-                for c, (x, px) in zip(members, data, strict=True)
-            ]
-            z_test = np.mean([p.test for p in parts], 0)
-            z_cal = np.mean([np.concatenate([p.ng, p.loo]) for p in parts], 0)
+            part = fit_fold(cfg, x, imgs.pixels, labels, fit_idx, test_idx)
+            z_test, z_cal = part.test, np.concatenate([part.ng, part.loo])
             g_test, g_cal = gauge_flags(meas, labels, fit_idx, test_idx)
-            n_ng = len(parts[0].ng)
+            n_ng = len(part.ng)
             y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])
             kw: dict[str, Any] = {"gauge_reject": g_cal} if _calibrate_knows_gauges() else {}
             cal = calibrate(z_cal, y_cal, target_recall=1.0, **kw)
-            fit_s = sum(p.fit_s for p in parts)
+            fit_s = part.fit_s
             scored.append(Scored(test_idx, z_test, cal.threshold_logit, g_test, fit_s))
             log(f"  {name}: repeat {r} fold {f}: AUROC {auroc(z_test, labels[test_idx]):.3f} ({fit_s:.0f} s)")
     summary = summarise(scored, ds, repeats)

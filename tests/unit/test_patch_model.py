@@ -4,7 +4,9 @@ offsets, leave-one-out, the mask, state round trips, and torch vs ONNX Runtime a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -13,11 +15,11 @@ torch = pytest.importorskip("torch")
 
 from engine.model import CamHead, model_from_state  # noqa: E402
 from engine.package import Decision, load_package  # noqa: E402
-from engine.patch_model import PatchMemory  # noqa: E402
+from engine.patch_model import PatchEnsemble, PatchMemory, crop_view  # noqa: E402
 from engine.preprocess import PreprocessParams  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.export import export_package  # noqa: E402
-from training.patch_memory import PatchSettings, fit  # noqa: E402
+from training.patch_memory import PatchSettings, fit, fit_members  # noqa: E402
 
 H, W = 48, 96
 
@@ -200,3 +202,346 @@ def test_export_onnxruntime_equals_torch_at_any_batch(
         np.testing.assert_allclose(z, ref_z[:n].numpy(), rtol=1e-5, atol=1e-4)
         scale = float(ref_map[:n].abs().max())  # the export's own CAM bound: 1e-3 of the map's scale
         np.testing.assert_allclose(heat, ref_map[:n].numpy(), rtol=0, atol=1e-3 * scale)
+
+
+# ---- the residual feature, the spread options, views, ensembles -------------------------------------------
+
+SMALL = PatchSettings(patch=8, stride=4, dims=16, window=(1, 3))
+HALF = (0, H, 0, W, 2)  # the whole input at half resolution
+BAND = (8, 40, 32, 96, 1)  # rows 8:40, columns 32:96 at full resolution
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _logits(model: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out: np.ndarray = model(torch.from_numpy(_x(pixels)))[:, 0].numpy()
+    return out
+
+
+def _checker(pixels: np.ndarray, rows: slice, cols: slice, amplitude: int) -> np.ndarray:
+    """``pixels`` with a 1-pixel checkerboard of ± ``amplitude`` grey levels added over ``rows`` × ``cols``."""
+    out = pixels.astype(np.int16)
+    yy, xx = np.mgrid[rows, cols]
+    out[:, rows, cols] += np.where((yy + xx) % 2 == 0, amplitude, -amplitude).astype(np.int16)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _own_columns(n: int, phases: int, images: int) -> torch.Tensor:
+    """Bank columns holding the first ``images`` training images (and their axially moved copies)."""
+    return torch.stack([torch.arange(images) + p * n for p in range(phases)], 1)
+
+
+@pytest.fixture(scope="module")
+def residual_fit() -> tuple[PatchMemory, np.ndarray]:
+    good = _screws(24, seed=1)
+    return fit(_x(good), good, replace(SMALL, residual=True), log=_quiet)
+
+
+def test_the_residual_feature_is_the_patch_norm_outside_the_kept_components(
+    residual_fit: tuple[PatchMemory, np.ndarray],
+) -> None:
+    model, _ = residual_fit
+    k = int(model.kernel.shape[0])
+    assert model.bank.shape[1] == k + 1  # the codes plus the residual norm
+    comps = model.kernel.reshape(k, -1).double().numpy()  # (K, 64)
+    rng = np.random.default_rng(3)
+    images = np.concatenate(
+        [
+            rng.normal(0.0, 1.0, (1, 1, H, W)),  # nothing like a screw: most of each patch is outside
+            _x(_checker(_screws(1, seed=4), slice(20, 28), slice(40, 48), 30)),
+        ]
+    ).astype(np.float32)
+    with torch.no_grad():
+        feats = model.features(torch.from_numpy(images)).double().numpy()  # (2, K + 1, gh, gw)
+    windows = np.lib.stride_tricks.sliding_window_view(images[:, 0], (8, 8), axis=(1, 2))[:, ::4, ::4]
+    for b, i, j in [(0, 0, 0), (0, 5, 11), (0, 10, 22), (1, 5, 9), (1, 4, 10), (1, 6, 11)]:
+        patch = windows[b, i, j].astype(np.float64).ravel()
+        v = patch - patch.mean()
+        coef = np.linalg.lstsq(comps.T, v, rcond=None)[0]
+        outside = v - comps.T @ coef  # the mean-free patch minus its projection on the components
+        assert np.linalg.norm(outside) > 0.1 * np.linalg.norm(v)  # not a vanishing difference of two norms
+        np.testing.assert_allclose(feats[b, :k, i, j], comps @ patch, rtol=1e-4, atol=1e-4)
+        assert feats[b, k, i, j] == pytest.approx(np.linalg.norm(outside), rel=1e-4)
+
+
+def test_the_residual_feature_catches_fine_detail_the_components_miss(
+    fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
+    residual_fit: tuple[PatchMemory, np.ndarray],
+) -> None:
+    plain, loo_plain, _ = fitted
+    residual, loo_residual = residual_fit
+    bad = _checker(_screws(8, seed=99), slice(22, 28), slice(40, 46), 30)  # fine texture on the bar
+    margin_plain = float(_logits(plain, bad).min() - loo_plain.max())  # min defect − max good logit
+    margin_residual = float(_logits(residual, bad).min() - loo_residual.max())
+    assert margin_plain < 0.0  # the 16 components hardly see a 1-pixel checkerboard: some parts pass
+    assert margin_residual > 1.0  # with its norm outside them every defective part is above every good one
+
+
+def test_sd_pool_raises_each_cell_spread_to_its_neighbours_and_keeps_mu(
+    fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
+) -> None:
+    one, loo_one, good = fitted
+    three, loo_three = fit(_x(good), good, replace(SMALL, sd_pool=3), log=_quiet)
+    assert torch.equal(three.mu, one.mu)
+    assert bool((three.sd >= one.sd).all()) and bool((three.sd > one.sd).any())
+    # The floor and the 1e-6 clamp commute with the max: the pooled spread is the 3 × 3 max of the plain one.
+    pooled = torch.nn.functional.max_pool2d(one.sd[None, None], 3, stride=1, padding=1)[0, 0]
+    assert torch.equal(three.sd, pooled)
+    assert np.isfinite(loo_three).all() and not np.array_equal(loo_three, loo_one)
+
+
+def test_spread_from_an_upper_quantile_of_the_good_distances(
+    fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
+) -> None:
+    _, _, good = fitted
+    n = len(good)
+    model, loo = fit(_x(good), good, replace(SMALL, spread_quantile=0.9), log=_quiet)
+    assert loo.shape == (n,) and np.isfinite(loo).all()
+    with torch.no_grad():
+        d = model.distances(model.features(torch.from_numpy(_x(good))), exclude=_own_columns(n, 2, n))
+    d = d.double().numpy()  # (n, gh, gw) leave-one-out distances of the good images
+    zq = NormalDist().inv_cdf(0.9)
+    mu = d.mean(0)
+    np.testing.assert_allclose(model.mu.numpy(), mu, rtol=1e-5, atol=1e-6)
+    # 0.1 × (n − 1) = 2.3 → each cell's spread from its 2nd largest distance: (d₍₂₎ − mu) / z₀.₉.
+    raw = np.clip((np.sort(d, 0)[-2] - mu) / zq, 0.0, None)
+    floor = 0.05 * np.median(raw)
+    np.testing.assert_allclose(model.sd.numpy(), np.maximum(raw, floor), rtol=1e-4)
+    # Each image's own logit: mean and quantile taken over the other n − 1 images (their 2nd largest).
+    for i in (0, 7, n - 1):
+        others = np.delete(d, i, 0)
+        mu_i = others.mean(0)
+        sd_i = np.maximum(np.clip((np.sort(others, 0)[-2] - mu_i) / zq, 0.0, None), floor)
+        z = (d[i] - mu_i) / sd_i
+        top = np.sort(z[model.mask.numpy() > 0])[-int(model.top_k) :].mean()
+        expected = (top - float(model.shift)) / float(model.scale)
+        assert loo[i] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def _pooled(x: np.ndarray) -> np.ndarray:
+    out: np.ndarray = torch.nn.functional.avg_pool2d(torch.from_numpy(x), 2).numpy()
+    return out
+
+
+def _halved(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (n, H, W) → (n, H/2, W/2), each 2 × 2 block averaged."""
+    n, h, w = pixels.shape
+    return np.rint(pixels.reshape(n, h // 2, 2, w // 2, 2).mean((2, 4))).astype(np.uint8)
+
+
+def test_a_pooled_view_equals_a_memory_fitted_on_pooled_inputs(
+    fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
+) -> None:
+    _, _, good = fitted
+    n = len(good)
+    viewed, _ = fit(_x(good), good, replace(SMALL, view=HALF), log=_quiet)
+    plain, _ = fit(_pooled(_x(good)), _halved(good), SMALL, log=_quiet)
+    assert viewed.input_grid == plain.input_grid == (5, 11)
+    assert torch.equal(viewed.kernel, plain.kernel) and torch.equal(viewed.mask, plain.mask)
+    # The axially moved copies fill their gap with the first column: at full resolution before the pooling
+    # (the view) or after it. Only the cells of the first grid column see that gap.
+    diff = (viewed.bank - plain.bank).abs().amax(1).reshape(5, 11, 2 * n)
+    assert float(diff[:, :, :n].max()) < 1e-5 and float(diff[:, 1:, :].max()) < 1e-5
+    assert float(diff[:, 0, n:].max()) > 1e-3
+    # With the first two columns alike, both fills agree and so does everything else.
+    same = good.copy()
+    same[:, :, 1] = same[:, :, 0]
+    viewed, loo_viewed = fit(_x(same), same, replace(SMALL, view=HALF), log=_quiet)
+    plain, loo_plain = fit(_pooled(_x(same)), _halved(same), SMALL, log=_quiet)
+    assert torch.equal(viewed.mask, plain.mask)
+    assert torch.allclose(viewed.bank, plain.bank, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(viewed.mu, plain.mu, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(viewed.sd, plain.sd, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loo_viewed, loo_plain, rtol=1e-4, atol=1e-4)
+    fresh = _screws(6, seed=21)
+    fresh[3:, 20:26, 40:46] = 250
+    full = _x(fresh)
+    with torch.no_grad():
+        a = viewed(torch.from_numpy(full))
+        b = plain(torch.from_numpy(_pooled(full)))
+        assert torch.equal(crop_view(torch.from_numpy(full), HALF), torch.from_numpy(_pooled(full)))
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert float(a[3:].min()) > float(a[:3].max())  # and it still tells the scratched parts apart
+
+
+def test_a_band_view_reacts_only_to_what_lies_inside_the_band(
+    fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
+) -> None:
+    whole, loo_whole, good = fitted
+    band, loo_band = fit(_x(good), good, replace(SMALL, view=BAND), log=_quiet)
+    assert band.input_grid == (7, 15)  # (32 − 8) / 4 + 1 rows, (64 − 8) / 4 + 1 columns
+    fresh = _screws(4, seed=11)
+    left = fresh.copy()
+    left[:, 20:26, 14:20] = 250  # on the bar, left of the band's column 32
+    above = fresh.copy()
+    above[:, 0:6, 40:46] = 0  # a dark blob above the band's row 8
+    inside = fresh.copy()
+    inside[:, 20:26, 60:66] = 250
+    assert (_logits(whole, left).min() > loo_whole.max()) and (_logits(whole, inside).min() > loo_whole.max())
+    x = torch.from_numpy(_x(fresh))
+    assert torch.equal(crop_view(x, BAND), x[:, :, 8:40, 32:96]) and crop_view(x, None) is x
+    ref = _logits(band, fresh)
+    assert np.array_equal(_logits(band, left), ref)
+    assert np.array_equal(_logits(band, above), ref)
+    assert _logits(band, inside).min() > max(ref.max(), loo_band.max())
+
+
+MEMBERS = [replace(SMALL, view=HALF), replace(SMALL, view=BAND, residual=True, sd_pool=3)]
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> tuple[PatchEnsemble, np.ndarray, np.ndarray]:
+    good = _screws(24, seed=1)
+    model, loo = fit_members(_x(good), good, MEMBERS, seed=0, log=_quiet)
+    assert isinstance(model, PatchEnsemble)
+    return model, loo, good
+
+
+def test_an_ensemble_is_the_mean_of_its_members(
+    ensemble: tuple[PatchEnsemble, np.ndarray, np.ndarray],
+) -> None:
+    model, loo, good = ensemble
+    alone = [fit(_x(good), good, s, seed=0, log=_quiet) for s in MEMBERS]
+    np.testing.assert_allclose(loo, (alone[0][1] + alone[1][1]) / 2, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(alone[0][1], alone[1][1])  # the members do differ
+    fresh = _screws(5, seed=31)
+    fresh[2:, 20:26, 60:66] = 250
+    mine = [_logits(m, fresh) for m, _ in alone]
+    np.testing.assert_allclose(_logits(model, fresh), (mine[0] + mine[1]) / 2, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        logit, heat = model.with_heatmap(torch.from_numpy(_x(fresh)))
+    np.testing.assert_allclose(logit.numpy(), (mine[0] + mine[1]) / 2, rtol=1e-6, atol=1e-6)
+    assert heat.shape == (5, H // 8, W // 8)
+    single = fit_members(_x(good), good, MEMBERS[1:], seed=0, log=_quiet)
+    assert isinstance(single[0], PatchMemory) and np.array_equal(single[1], alone[1][1])
+
+
+def test_ensemble_state_round_trip(ensemble: tuple[PatchEnsemble, np.ndarray, np.ndarray]) -> None:
+    model, _, _ = ensemble
+    state = model.state_dict()
+    again = model_from_state({k: v.clone() for k, v in state.items()})
+    assert isinstance(again, PatchEnsemble)
+    members = list(again.members)
+    assert [m._view for m in members] == [HALF, BAND] and [m._residual for m in members] == [False, True]
+    assert torch.equal(members[1].sd, model.members[1].sd)  # the band's pooled spread travels as is
+    x = _x(_screws(3, seed=41))
+    x[1:, :, 20:26, 60:66] = 3.0
+    with torch.no_grad():
+        assert torch.equal(model(torch.from_numpy(x)), again(torch.from_numpy(x)))
+        for a, b in zip(
+            model.with_heatmap(torch.from_numpy(x)), again.with_heatmap(torch.from_numpy(x)), strict=True
+        ):
+            assert torch.equal(a, b)
+    assert again.state_dict().keys() == state.keys()
+
+
+def _band_only_defect(
+    model: PatchEnsemble,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 1-px checkerboard over rows 20:28, columns 56:64 (gone at half resolution) on 4 fresh parts: the
+    ensemble's logits and maps without and with it, and the band member's own map with it."""
+    fresh = _screws(4, seed=51)
+    bad = _checker(fresh, slice(20, 28), slice(56, 64), 40)
+    half, band = model.members
+    with torch.no_grad():
+        xg, xb = torch.from_numpy(_x(fresh)), torch.from_numpy(_x(bad))
+        for a, b in zip(half.with_heatmap(xg), half.with_heatmap(xb), strict=True):
+            assert torch.allclose(a, b, atol=1e-5)  # the half-resolution member sees nothing
+        logit_good, heat_good = model.with_heatmap(xg)
+        logit_bad, heat_bad = model.with_heatmap(xb)
+        _, band_map = band.with_heatmap(xb)
+    return logit_good, heat_good, logit_bad, heat_bad, band_map
+
+
+def test_the_ensemble_map_shows_a_band_only_defect_near_it_and_nowhere_else(
+    ensemble: tuple[PatchEnsemble, np.ndarray, np.ndarray],
+) -> None:
+    model, loo, _ = ensemble
+    logit_good, heat_good, logit_bad, heat_bad, band_map = _band_only_defect(model)
+    assert float(logit_bad.min()) > max(float(logit_good.max()), float(loo.max()))
+    # The band member (grid 7 × 15, cell (i, j) = rows 8+4i : 16+4i, columns 32+4j : 40+4j) puts it on the
+    # patches that hold it: its peak is cell (3, 6), rows 20:28, columns 56:64.
+    assert all(divmod(int(band_map[b].argmax()), 15) == (3, 6) for b in range(4))
+    changed = (heat_bad - heat_good).abs() > 1e-4  # (B, 6, 12) cells of 8 × 8 pixels
+    assert bool(changed.any(2).any(1).all())
+    rows, cols = np.nonzero(changed.any(0).numpy())
+    assert set(rows.tolist()) <= {2, 3} and set(cols.tolist()) <= {6, 7, 8}  # rows 16:32, columns 48:72
+
+
+def test_the_ensemble_map_keeps_a_member_peak_on_the_cell_under_it(
+    ensemble: tuple[PatchEnsemble, np.ndarray, np.ndarray],
+) -> None:
+    model, _, _ = ensemble
+    _, _, _, heat_bad, band_map = _band_only_defect(model)
+    # The band member's strongest patch covers rows 20:28, columns 56:64 exactly: ensemble cells (2 or 3, 7).
+    # (Resampling its 15 columns onto 8 cells by nearest neighbour dropped column 6 and put column 7,
+    # pixels 60:68, on cell 8, off the defect, as the map's peak; the map now takes the largest per cell.)
+    for b in range(4):
+        peak = divmod(int(heat_bad[b].argmax()), 12)
+        assert peak[0] in (2, 3) and peak[1] == 7
+        assert float(heat_bad[b].max()) == pytest.approx(float(band_map[b].max()))
+
+
+def test_ensemble_export_onnxruntime_equals_torch_at_any_batch(
+    ensemble: tuple[PatchEnsemble, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    model, _, _ = ensemble
+    bad = _screws(4, seed=8)
+    bad[:2, 20:26, 40:46] = 250  # seen by both members
+    bad = np.concatenate([bad[:2], _checker(bad[2:], slice(20, 28), slice(56, 64), 40)])  # by the band only
+    x = _x(np.concatenate([_screws(5, seed=7), bad]))
+    meta = export_package(
+        model,
+        tmp_path / "pkg",
+        preprocess=PreprocessParams(input_size=(H, W)),
+        decision=Decision(threshold=0.5),
+        name="patch-ensemble",
+        verify_batch=x,
+    )
+    assert meta.heatmap_output == "cam"
+    pkg = load_package(tmp_path / "pkg")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(pkg.onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref_z, ref_map = model.with_heatmap(torch.from_numpy(x))
+    assert ref_map.shape == (len(x), H // 8, W // 8)
+    for n in (1, 3, len(x)):
+        z, heat = sess.run(None, {pkg.meta.input_name: x[:n]})
+        assert heat.shape == (n, H // 8, W // 8)
+        np.testing.assert_allclose(z, ref_z[:n].numpy(), rtol=1e-5, atol=1e-4)
+        scale = float(ref_map[:n].abs().max())
+        np.testing.assert_allclose(heat, ref_map[:n].numpy(), rtol=0, atol=1e-3 * scale)
+
+
+def test_config_patch_members() -> None:
+    with pytest.raises(ValueError, match="patch_members"):
+        TrainConfig(patch_members=({"view": [0, 999, 0, 10, 1]},))  # taller than the 160-row input
+    with pytest.raises(ValueError, match="patch_members"):
+        TrainConfig(patch_members=({"view": [0, 160, 0, 500]},))  # no pool
+    with pytest.raises(ValueError, match="patch_members"):
+        TrainConfig(patch_members=({"view": [8, 8, 0, 500, 1]},))  # empty
+    # A typo in a member's key is caught when the members are built, naming the member and the key.
+    odd = TrainConfig(patch_members=({"dims": 8}, {"strides": 4}))
+    with pytest.raises(ValueError, match=r"patch_members\[1\].*'strides'"):
+        odd.patch_members_settings()
+    cfg = TrainConfig(
+        input_size=(H, W),
+        patch_residual=True,
+        patch_sd_pool=3,
+        patch_spread_quantile=0.9,
+        patch_members=({"view": [0, H, 0, W, 2], "dims": 8}, {"view": [8, 40, 32, 96, 1], "window": [1, 1]}),
+    )
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    half, band = again.patch_members_settings()
+    assert half == PatchSettings(dims=8, residual=True, sd_pool=3, spread_quantile=0.9, view=(0, H, 0, W, 2))
+    assert band.view == BAND and band.window == (1, 1) and band.dims == 32 and band.residual
+    # A view written as a tuple comes back as a list (the settings are the same: lists become tuples).
+    typed = TrainConfig(input_size=(H, W), patch_members=({"view": BAND},))
+    back = TrainConfig.from_dict(json.loads(json.dumps(typed.to_dict())))
+    assert back.patch_members_settings() == typed.patch_members_settings()
+    assert TrainConfig(patch_residual=True).patch_members_settings() == [PatchSettings(residual=True)]
