@@ -71,9 +71,10 @@ class TrainConfig:
     patch_spread_quantile: float = 0.0  # > 0: each cell's good spread from this upper quantile, not the sd
     patch_sd_pool: int = 1  # a cell's good spread is at least its neighbours' within this odd window
     patch_residual: bool = False  # add each patch's norm outside the kept components as a feature
-    # Several memories fused into one (engine.patch_model.PatchEnsemble): each entry overrides the settings
-    # above for one member (training.patch_memory.PatchSettings names: view, patch, stride, dims, …);
-    # () = one memory with the settings above.
+    # Several memories fused into one (engine.patch_model.PatchEnsemble), each on its own region of the input:
+    # "region" [top, bottom, left, right] as fractions of the input (default the whole), "pool" its block
+    # averaging (2 = half resolution), and any training.patch_memory.PatchSettings name (patch, stride, dims,
+    # residual, …) overriding the settings above for that member. () = one memory with the settings above.
     patch_members: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -98,9 +99,7 @@ class TrainConfig:
             "grey_zone_frr": self.grey_zone_frr is None or 0 <= self.grey_zone_frr < 1,
             "gauges": isinstance(self.gauges, bool),
             "folds": self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
-            "patch_members": all(
-                isinstance(m, dict) and _view_fits(m.get("view"), self.input_size) for m in self.patch_members
-            ),
+            "patch_members": all(_member_fits(m) for m in self.patch_members),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -131,14 +130,19 @@ class TrainConfig:
         from training.patch_memory import PatchSettings
 
         base = self.patch_settings()
-        known = {f.name for f in fields(PatchSettings)}
+        known = ({f.name for f in fields(PatchSettings)} - {"view"}) | {"region", "pool"}
+        h, w = self.input_size
         out = []
         for i, member in enumerate(self.patch_members or ({},)):
             unknown = sorted(set(member) - known)
             if unknown:
                 raise ValueError(f"patch_members[{i}]: unknown setting(s) {unknown}; known: {sorted(known)}")
-            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in member.items()}
-            out.append(replace(base, **kw))
+            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in member.items() if k not in REGION}
+            view = None
+            if any(k in member for k in REGION):
+                t, b, left, r = member.get("region", (0.0, 1.0, 0.0, 1.0))
+                view = (round(t * h), round(b * h), round(left * w), round(r * w), int(member.get("pool", 1)))
+            out.append(replace(base, view=view, **kw))
         return out
 
     def patch_settings(self) -> Any:
@@ -195,14 +199,20 @@ class TrainConfig:
         return replace(base, **kw)
 
 
-def _view_fits(view: Any, size: tuple[int, int]) -> bool:
-    """A member's ``view`` (top, bottom, left, right, pool) is absent or a region inside the input."""
-    if view is None:
-        return True
-    if not isinstance(view, list | tuple) or len(view) != 5 or not all(isinstance(v, int) for v in view):
+REGION = ("region", "pool")  # a member's region of the input (fractions) and its block averaging
+
+
+def _member_fits(member: Any) -> bool:
+    """A ``patch_members`` entry: a dict whose region (if any) is 0 ≤ top < bottom ≤ 1, 0 ≤ left < right ≤ 1
+    and whose pool is an integer ≥ 1 (the other keys are checked against PatchSettings when fitting)."""
+    if not isinstance(member, dict):
         return False
-    top, bottom, left, right, pool = view
-    return 0 <= top < bottom <= size[0] and 0 <= left < right <= size[1] and pool >= 1
+    region = member.get("region", (0.0, 1.0, 0.0, 1.0))
+    pool = member.get("pool", 1)
+    if not isinstance(region, list | tuple) or len(region) != 4:
+        return False
+    t, b, left, r = (float(v) for v in region)
+    return 0.0 <= t < b <= 1.0 and 0.0 <= left < r <= 1.0 and isinstance(pool, int) and pool >= 1
 
 
 # The assignment's recipe as written (trained from scratch): whole frame, 256², ±10° rotation, flips.

@@ -49,9 +49,9 @@ from training.metrics import auroc
 # A variant with a "fuse" list averages the logits of several members (each a set of overrides), each member's
 # logit already standardised on its own good parts' leave-one-out scores.
 FULL = [320, 1000]  # the pose crop at full resolution (the patch memory ensembles' input)
-HALF = [0, 320, 0, 1000, 2]  # a member's view: the whole crop at half resolution
-THREAD = [48, 272, 440, 1000, 1]  # the thread band (tip end) at full resolution
-HEAD = [0, 320, 0, 320, 1]  # the head and neck at full resolution
+HALF: dict[str, Any] = {"pool": 2}  # a member on the whole crop at half resolution
+THREAD: dict[str, Any] = {"region": [0.15, 0.85, 0.44, 1.0]}  # the thread band (tip end) at full resolution
+HEAD: dict[str, Any] = {"region": [0.0, 1.0, 0.0, 0.32]}  # the head and neck at full resolution
 TUNED = {"sd_pool": 3, "residual": True}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -66,48 +66,48 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sdpool3_residual": {"patch_sd_pool": 3, "patch_residual": True},
     "q95_sdpool3": {"patch_spread_quantile": 0.95, "patch_sd_pool": 3},
     "head_anchor": {"pose_params": {"anchor": "head"}},
-    "thread_band_only": {"input_size": FULL, "patch_members": [{"view": THREAD}]},
-    "half+thread": {"input_size": FULL, "patch_members": [{"view": HALF}, {"view": THREAD}]},
+    "thread_band_only": {"input_size": FULL, "patch_members": [{**THREAD}]},
+    "half+thread": {"input_size": FULL, "patch_members": [{**HALF}, {**THREAD}]},
     "half+thread_tuned": {
         "input_size": FULL,
-        "patch_members": [{"view": HALF, **TUNED}, {"view": THREAD, **TUNED}],
+        "patch_members": [{**HALF, **TUNED}, {**THREAD, **TUNED}],
     },
     "half+thread+head_tuned": {
         "input_size": FULL,
-        "patch_members": [{"view": HALF, **TUNED}, {"view": THREAD, **TUNED}, {"view": HEAD, **TUNED}],
+        "patch_members": [{**HALF, **TUNED}, {**THREAD, **TUNED}, {**HEAD, **TUNED}],
     },
     "half+thread_d16": {
         "input_size": FULL,
-        "patch_members": [{"view": HALF, "dims": 16, **TUNED}, {"view": THREAD, "dims": 16, **TUNED}],
+        "patch_members": [{**HALF, "dims": 16, **TUNED}, {**THREAD, "dims": 16, **TUNED}],
     },
     "half+thread_d16_w11": {
         "input_size": FULL,
         "patch_members": [
-            {"view": HALF, "dims": 16, "window": [1, 1], **TUNED},
-            {"view": THREAD, "dims": 16, "window": [1, 1], **TUNED},
+            {**HALF, "dims": 16, "window": [1, 1], **TUNED},
+            {**THREAD, "dims": 16, "window": [1, 1], **TUNED},
         ],
     },
     "half+thread_ph1": {
         "input_size": FULL,
-        "patch_members": [{"view": HALF, **TUNED}, {"view": THREAD, "axial_phases": 1, **TUNED}],
+        "patch_members": [{**HALF, **TUNED}, {**THREAD, "axial_phases": 1, **TUNED}],
     },
     "half+thread_b200": {
         "input_size": FULL,
         "patch_members": [
-            {"view": HALF, "bank_size": 200, **TUNED},
-            {"view": THREAD, "bank_size": 200, **TUNED},
+            {**HALF, "bank_size": 200, **TUNED},
+            {**THREAD, "bank_size": 200, **TUNED},
         ],
     },
     "half+thread_b100": {
         "input_size": FULL,
         "patch_members": [
-            {"view": HALF, "bank_size": 100, **TUNED},
-            {"view": THREAD, "bank_size": 100, **TUNED},
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, **TUNED},
         ],
     },
     "half+thread_p24_tuned": {
         "input_size": FULL,
-        "patch_members": [{"view": HALF, **TUNED}, {"view": THREAD, "patch": 24, **TUNED}],
+        "patch_members": [{**HALF, **TUNED}, {**THREAD, "patch": 24, **TUNED}],
     },
 }
 

@@ -519,29 +519,36 @@ def test_ensemble_export_onnxruntime_equals_torch_at_any_batch(
 
 def test_config_patch_members() -> None:
     with pytest.raises(ValueError, match="patch_members"):
-        TrainConfig(patch_members=({"view": [0, 999, 0, 10, 1]},))  # taller than the 160-row input
+        TrainConfig(patch_members=({"region": [0.0, 1.5, 0.0, 1.0]},))  # beyond the input
     with pytest.raises(ValueError, match="patch_members"):
-        TrainConfig(patch_members=({"view": [0, 160, 0, 500]},))  # no pool
+        TrainConfig(patch_members=({"region": [0.0, 1.0, 0.0]},))  # three edges
     with pytest.raises(ValueError, match="patch_members"):
-        TrainConfig(patch_members=({"view": [8, 8, 0, 500, 1]},))  # empty
-    # A typo in a member's key is caught when the members are built, naming the member and the key.
+        TrainConfig(patch_members=({"region": [0.5, 0.5, 0.0, 1.0]},))  # empty
+    with pytest.raises(ValueError, match="patch_members"):
+        TrainConfig(patch_members=({"pool": 0},))
+    # A typo in a member's key is caught when the members are built, naming the member and the key; a pixel
+    # view is not a config key (regions are fractions, so a member follows the input size).
     odd = TrainConfig(patch_members=({"dims": 8}, {"strides": 4}))
     with pytest.raises(ValueError, match=r"patch_members\[1\].*'strides'"):
         odd.patch_members_settings()
+    with pytest.raises(ValueError, match=r"patch_members\[0\].*'view'"):
+        TrainConfig(patch_members=({"view": [0, 8, 0, 8, 1]},)).patch_members_settings()
     cfg = TrainConfig(
         input_size=(H, W),
         patch_residual=True,
         patch_sd_pool=3,
         patch_spread_quantile=0.9,
-        patch_members=({"view": [0, H, 0, W, 2], "dims": 8}, {"view": [8, 40, 32, 96, 1], "window": [1, 1]}),
+        patch_members=(
+            {"pool": 2, "dims": 8},
+            {"region": [8 / H, 40 / H, 32 / W, 1.0], "window": [1, 1]},
+        ),
     )
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     half, band = again.patch_members_settings()
     assert half == PatchSettings(dims=8, residual=True, sd_pool=3, spread_quantile=0.9, view=(0, H, 0, W, 2))
     assert band.view == BAND and band.window == (1, 1) and band.dims == 32 and band.residual
-    # A view written as a tuple comes back as a list (the settings are the same: lists become tuples).
-    typed = TrainConfig(input_size=(H, W), patch_members=({"view": BAND},))
-    back = TrainConfig.from_dict(json.loads(json.dumps(typed.to_dict())))
-    assert back.patch_members_settings() == typed.patch_members_settings()
+    # The same regions on a twice larger input: twice the pixels.
+    big = TrainConfig.from_dict({"input_size": [2 * H, 2 * W]}, cfg)
+    assert [m.view for m in big.patch_members_settings()] == [(0, 2 * H, 0, 2 * W, 2), (16, 80, 64, 2 * W, 1)]
     assert TrainConfig(patch_residual=True).patch_members_settings() == [PatchSettings(residual=True)]
