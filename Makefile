@@ -10,8 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "inspectd needs Python >= 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch/torchvision are pinned to the CPU-runnable release on this disk (see README: Machine notes)
-	$(PY) -m pip install --quiet -e '.[train,dev]'
+	# torch/torchvision are pinned to the CPU-runnable release on this disk (see README: Machine notes);
+	# plc: the PLC bridge's OPC UA and Modbus libraries (its tests run real clients)
+	$(PY) -m pip install --quiet -e '.[train,dev,plc]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from daemon.audit import AuditArchive
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
+from daemon.drift import DriftMonitor
 from daemon.image_policy import InputPolicy
 from daemon.logs import get_logger
 from daemon.metrics import Metrics, MetricsServer
@@ -36,6 +37,7 @@ from daemon.sources.folder import FolderSource
 from daemon.systemd_notify import SystemdNotifier
 from daemon.watch_package import PackageWatcher
 from engine.backend import Backend, OptionsError, create_backend
+from engine.drift import NoReference, load_reference
 from engine.gauges import GaugeSet, load_gauges
 from engine.package import ModelMeta, ModelPackage, load_package
 from engine.preprocess import Preprocessor
@@ -178,9 +180,50 @@ class App:
             raise StartupError("no source enabled: enable sources.camera and/or sources.folder")
 
     def init_metrics(self) -> None:
-        m = self.settings.metrics
+        assert self.package is not None
+        m, meta = self.settings.metrics, self.package.meta
         names = [s.name for s in self.sources]
-        self.metrics = Metrics(self.registry, self.settings.line, sources=names, ng_window=m.ng_window)
+        self.metrics = Metrics(
+            self.registry,
+            self.settings.line,
+            sources=names,
+            ng_window=m.ng_window,
+            decision=meta.decision,
+            drift=self._drift_monitor(meta),
+        )
+
+    def _drift_monitor(self, meta: ModelMeta) -> DriftMonitor:
+        """The drift windows, compared with the package's score reference at its operating point. A package
+        without one (exported before references existed) is served as before: drift reads "no reference"."""
+        m = self.settings.metrics
+        try:
+            reference = load_reference(meta.score_reference)
+        except ValueError as exc:
+            raise StartupError(f"model package {self.settings.model.path}: {exc}") from None
+        bins, why = None, "the package has no score_reference (exported before inspectd kept one)"
+        if reference is not None:
+            try:
+                bins = reference.bins(meta.decision.bounds[0])
+            except NoReference as exc:
+                why = str(exc)
+        if bins is None:
+            log.warning("score drift not measured: no reference", reason=why)
+        else:
+            log.info(
+                "score drift reference",
+                parts=bins.n_reference,
+                bins=len(bins.counts),
+                source=reference and reference.source,
+            )
+        gauges = self._gauges(meta)
+        return DriftMonitor(
+            self.settings.line,
+            bins=bins,
+            no_reference=why,
+            bands=gauges.bands if gauges is not None else (),
+            window=m.drift_window,
+            min_parts=m.drift_min_parts,
+        )
 
     def init_zmq(self) -> None:
         self.ctx = zmq.Context()

@@ -193,6 +193,7 @@ class InferenceWorker(StageThread):
         ]
         infer_ms = infer_s * 1000.0
         passed = rejected = late = 0
+        decided: list[float] = []  # logits of the parts this batch decided: the drift window's
         observe = self.metrics.observe_stage
         for i, score, logit in zip(rows, scores, raw, strict=True):
             job = jobs[i]
@@ -206,6 +207,8 @@ class InferenceWorker(StageThread):
             verdict = self.decider.decide(job.frame, score, timings, job.violations, logit=logit)
             published = self.ledger.settle(job, verdict)
             if published is verdict:
+                if verdict.score is not None:  # a model decision (an implausible logit is engine_error)
+                    decided.append(logit)
                 if verdict.outcome is Outcome.PASS:
                     passed += 1
                 else:
@@ -218,6 +221,7 @@ class InferenceWorker(StageThread):
             observe("queue", queue_ms / 1000.0)
             observe("infer", infer_s)
         self.metrics.observe_batch(len(rows))
+        self.metrics.observe_parts(decided, [image for i in rows if (image := jobs[i].image) is not None])
         if invalid:
             self.invalid_logits += len(invalid)
             log.error(

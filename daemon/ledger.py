@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from daemon.drift import PartImage
 from daemon.threads import StageThread
 from daemon.types import Frame, Reason, Verdict
 
@@ -28,7 +29,7 @@ from daemon.types import Frame, Reason, Verdict
 class Job:
     """A frame in flight: the immutable frame plus what the pipeline learns about it on the way."""
 
-    __slots__ = ("deadline", "frame", "key", "ok", "t_decode_ms", "t_pre_ms", "violations")
+    __slots__ = ("deadline", "frame", "image", "key", "ok", "t_decode_ms", "t_pre_ms", "violations")
 
     def __init__(self, key: int, frame: Frame, deadline: float) -> None:
         self.key = key
@@ -38,6 +39,7 @@ class Job:
         self.t_decode_ms = 0.0
         self.t_pre_ms = 0.0
         self.violations: tuple[Any, ...] = ()  # engine.gauges.Violation: measurements outside their bands
+        self.image: PartImage | None = None  # the crop's light and measurements, for the drift statistics
 
 
 class Settled:

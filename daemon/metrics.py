@@ -3,17 +3,21 @@
 Naming follows Prometheus conventions: ``inspectd_`` prefix, base units (seconds), ``_total`` counters,
 histograms for latency. Every label value that can occur is created at start, so rates and ratios exist
 (as 0) before the first event and dashboards never show "no data" for a healthy idle line. No per-part
-labels: a frame id never becomes a label value. NG rate over any window is derivable in PromQL:
-``sum(rate(inspectd_verdicts_total{verdict="REJECT"}[5m])) / sum(rate(inspectd_verdicts_total[5m]))``.
+labels: a frame id never becomes a label value. NG rate over any window is derivable in PromQL; of the inspected
+parts (what ``inspectd_ng_ratio`` and the alerts count: station faults are not a quality problem)
+``sum(rate(inspectd_verdicts_total{verdict="REJECT", reason=~"model|grey_zone|out_of_tolerance"}[5m]))
+/ sum(rate(inspectd_verdicts_total{reason=~"model|grey_zone|out_of_tolerance"}[5m]))``. The drift gauges are
+:class:`daemon.drift.DriftMonitor`'s, registered here.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,7 +26,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
+from daemon.drift import DriftMonitor, PartImage
 from daemon.types import Outcome, Reason, Verdict
+from engine.drift import logit
+from engine.package import Decision
 
 # The *_created series serve no dashboard or alert here; they only add scrape volume.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
@@ -49,6 +56,10 @@ LATENCY_BUCKETS = (
 )
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# NG probability of the parts the model scored: a coarse grid over [0, 1], refined around the operating point
+# (score_buckets) so that the share of parts near the threshold is read off the histogram, not guessed.
+SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+SCORE_STEPS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)  # logit steps from the threshold that get a bucket edge
 # Per connection of the metrics server: a scrape answers in milliseconds; an idle client is dropped after this.
 CONNECTION_TIMEOUT_S = 5.0
 # Oversized messages are dropped by libzmq as a disconnect: they show in inspectd_peer_events_total.
@@ -58,6 +69,19 @@ MESSAGE_ERROR_KINDS = ("multipart", "header", "unattributed")
 def _verdict_label_pairs() -> list[tuple[str, str]]:
     # A PASS is only ever the model's (or the gauges') decision; anything else is a REJECT.
     return [(Outcome.PASS.value, Reason.MODEL.value)] + [(Outcome.REJECT.value, r.value) for r in Reason]
+
+
+def score_buckets(decision: Decision | None) -> tuple[float, ...]:
+    """The ``inspectd_score`` bucket edges for an operating point: :data:`SCORE_BUCKETS`, the threshold and the
+    grey zone's edges exactly (so the PASS share is a bucket), and the probabilities a few logit steps either
+    side of the threshold (a shift towards it shows before parts cross it)."""
+    edges = set(SCORE_BUCKETS)
+    if decision is not None:
+        t = decision.threshold
+        edges |= {t, *decision.bounds}
+        if 0.0 < t < 1.0:
+            edges |= {round(1.0 / (1.0 + math.exp(-(logit(t) + step))), 6) for step in SCORE_STEPS}
+    return tuple(sorted(e for e in edges if 0.0 < e <= 1.0))
 
 
 class MetricsSink(Protocol):
@@ -78,6 +102,8 @@ class MetricsSink(Protocol):
 
     def observe_verdict(self, v: Verdict, latency_s: float) -> None: ...
 
+    def observe_parts(self, logits: Sequence[float], images: Sequence[PartImage]) -> None: ...
+
 
 class Metrics:
     """All of inspectd's metrics for one line. Thread-safe (prometheus-client metrics are)."""
@@ -91,6 +117,8 @@ class Metrics:
         queues: Iterable[str] = ("intake", "batch", "publish"),
         ng_window: int = 500,
         process_collector: bool = True,
+        decision: Decision | None = None,
+        drift: DriftMonitor | None = None,
     ) -> None:
         if ng_window < 1:
             raise ValueError(f"ng_window must be ≥ 1, got {ng_window}")
@@ -125,8 +153,22 @@ class Metrics:
         )
         self.ng_ratio = Gauge(
             "inspectd_ng_ratio",
-            "Fraction of REJECT among the last N verdicts (N = ng_window).",
+            "Fraction of REJECT among the last N inspected verdicts (reasons model, grey_zone, "
+            "out_of_tolerance; N = ng_window). Station faults (deadline, overload, decode_error, ...) are not in it.",
             ["line"],
+            registry=r,
+        )
+        self.threshold = Gauge(
+            "inspectd_decision_threshold",
+            "The model package's decision threshold on the NG probability (score >= threshold: REJECT).",
+            ["line"],
+            registry=r,
+        )
+        self.score = Histogram(
+            "inspectd_score",
+            "NG probability of the parts the model scored, per published verdict that carries a score.",
+            ["line"],
+            buckets=score_buckets(decision),
             registry=r,
         )
         self.model_info = Info(
@@ -152,6 +194,9 @@ class Metrics:
         )  # fmt: skip
         if process_collector:
             ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
+        # Without a package (tests, a sink built early) every drift gauge still exists, as NaN / "no reference".
+        self.drift = drift if drift is not None else DriftMonitor(line)
+        r.register(self.drift)
 
         for source in sources:
             self.frames_received.labels(line, source)
@@ -164,6 +209,8 @@ class Metrics:
         for kind in MESSAGE_ERROR_KINDS:
             self.message_errors.labels(line, kind)
         self.latency.labels(line)
+        self.score.labels(line)
+        self.threshold.labels(line).set(decision.threshold if decision is not None else math.nan)
         self.batch_size.labels(line)
         self.deadline_misses.labels(line)
         self.late_results.labels(line)
@@ -184,6 +231,10 @@ class Metrics:
         self.last_verdict.labels(self.line).set(time.time())
         if v.reason is Reason.DEADLINE:
             self.deadline_misses.labels(self.line).inc()
+        if v.score is not None:
+            self.score.labels(self.line).observe(v.score)
+        if not v.inspected:  # a station fault says nothing about the parts: not in the NG ratio
+            return
         rejected = v.outcome is Outcome.REJECT
         with self._lock:  # the window is a running count, O(1) per verdict
             if len(self._window) == self._window.maxlen:
@@ -195,6 +246,11 @@ class Metrics:
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(self.line, stage).observe(seconds)
+
+    def observe_parts(self, logits: Sequence[float], images: Sequence[PartImage]) -> None:
+        """One inference batch for the drift windows: the logits of the parts the model decided, and the crop
+        statistics of the batch's parts."""
+        self.drift.observe(logits, images)
 
     def observe_batch(self, size: int) -> None:
         self.batch_size.labels(self.line).observe(size)

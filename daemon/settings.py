@@ -282,6 +282,19 @@ class MetricsSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=9108, ge=0, le=65535)  # 0 = ephemeral (tests)
     ng_window: int = Field(default=500, ge=1)
+    # The drift statistics (daemon/drift.py) look at the last drift_window scored parts; the score drift is
+    # reported once drift_min_parts of them passed (fewer: NaN, sampling noise would dominate).
+    drift_window: int = Field(default=500, ge=1, le=100_000)
+    drift_min_parts: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _drift_parts_fit_the_window(self) -> MetricsSettings:
+        if self.drift_min_parts > self.drift_window:
+            raise ValueError(
+                f"metrics.drift_min_parts ({self.drift_min_parts}) must not exceed metrics.drift_window "
+                f"({self.drift_window})"
+            )
+        return self
 
 
 class LoggingSettings(_Section):
@@ -394,8 +407,9 @@ def format_errors(exc: ValidationError, path: Path | None) -> str:
     return "\n".join(lines)
 
 
-def to_toml(settings: Settings) -> str:
-    """The effective configuration as a TOML file that ``--config`` accepts (None values are commented)."""
+def to_toml(settings: BaseModel) -> str:
+    """The effective configuration (``Settings``, or another settings model: the PLC bridge's) as a TOML file
+    that ``--config`` accepts (None values are commented)."""
     data = settings.model_dump(mode="json")
     lines: list[str] = []
     top = {k: v for k, v in data.items() if not isinstance(v, dict)}

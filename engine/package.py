@@ -102,6 +102,9 @@ class ModelMeta:
     opset: int | None = None
     onnx_sha256: str = ""
     gauges: dict[str, Any] | None = None  # tolerance bands from engine.pose measurements
+    # engine.drift.ScoreReference: the good calibration parts' logits, what the daemon's drift statistic compares
+    # with. None in packages exported before it existed: they load as before, with drift reported "no reference".
+    score_reference: dict[str, Any] | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -125,7 +128,7 @@ class ModelMeta:
         return f"{self.name}@{self.onnx_sha256[:12]}" if self.onnx_sha256 else self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "schema_version": self.schema_version,
             "name": self.name,
             "input_name": self.input_name,
@@ -143,6 +146,9 @@ class ModelMeta:
             "variants": self.variants,
             "created_by": self.created_by,
         }
+        if self.score_reference is not None:  # absent rather than null: older inspectd still read the file
+            d["score_reference"] = self.score_reference
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
@@ -155,7 +161,7 @@ class ModelMeta:
         known = {
             "schema_version", "name", "input_name", "output_name", "heatmap_output", "class_order",
             "preprocess", "decision", "gauges", "opset", "onnx_sha256", "calibration", "training",
-            "metrics", "variants", "created_by",
+            "metrics", "variants", "created_by", "score_reference",
         }  # fmt: skip
         unknown = sorted(set(d) - known)
         if unknown:
@@ -181,6 +187,7 @@ class ModelMeta:
             opset=d.get("opset"),
             onnx_sha256=str(d.get("onnx_sha256", "")),
             gauges=d.get("gauges"),
+            score_reference=d.get("score_reference"),
             calibration=dict(d.get("calibration") or {}),
             training=dict(d.get("training") or {}),
             metrics=dict(d.get("metrics") or {}),

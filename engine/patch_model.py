@@ -114,12 +114,13 @@ class PatchMemory(nn.Module):
         if view is not None and (view[4] < 1 or not 0 <= view[0] < view[1] or not 0 <= view[2] < view[3]):
             raise ValueError(f"view (top, bottom, left, right, pool) must be a non-empty region, got {view}")
         self.register_buffer("view", torch.tensor(view or (0, 0, 0, 0, 0), dtype=torch.int64))
-        self._view = tuple(int(v) for v in view) if view is not None else None
+        self._view = _view_of(view)
         self._residual = bool(residual)
         self._top_k = int(top_k)
         self._grid = (int(gh), int(gw))
         self._offsets = [(int(dy), int(dx)) for dy, dx in self.offsets.tolist()]
         self._stride = int(stride)
+        self._patch = int(kernel.shape[-1])
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PatchMemory:
@@ -173,7 +174,7 @@ class PatchMemory(nn.Module):
         is mostly *outside* them, so its code alone may have a close good twin. This norm is one more feature
         (in the codes' pixel units): the distance then never falls below the difference in unexplained detail.
         """
-        p = int(self.kernel.shape[-1])
+        p = self._patch
         ones = torch.ones(1, 1, p, p, dtype=x.dtype, device=x.device)
         s1 = F.conv2d(x, ones, stride=self._stride)
         s2 = F.conv2d(x * x, ones, stride=self._stride)

@@ -178,6 +178,11 @@ class Preprocessor:
         ``pose``: an ``engine.pose.Pose`` the caller already estimated (the daemon's gauges), so it is not
         estimated twice; ignored without a pose crop.
         """
+        return self.equalised(self.crop(gray, pose=pose))
+
+    def crop(self, gray: np.ndarray, *, pose: Any = None) -> np.ndarray:
+        """The pose-normalised crop (the frame itself without a pose crop): what the camera saw of the part,
+        before CLAHE evens out its light. The daemon measures brightness and contrast here (drift)."""
         if gray.ndim != 2 or gray.dtype != np.uint8:
             raise ValueError(f"expected a 2-D uint8 gray image, got shape {gray.shape} dtype {gray.dtype}")
         if self._pose is not None:
@@ -185,12 +190,16 @@ class Preprocessor:
             if pose is None:
                 pose = pose_mod.estimate_pose(gray, pose_params)
             gray = pose_mod.normalise(gray, pose, pose_params)
+        return gray
+
+    def equalised(self, crop: np.ndarray) -> np.ndarray:
+        """:meth:`crop`'s output → CLAHE and resize in the configured order → (H, W) uint8."""
         h, w = self.params.input_size
         out: np.ndarray
         if self.params.order == "clahe_then_resize":
-            out = cv2.resize(self._clahe().apply(gray), (w, h), interpolation=self._interp)
+            out = cv2.resize(self._clahe().apply(crop), (w, h), interpolation=self._interp)
         else:
-            out = self._clahe().apply(cv2.resize(gray, (w, h), interpolation=self._interp))
+            out = self._clahe().apply(cv2.resize(crop, (w, h), interpolation=self._interp))
         return out
 
     def normalise_into(self, img8: np.ndarray, out: np.ndarray) -> None:
@@ -200,10 +209,14 @@ class Preprocessor:
 
     def __call__(self, gray: np.ndarray, out: np.ndarray | None = None, *, pose: Any = None) -> np.ndarray:
         """One image → float32 (1, H, W); written into ``out`` when given (``pose``: see ``geometric``)."""
+        return self.from_crop(self.crop(gray, pose=pose), out)
+
+    def from_crop(self, crop: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`crop`'s output → float32 (1, H, W), into ``out`` when given: the rest of :meth:`__call__`."""
         h, w = self.params.input_size
         if out is None:
             out = np.empty((1, h, w), dtype=np.float32)
-        self.normalise_into(self.geometric(gray, pose=pose), out[0])
+        self.normalise_into(self.equalised(crop), out[0])
         return out
 
     def batch_into(self, images: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:

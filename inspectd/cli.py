@@ -1,8 +1,8 @@
 """``inspectd`` — the product's verb table: it parses the verb and dispatches, nothing else.
 
 Each verb lives with the part it belongs to (``daemon.commands``, ``tools.commands``, ``replay.command``,
-``training.commands``, ``engine.commands``, ``bench.command``) and provides ``add_arguments(parser)`` and
-``run(args) -> int``. Only the chosen verb's module is imported, so ``inspectd serve`` never imports training
+``plc.command``, ``training.commands``, ``engine.commands``, ``bench.command``) and provides
+``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen verb's module is imported, so ``inspectd serve`` never imports training
 code or torch, and ``inspectd --help`` starts instantly.
 """
 
@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("daemon.commands.check_config", "validate the configuration and print it"),
     "camera": ("tools.commands.camera", "simulated camera: push frames to the daemon"),
     "watch": ("tools.commands.watch", "print verdicts live and report gaps"),
+    "plc-bridge": (
+        "plc.command",
+        "serve verdicts to PLCs over OPC UA and Modbus TCP, with a result handshake",
+    ),
     "keys": ("daemon.commands.keys", "generate CURVE key pairs for the daemon, cameras and subscribers"),
     "replay": (
         "replay.command",

@@ -165,6 +165,13 @@ def headline(report: dict[str, Any], out: Path) -> str:
     ]  # fmt: skip
     for k, v in s["per_type"].items():
         lines.append(f"  {k:<20} n={v['n']:<3} recall {f(v['recall'], 2)}")
+    d = report.get("drift") or {}
+    if d:
+        against = (f"PSI {f(d['psi'])}, median rank {f(d['median_rank'], 2)} over {d['passed_parts']} passed parts "
+                   f"against {d['reference_parts']} good calibration parts" if d["reference_parts"]
+                   else f"no reference ({d['no_reference']})")  # fmt: skip
+        lines.append(f"  drift: {against}; crop brightness {f(d['crop_brightness'], 1)}, "
+                     f"contrast {f(d['crop_contrast'], 1)}")  # fmt: skip
     cmp = report.get("compare")
     if cmp is not None:
         prev = cmp["previous"]

@@ -82,6 +82,8 @@ def build_report(
             "backend": result.backend,
         },
         "summary": summary,
+        # The daemon's own drift statistics over the last metrics.drift_window parts (docs/operations.md)
+        "drift": result.drift,
         "gates": check_gates(gates, summary, comparison),
         "compare": comparison,
         "notes": notes,

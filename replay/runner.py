@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -127,6 +127,9 @@ class RunResult:
     source: dict[str, Any]
     backend: dict[str, str]
     complete: bool
+    # The daemon's drift statistics at the end (daemon.drift.DriftMonitor.snapshot): the last
+    # metrics.drift_window parts against the package's score reference
+    drift: dict[str, Any] = field(default_factory=dict)
 
 
 def replay_settings(settings: Settings, *, metrics_port: int | None = None) -> Settings:
@@ -220,6 +223,9 @@ def run(
         source.stop()
         app.stop()
         wire.stop(expect=recorder.count())
+    # After the stop: every inference batch has reported to the drift windows (a verdict can reach the recorder
+    # just before its batch does).
+    drift = app.metrics.drift.snapshot() if app.metrics is not None else {}
     t_first = source.t_first or 0.0
     seconds = (recorder.t_last or t_first) - t_first
     records = sorted(recorder.records.values(), key=lambda r: r["file"])
@@ -240,4 +246,5 @@ def run(
         },
         backend=backend,
         complete=complete and app.exit_code == 0,
+        drift=drift,
     )

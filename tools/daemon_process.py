@@ -25,9 +25,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
-from daemon.settings import Settings, to_toml
+from pydantic import BaseModel
+
+from daemon.settings import to_toml
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -115,11 +117,16 @@ class LogLines:
 
 class DaemonProcess:
     """``with DaemonProcess(settings, workdir) as d:`` — started and ready inside; on leaving, stopped with
-    SIGTERM (it drains; the exit code is kept), or killed when the block raised."""
+    SIGTERM (it drains; the exit code is kept), or killed when the block raised.
+
+    ``verb``: the ``inspectd`` command run with ``--config FILE`` (a subclass may run another long-lived verb
+    with its own settings model and ``ready`` line: the PLC bridge's tests do)."""
+
+    verb: ClassVar[str] = "serve"
 
     def __init__(
         self,
-        settings: Settings,
+        settings: BaseModel,
         workdir: Path,
         *,
         name: str | None = None,
@@ -165,7 +172,7 @@ class DaemonProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(to_toml(self.settings), encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTD_")}
-        cmd = [*self.prefix, *self.command(), "serve", "--config", str(self.config_path)]
+        cmd = [*self.prefix, *self.command(), self.verb, "--config", str(self.config_path)]
         self.proc = subprocess.Popen(
             cmd,
             cwd=self.cwd,

@@ -35,7 +35,10 @@ from daemon.settings import Settings
 from tools.camera_sim import CameraSim, SimFrame, synth_pool
 
 Say = Callable[[str], None]
-PRODUCTION_INPUT = (160, 500)  # the default preset's input size (training.config.PATCH)
+PRODUCTION_INPUT = (
+    320,
+    1000,
+)  # the default preset's input size (training.config.PATCH; a test keeps them equal)
 
 
 class DemoError(RuntimeError):

@@ -58,6 +58,8 @@ class Calibration:
     escapes: int = 0  # NG calibration images that neither model nor gauges reject
     escape_rate_upper: float = 1.0  # one-sided ESCAPE_CONFIDENCE upper bound on the escape rate
     budgets: tuple[dict[str, Any], ...] = field(default_factory=tuple)  # budget_table rows
+    # The OK parts' logits, sorted: the reference the daemon's drift statistic compares with (engine.drift)
+    ok_logits: tuple[float, ...] = ()
 
     def decision(self) -> Decision:
         return Decision(threshold=self.threshold, grey_zone=self.grey_zone)
@@ -242,4 +244,5 @@ def calibrate(
         escapes=escapes,
         escape_rate_upper=escape_upper_bound(escapes, int(y.sum()), ESCAPE_CONFIDENCE),
         budgets=tuple(budget_table(z, y, t1, gauge_reject=g, budgets=budgets)),
+        ok_logits=tuple(np.sort(z[~y]).tolist()),
     )

@@ -233,10 +233,21 @@ CNN = TrainConfig(
     pose=True,
     augment=AugmentConfig(hflip=0.0, vflip=0.5, rotate_deg=3.0, shift_y=0.03, brightness=10.0, contrast=0.1),
 )
-# The default: the patch memory on the pose crop at half resolution (160×500). Measured on 5 stratified folds of
-# screws-300 it ranks NG above OK far better than either ResNet18 preset (docs/training.md, section 9), needs
-# no NG images to fit and fits in seconds.
-PATCH = TrainConfig()
+# The default: two patch memories on the full-resolution pose crop (320×1000), fused: one on the whole crop at
+# half resolution, one on the thread band at full resolution (where `thread_side` damage is a few pixels), each
+# with the residual-norm feature, the pooled per-cell spread and a 100-patch coreset per cell. Chosen on repeated
+# stratified 5-fold of screws-300 (python -m training.variants; docs/training.md section 9): it ranks NG above
+# OK far better than either ResNet18 preset, needs no NG images to fit and fits in about a minute.
+PATCH_MEMBER: dict[str, Any] = {"bank_size": 100}
+PATCH = TrainConfig(
+    input_size=(320, 1000),
+    patch_sd_pool=3,
+    patch_residual=True,
+    patch_members=(
+        {"pool": 2, **PATCH_MEMBER},  # the whole crop at half resolution
+        {"region": [0.15, 0.85, 0.44, 1.0], **PATCH_MEMBER},  # the thread band, tip end, at full resolution
+    ),
+)
 PRESETS: dict[str, TrainConfig] = {
     "default": PATCH,
     "patch": PATCH,

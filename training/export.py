@@ -223,13 +223,15 @@ def export_package(
     metrics: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
     gauges: dict[str, Any] | None = None,
+    score_reference: dict[str, Any] | None = None,
     exporter: str = "torchscript",
 ) -> ModelMeta:
     """Export ``model`` (engine.model.build_model's network, trained) to ``out_dir`` and return its meta.
 
     ``verify_batch``: float32 (N, 1, H, W) images preprocessed with ``preprocess`` (real validation images);
     None uses 8 seeded random images, which checks numerics but not verdicts near the threshold. On any
-    failure :class:`ExportError` is raised and ``out_dir`` is left as it was.
+    failure :class:`ExportError` is raised and ``out_dir`` is left as it was. ``score_reference``: the
+    calibration's OK logits (engine.drift.ScoreReference.to_dict()), what the daemon measures drift against.
     """
     import onnx
     import torch
@@ -281,6 +283,7 @@ def export_package(
             heatmap_output=CAM_NAME if heatmap else None,
             opset=opset,
             gauges=gauges,
+            score_reference=score_reference,
             calibration=dict(calibration or {}),
             training=dict(training or {}),
             metrics=dict(metrics or {}),

@@ -105,4 +105,5 @@ def export_run(
         metrics=metrics,
         calibration=cal,
         gauges=gauges.to_dict() if gauges is not None else None,
+        score_reference=summary.get("score_reference"),  # None from a run trained before it existed
     )

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.dataset import DataError, Dataset, discover, subset
+from engine.drift import ScoreReference
 from engine.gauges import GaugeSet, outside_any
 from engine.model import build_model, model_from_state
 from engine.pose import Measurements
@@ -394,15 +395,19 @@ def fit_patch_memory(setup: RunSetup, prep: Prepared) -> Fitted | None:
     memory without its own patches). With few NG per split this sets the threshold on many more NG images.
     Nothing is shared between ranks: rank 0 fits (the others return None and wait at train()'s barrier).
     """
-    from training.patch_memory import fit
+    from training.patch_memory import fit_members
 
     if not setup.dist.main:
         return None
     cfg, tr = setup.cfg, prep.tr
     ok = tr.labels == 0
     t0 = time.monotonic()
-    model, loo = fit(
-        normalised(prep.pre, tr.pixels[ok]), tr.pixels[ok], cfg.patch_settings(), seed=cfg.seed, log=setup.log
+    model, loo = fit_members(
+        normalised(prep.pre, tr.pixels[ok]),
+        tr.pixels[ok],
+        cfg.patch_members_settings(),
+        seed=cfg.seed,
+        log=setup.log,
     )
     fit_s = time.monotonic() - t0
     device = torch.device("cpu")
@@ -684,6 +689,8 @@ def write_run(
         "config": setup.cfg.to_dict(),
         "val": val_metrics(logits, prep.va.labels) | {"n": len(logits)},
         "calibration": cal.to_dict(),
+        # the calibration's OK logits: export ships them as model.json's score_reference (drift monitoring)
+        "score_reference": ScoreReference.from_logits(cal.ok_logits, cal.split).to_dict(),
         "gauges": gauging.summary(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "stopped": fitted.stopped,

@@ -45,68 +45,94 @@ from training.gauge_fit import kfold_flags, learn_bands
 from training.images import load_images, normalised
 from training.metrics import auroc
 
-# name → TrainConfig overrides of the default preset (every row of docs/training.md's variant table).
-# A variant with a "fuse" list averages the logits of several members (each a set of overrides), each member's
-# logit already standardised on its own good parts' leave-one-out scores.
-FULL = [320, 1000]  # the pose crop at full resolution (the patch memory ensembles' input)
+# name → TrainConfig overrides of the default preset (every row of docs/training.md's variant table). Each
+# variant names every setting it depends on, so a row means the same after the default changes: the single
+# memories start from SINGLE (the default before the ensemble), the ensembles from FULL + members.
+SINGLE: dict[str, Any] = {
+    "input_size": [160, 500],
+    "patch_members": [],
+    "patch_residual": False,
+    "patch_sd_pool": 1,
+}
+FULL: dict[str, Any] = {"input_size": [320, 1000], "patch_residual": False, "patch_sd_pool": 1}
 HALF: dict[str, Any] = {"pool": 2}  # a member on the whole crop at half resolution
 THREAD: dict[str, Any] = {"region": [0.15, 0.85, 0.44, 1.0]}  # the thread band (tip end) at full resolution
 HEAD: dict[str, Any] = {"region": [0.0, 1.0, 0.0, 0.32]}  # the head and neck at full resolution
 TUNED = {"sd_pool": 3, "residual": True}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "top8": {"patch_top_k": 8},
-    "top16": {"patch_top_k": 16},
-    "dims64": {"patch_dims": 64},
-    "window13": {"patch_window": [1, 3]},
-    "res75": {"input_size": [240, 750]},
-    "phases4": {"patch_axial_phases": 4},
-    "residual": {"patch_residual": True},
-    "sdpool3": {"patch_sd_pool": 3},
-    "sdpool3_residual": {"patch_sd_pool": 3, "patch_residual": True},
-    "q95_sdpool3": {"patch_spread_quantile": 0.95, "patch_sd_pool": 3},
-    "head_anchor": {"pose_params": {"anchor": "head"}},
-    "thread_band_only": {"input_size": FULL, "patch_members": [{**THREAD}]},
-    "half+thread": {"input_size": FULL, "patch_members": [{**HALF}, {**THREAD}]},
+    "default": {},  # the default preset as it is now
+    "single_half": SINGLE,  # the default before this table: one memory on the 160×500 crop
+    "top8": {**SINGLE, "patch_top_k": 8},
+    "top16": {**SINGLE, "patch_top_k": 16},
+    "dims64": {**SINGLE, "patch_dims": 64},
+    "window13": {**SINGLE, "patch_window": [1, 3]},
+    "res75": {**SINGLE, "input_size": [240, 750]},
+    "phases4": {**SINGLE, "patch_axial_phases": 4},
+    "residual": {**SINGLE, "patch_residual": True},
+    "sdpool3": {**SINGLE, "patch_sd_pool": 3},
+    "sdpool3_residual": {**SINGLE, "patch_sd_pool": 3, "patch_residual": True},
+    "q95_sdpool3": {**SINGLE, "patch_spread_quantile": 0.95, "patch_sd_pool": 3},
+    "head_anchor": {**SINGLE, "pose_params": {"anchor": "head"}},
+    "thread_band_only": {**FULL, "patch_members": [{**THREAD}]},
+    "half+thread": {**FULL, "patch_members": [{**HALF}, {**THREAD}]},
     "half+thread_tuned": {
-        "input_size": FULL,
+        **FULL,
         "patch_members": [{**HALF, **TUNED}, {**THREAD, **TUNED}],
     },
     "half+thread+head_tuned": {
-        "input_size": FULL,
+        **FULL,
         "patch_members": [{**HALF, **TUNED}, {**THREAD, **TUNED}, {**HEAD, **TUNED}],
     },
     "half+thread_d16": {
-        "input_size": FULL,
+        **FULL,
         "patch_members": [{**HALF, "dims": 16, **TUNED}, {**THREAD, "dims": 16, **TUNED}],
     },
     "half+thread_d16_w11": {
-        "input_size": FULL,
+        **FULL,
         "patch_members": [
             {**HALF, "dims": 16, "window": [1, 1], **TUNED},
             {**THREAD, "dims": 16, "window": [1, 1], **TUNED},
         ],
     },
     "half+thread_ph1": {
-        "input_size": FULL,
+        **FULL,
         "patch_members": [{**HALF, **TUNED}, {**THREAD, "axial_phases": 1, **TUNED}],
     },
     "half+thread_b200": {
-        "input_size": FULL,
+        **FULL,
         "patch_members": [
             {**HALF, "bank_size": 200, **TUNED},
             {**THREAD, "bank_size": 200, **TUNED},
         ],
     },
     "half+thread_b100": {
-        "input_size": FULL,
+        **FULL,
         "patch_members": [
             {**HALF, "bank_size": 100, **TUNED},
             {**THREAD, "bank_size": 100, **TUNED},
         ],
     },
+    "half+thread_b50": {
+        **FULL,
+        "patch_members": [{**HALF, "bank_size": 50, **TUNED}, {**THREAD, "bank_size": 50, **TUNED}],
+    },
+    "half+thread_b100_w11": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, "window": [1, 1], **TUNED},
+            {**THREAD, "bank_size": 100, "window": [1, 1], **TUNED},
+        ],
+    },
+    "half+thread+head_b100": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, **TUNED},
+            {**HEAD, "bank_size": 100, **TUNED},
+        ],
+    },
     "half+thread_p24_tuned": {
-        "input_size": FULL,
+        **FULL,
         "patch_members": [{**HALF, **TUNED}, {**THREAD, "patch": 24, **TUNED}],
     },
 }

@@ -57,6 +57,13 @@ def test_gauges_reject_out_of_tolerance_and_unmeasurable_parts(
     ):
         cam.stream(frames, fps=30)
         by_id = {v["frame_id"]: v for v in sub.wait_verdicts(len(frames), timeout=60)}
+    # The drift window measured every part that was found (not the empty tray): the length quantiles sit in the
+    # band, the 5th percentile among the 3 short screws below it (docs/operations.md, "Drift").
+    snapshot = app.metrics.drift.snapshot() if app.metrics is not None else {}
+    (band,) = [b for b in GaugeSet.from_dict(package.meta.gauges or {}).bands if b.name == "length_px"]
+    length = snapshot["measurements"]["length_px"]
+    assert band.low is not None and band.high is not None
+    assert length["p05"] < band.low < length["p50"] < length["p95"] < band.high, (length, band)
     for i in range(len(parts["ok"])):
         v = by_id[f"ok-{i}"]
         assert (v["verdict"], v["reason"]) == ("PASS", "model"), v

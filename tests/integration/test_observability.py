@@ -7,6 +7,7 @@ counter family moves. The scrape must also pass `promtool check metrics` (Promet
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 import urllib.error
@@ -155,9 +156,28 @@ def test_metrics_equal_what_the_subscriber_received(tmp_path: Path) -> None:
         == by_outcome_reason[("REJECT", "deadline")]
     )
 
-    # Gauges: NG ratio over the window (larger than the run) is the REJECT share; last verdict is recent.
-    rejects = sum(c for (outcome, _), c in by_outcome_reason.items() if outcome == "REJECT")
-    assert value(samples, "inspectd_ng_ratio", line=line) == pytest.approx(rejects / n)
+    # Gauges: NG ratio over the window (larger than the run) is the REJECT share of the inspected parts: the
+    # decode errors are station faults and stay out of it. Last verdict is recent.
+    inspected = [v for v in verdicts if v["reason"] in ("model", "grey_zone", "out_of_tolerance")]
+    rejects = sum(v["verdict"] == "REJECT" for v in inspected)
+    assert 0 < rejects < len(inspected) < n
+    assert value(samples, "inspectd_ng_ratio", line=line) == pytest.approx(rejects / len(inspected))
+    # Score histogram: one observation per verdict with a score, each in its bucket; the threshold is an edge.
+    scores = [v["score"] for v in verdicts if v["score"] is not None]
+    threshold = verdicts[0]["threshold"]
+    assert len(scores) == len(inspected)
+    assert value(samples, "inspectd_score_count", line=line) == len(scores)
+    assert value(samples, "inspectd_score_sum", line=line) == pytest.approx(sum(scores), rel=1e-9)
+    buckets = {float(dict(lb)["le"]): c for (nm, lb), c in samples.items() if nm == "inspectd_score_bucket"}
+    assert threshold in buckets and len(buckets) > 10
+    for le, count in buckets.items():  # the message carries the score as the daemon computed it
+        assert count == sum(s <= le for s in scores), le
+    # Drift: this package carries no reference, which the gauges say; the crops were measured.
+    assert value(samples, "inspectd_score_reference_parts", line=line) == 0
+    assert math.isnan(value(samples, "inspectd_score_drift_psi", line=line))
+    assert value(samples, "inspectd_score_drift_parts", line=line) == len(inspected)
+    assert 0 < value(samples, "inspectd_crop_brightness", line=line) < 255
+    assert value(samples, "inspectd_crop_contrast", line=line) > 0
     last = value(samples, "inspectd_last_verdict_timestamp_seconds", line=line)
     assert max(v["t_published"] for v in verdicts) <= last <= time.time() and last >= t_start
     assert ready_while_running == 1.0

@@ -11,6 +11,7 @@ and every dashboard query must return data from what the daemon really exports.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import time
@@ -18,13 +19,19 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
-from tests.deploy_support import RULES_YML, dashboard_queries, load_dashboard, require_tool
+from engine.drift import ScoreReference, logit
+from engine.gauges import GaugeSet
+from engine.package import ModelPackage, load_package, write_meta
+from engine.pose import PoseParams, estimate_pose
+from tests.deploy_support import PROMETHEUS_YML, RULES_YML, dashboard_queries, load_dashboard, require_tool
 from tests.helpers import wait_until
 from tests.integration.daemon_harness import (
     CameraPusher,
@@ -34,6 +41,7 @@ from tests.integration.daemon_harness import (
     running_app,
     synth_images,
 )
+from training.gauge_fit import learn_bands
 
 pytestmark = pytest.mark.integration
 
@@ -79,19 +87,30 @@ class PrometheusServer:
         return self.log.read_text(encoding="utf-8", errors="replace")[-3000:]
 
 
+def station_config(
+    target: str, line: str, *, rules: Path = RULES_YML, alertmanager: str | None = None
+) -> dict[str, Any]:
+    """The shipped prometheus.yml for a test: its inspectd scrape job (honor_labels, the target's `line`) and
+    external labels as they are, pointed at ``target`` (the daemon of ``line``) and ``alertmanager`` (or none),
+    evaluating ``rules`` (the shipped rules.yml by default), with 1 s scrape and evaluation intervals."""
+    config: dict[str, Any] = yaml.safe_load(PROMETHEUS_YML.read_text(encoding="utf-8"))
+    interval = f"{EVAL_INTERVAL_S:g}s"
+    config["global"].update(scrape_interval=interval, scrape_timeout=interval, evaluation_interval=interval)
+    config["rule_files"] = [str(rules)]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "inspectd"]
+    job["static_configs"] = [{"targets": [target], "labels": {"line": line}}]
+    config["scrape_configs"] = [job]
+    if alertmanager is None:
+        del config["alerting"]
+    else:
+        config["alerting"]["alertmanagers"] = [{"static_configs": [{"targets": [alertmanager]}]}]
+    return config
+
+
 @contextmanager
-def prometheus_server(tmp_path: Path, target: str) -> Iterator[PrometheusServer]:
-    """Prometheus scraping ``target`` every second with the shipped rules; always killed on exit."""
+def prometheus_server(tmp_path: Path, config: dict[str, Any]) -> Iterator[PrometheusServer]:
+    """Prometheus running ``config`` (:func:`station_config`); always killed on exit."""
     binary = require_tool("prometheus")
-    config = {
-        "global": {
-            "scrape_interval": f"{EVAL_INTERVAL_S:g}s",
-            "scrape_timeout": f"{EVAL_INTERVAL_S:g}s",
-            "evaluation_interval": f"{EVAL_INTERVAL_S:g}s",
-        },
-        "rule_files": [str(RULES_YML)],  # as shipped: the recording rules and alerts under test
-        "scrape_configs": [{"job_name": "inspectd", "static_configs": [{"targets": [target]}]}],
-    }
     config_file = tmp_path / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
@@ -136,15 +155,32 @@ def _grafana_to_promql(expr: str, line: str) -> str:
     return expr.replace("$line", line).replace("$__rate_interval", "1m").replace("$__range", "1m")
 
 
+def complete_package(directory: Path, images: list[np.ndarray]) -> ModelPackage:
+    """The tiny package with everything a production package carries, so every metric and panel has data:
+    a threshold at the median score (mixed verdicts), tolerance bands learnt from the OK screws among
+    ``images``, and a score reference. The reference is drawn, not calibrated (this test is about plumbing:
+    test_drift_replay.py calibrates one): 60 good parts a logit or so below the threshold."""
+    pkg = calibrated_package(directory, images)
+    ok = [estimate_pose(img).measurements for img in images[::3]]
+    gauges = GaugeSet(bands=learn_bands(ok), pose=PoseParams().to_dict(), n_ok=len(ok))
+    below = logit(pkg.meta.decision.threshold) - 1.0
+    reference = ScoreReference.from_logits(np.random.default_rng(9).normal(below, 0.5, 60), "drawn")
+    write_meta(directory, replace(pkg.meta, gauges=gauges.to_dict(), score_reference=reference.to_dict()))
+    return load_package(directory)
+
+
 @pytest.mark.timeout(180)
 def test_prometheus_ng_rate_rule_matches_the_subscriber(tmp_path: Path) -> None:
     n_images = 30
-    images = synth_images(n_images, size=128, seed=9)
+    images = synth_images(n_images, size=1024, seed=9)  # production size: the pose finds and measures them
     package_dir = tmp_path / "model"
-    calibrated_package(package_dir, [img for img, _ in images])
-    settings = daemon_settings(package_dir)
+    complete_package(package_dir, [img for img, _ in images])
+    settings = daemon_settings(package_dir, metrics={"port": 0, "drift_min_parts": 5})
     line = settings.line
-    with running_app(settings) as app, prometheus_server(tmp_path, f"127.0.0.1:{app.metrics_port}") as prom:
+    with (
+        running_app(settings) as app,
+        prometheus_server(tmp_path, station_config(f"127.0.0.1:{app.metrics_port}", line)) as prom,
+    ):
         t0 = time.monotonic()
         # The first scrape must see all counters at 0, before any frame: the exactness argument above.
         prom.wait_for(
@@ -180,12 +216,29 @@ def test_prometheus_ng_rate_rule_matches_the_subscriber(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 55, (
             "the test outran the 1m window; the comparison would be meaningless"
         )
-        expected = rejects / n
-        for rule in (RULE_1M, RULE_15M):
+        inspected = [v for v in verdicts if v["reason"] in ("model", "grey_zone", "out_of_tolerance")]
+        inspected_rejects = sum(v["verdict"] == "REJECT" for v in inspected)
+        assert 0 < inspected_rejects < len(inspected) < n  # the garbled frame is a station fault
+        for rule, expected in (
+            (RULE_1M, rejects / n),
+            (RULE_15M, rejects / n),
+            ("line:inspectd_inspected_reject:ratio_rate1m", inspected_rejects / len(inspected)),
+            ("line:inspectd_inspected_reject:ratio_rate15m", inspected_rejects / len(inspected)),
+            ("line:inspectd_station_faults:ratio_rate15m", (n - len(inspected)) / n),
+        ):
             got = prom.scalar(f'{rule}{{line="{line}"}}')
             assert got == pytest.approx(expected, rel=1e-9), (rule, got, rejects, n)
-        # The daemon's own NG gauge (last N verdicts, N = 500 > n) agrees as well.
-        assert prom.scalar(f'inspectd_ng_ratio{{line="{line}"}}') == pytest.approx(expected)
+        # The daemon's own NG gauge (last N inspected verdicts, N = 500 > n) agrees with the inspected rule.
+        assert prom.scalar(f'inspectd_ng_ratio{{line="{line}"}}') == pytest.approx(
+            inspected_rejects / len(inspected)
+        )
+        # The drift statistic is a number here (reference, enough passed parts), and the shipped scrape config
+        # kept the daemon's own `line` (honor_labels): no series was relabelled exported_line, and `up` carries
+        # the target's line for InspectdTargetDown.
+        psi = prom.scalar(f'inspectd_score_drift_psi{{line="{line}"}}')
+        assert psi is not None and math.isfinite(psi)
+        assert prom.query('{exported_line!=""}') == []
+        assert prom.scalar(f'up{{job="inspectd", line="{line}"}}') == 1
 
         # Every rule of rules.yml evaluates cleanly against real data (no type or label errors).
         groups = prom.api("rules")["groups"]

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from engine.backend import create_backend, sigmoid  # noqa: E402
 from engine.dataset import discover, subset  # noqa: E402
+from engine.drift import load_reference  # noqa: E402
 from engine.gauges import GaugeSet, load_gauges  # noqa: E402
 from engine.package import ModelPackage, load_package  # noqa: E402
 from engine.preprocess import Preprocessor  # noqa: E402
@@ -187,6 +188,10 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
     assert main(["export", str(run), "--out", str(model_dir)]) == 0
     pkg = load_package(model_dir)
     assert pkg.meta.gauges == gauges.to_dict()
+    # The drift reference: the calibration's OK logits, sorted, from the run to the package.
+    reference = load_reference(pkg.meta.score_reference)
+    assert reference is not None and len(reference.logits) == cal["n_ok"] and reference.source == cal["split"]
+    assert pkg.meta.score_reference == summary["score_reference"]
     assert load_gauges(pkg.meta.gauges, pkg.meta.preprocess.pose) == gauges  # as the daemon opens them
     assert pkg.meta.calibration["escape_rate_upper"] == cal["escape_rate_upper"]
 
@@ -206,6 +211,9 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
         == 0
     )
     report = json.loads((out / "replay.json").read_text())
+    # Fewer than 40 good calibration parts are too few for a drift statistic: the replay (the daemon) says so.
+    assert cal["n_ok"] < 40 and report["drift"]["reference_parts"] == 0
+    assert f"of the {cal['n_ok']} reference parts pass" in report["drift"]["no_reference"]
     (short,) = [r for r in report["images"] if r["label"] == "NG"]
     assert (short["verdict"], short["reason"]) == ("REJECT", "out_of_tolerance"), short
     assert report["summary"]["by_source"]["ng"]["gauges"] == 1 and report["model"]["gauges"] == [

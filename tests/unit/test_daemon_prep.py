@@ -25,7 +25,7 @@ class Raising:
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
 
-    def __call__(self, gray: np.ndarray, out: np.ndarray, *, pose: Any = None) -> None:
+    def crop(self, gray: np.ndarray, *, pose: Any = None) -> np.ndarray:  # the pose crop: where poses fail
         raise self.exc
 
 
@@ -60,6 +60,9 @@ def test_success_fills_the_row_and_times_the_stages() -> None:
     assert job.ok and item is None
     assert np.array_equal(row, pre(img))
     assert [s for s, _ in seen] == ["decode", "preprocess"]
+    # The crop's light for the drift statistics (no pose crop here: the frame; no gauges: no measurements)
+    assert job.image.brightness == pytest.approx(img.mean(), abs=1e-9)
+    assert job.image.contrast == pytest.approx(img.std(), abs=1e-9) and job.image.measurements is None
 
 
 @pytest.mark.parametrize(

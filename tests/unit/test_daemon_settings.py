@@ -49,6 +49,7 @@ def test_precedence_override_over_env_over_toml(tmp_path: Path, monkeypatch: pyt
         ("[publisher]\nendpoint = 'localhost:1'\n", "is not a ZeroMQ endpoint"),
         ("line = 'a b'\n", "line id 'a b'"),
         ("[batching]\nmax_batch = 0\n", "batching.max_batch"),
+        ("[metrics]\ndrift_window = 50\n", "metrics: Value error, metrics.drift_min_parts"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, toml: str, key: str) -> None:

@@ -1,23 +1,31 @@
-"""deploy/: Prometheus config and rules, Grafana provisioning and dashboard, the compose file.
+"""deploy/: Prometheus config and rules, Alertmanager config, Grafana provisioning and dashboard, the compose file.
 
-Two kinds of checks. The tools' own (promtool check config/rules, promtool test rules) catch syntax and alert
-logic. Ours catch what the tools cannot: a dashboard or rule that names a metric or label the daemon does not
-export (it would show "no data" forever), and files that disagree with each other (ports, paths, uids).
+Two kinds of checks. The tools' own (promtool check config/rules, promtool test rules, amtool check-config and
+amtool config routes test) catch syntax, alert logic and routing. Ours catch what the tools cannot: a dashboard
+or rule that names a metric or label the daemon does not export (it would show "no data" forever), and files
+that disagree with each other (ports, paths, uids, line ids, alert names, the daemon's reasons).
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from daemon.drift import DriftMonitor
 from daemon.metrics import Metrics
-from daemon.settings import MetricsSettings
+from daemon.settings import MetricsSettings, Settings
+from daemon.types import Outcome, Reason, Verdict
+from engine.gauges import Band
+from engine.package import Decision
 from tests.deploy_support import (
+    ALERTMANAGER_YML,
     DEPLOY,
     PROMETHEUS_YML,
     RULES_TEST_YML,
@@ -31,6 +39,7 @@ from tests.deploy_support import (
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "inspectd.yaml"
 COMPOSE = DEPLOY / "docker-compose.yml"
+REPO = DEPLOY.parent
 
 # Labels that Prometheus adds at scrape time (job, instance) or that histograms carry (le).
 SCRAPE_LABELS = {"job", "instance", "le"}
@@ -97,7 +106,9 @@ def test_promql_names_finds_metrics_and_labels(expr: str, metrics: set[str], lab
 def exported() -> tuple[set[str], set[str], set[str]]:
     """(sample names, family names, label names) of a daemon's registry: daemon/metrics.py is the source."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry, "line-1")
+    # As App.init_metrics builds them for a package with a decision and gauges (the bands' series exist then)
+    drift = DriftMonitor("line-1", bands=(Band("length_px", 880.0, 940.0),))
+    metrics = Metrics(registry, "line-1", decision=Decision(threshold=0.5), drift=drift)
     metrics.set_model_info(dict.fromkeys(MODEL_INFO_KEYS, "x"))  # set once the model is loaded
     samples: set[str] = set()
     families: set[str] = set()
@@ -191,6 +202,22 @@ def test_dashboard_covers_what_operators_asked_for() -> None:
         "inspectd_queue_depth",
         "inspectd_ready",
         "inspectd_model_info",
+        # issue 20: reasons kept apart, per-model verdicts, score distribution against the threshold, drift
+        "line:inspectd_inspected_reject:ratio_rate15m",
+        "line:inspectd_station_faults:ratio_rate15m",
+        "line_class:inspectd_verdicts_reject:rate1m",
+        "group_left (model) inspectd_model_info",
+        "inspectd_score_bucket",
+        "inspectd_decision_threshold",
+        "line:inspectd_grey_zone:ratio_rate15m",
+        "inspectd_score_drift_psi",
+        "inspectd_score_drift_median_rank",
+        "inspectd_score_reference_parts",
+        "inspectd_crop_brightness",
+        "inspectd_crop_contrast",
+        "line:inspectd_pose_failures:ratio_rate15m",
+        'inspectd_part_measurement{line=~"$line", measurement="length_px"}',
+        'inspectd_gauge_band{line=~"$line", measurement="length_px"}',
     ):
         assert needle in text, needle
 
@@ -246,14 +273,38 @@ def test_required_alerts_exist() -> None:
     alerts = {r["alert"]: r for r in _rules() if "alert" in r}
     assert {
         "InspectdNgRateHigh",
+        "InspectdStationFaults",
+        "InspectdScoreDrift",
+        "InspectdGreyZoneRateHigh",
         "InspectdLatencyP99High",
         "InspectdNoVerdicts",
         "InspectdDeadlineMissesRising",
         "InspectdNotReady",
+        "InspectdTargetDown",
     } <= set(alerts)
     for name, rule in alerts.items():
+        # Alertmanager routes by these two (deploy/alertmanager/alertmanager.yml)
         assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["labels"]["area"] in ("station", "quality"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert "$labels.line" in rule["annotations"]["summary"], f"{name}: say which line"
+
+
+def test_inspection_outcomes_in_the_rules_are_the_daemons() -> None:
+    # The rules split reasons into inspection outcomes and station faults with one regex; it must be exactly
+    # the reasons the daemon counts as inspected (Verdict.inspected), or a new reason lands on the wrong side.
+    def inspected(reason: Reason) -> bool:
+        return Verdict("f", "s", Outcome.REJECT, reason, None, 0.5, "m", None, 0.0).inspected
+
+    outcomes = {r.value for r in Reason if inspected(r)}
+    assert outcomes == {"model", "grey_zone", "out_of_tolerance"}
+    regexes = set(re.findall(r'reason[=!]~"([^"]+)"', RULES_YML.read_text(encoding="utf-8")))
+    assert regexes == {"|".join(sorted(outcomes, key=list(Reason).index)), "no_part|pose_error"}, regexes
+    text = {r["record"]: " ".join(r["expr"].split()) for r in _rules() if "record" in r}
+    assert 'reason!~"model|grey_zone|out_of_tolerance"' in text["line:inspectd_station_faults:ratio_rate15m"]
+    assert (
+        'reason=~"model|grey_zone|out_of_tolerance"' in text["line:inspectd_inspected_reject:ratio_rate15m"]
+    )
 
 
 def test_promtool_check_config_and_rules() -> None:
@@ -278,6 +329,9 @@ def test_promtool_test_rules() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     tested = set(re.findall(r"alertname:\s*(\w+)", RULES_TEST_YML.read_text(encoding="utf-8")))
     assert tested == {r["alert"] for r in _rules() if "alert" in r}, "every alert needs a promtool test"
+    doc = yaml.safe_load(RULES_TEST_YML.read_text(encoding="utf-8"))
+    exprs = {t["expr"] for group in doc["tests"] for t in group.get("promql_expr_test", [])}
+    assert _recorded() <= exprs, f"recording rules without a promtool test: {sorted(_recorded() - exprs)}"
 
 
 def test_scrape_target_is_the_daemons_default_metrics_port() -> None:
@@ -287,6 +341,118 @@ def test_scrape_target_is_the_daemons_default_metrics_port() -> None:
     defaults = MetricsSettings()
     assert f"{defaults.host}:{defaults.port}" in targets
     assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_every_target_names_its_line() -> None:
+    # InspectdTargetDown has only the target's labels (the daemon is down): its `line` must come from here, so
+    # Alertmanager can route it by line and inhibit that line's other alerts. honor_labels keeps the daemon's
+    # own `line` on its series (without it Prometheus would rename it to exported_line).
+    job = next(
+        j
+        for j in yaml.safe_load(PROMETHEUS_YML.read_text(encoding="utf-8"))["scrape_configs"]
+        if j["job_name"] == "inspectd"
+    )
+    assert job["honor_labels"] is True
+    for sc in job["static_configs"]:
+        assert sc.get("labels", {}).get("line"), sc
+    # The shipped target is the default daemon: its line is the default line id, as in the example config.
+    (default,) = [
+        sc
+        for sc in job["static_configs"]
+        if f"{MetricsSettings().host}:{MetricsSettings().port}" in sc["targets"]
+    ]
+    example = tomllib.loads((REPO / "systemd" / "inspectd.toml").read_text(encoding="utf-8"))
+    assert default["labels"]["line"] == Settings().line == example["line"]
+
+
+# --- Alertmanager -----------------------------------------------------------------------------------------
+
+
+def _alertmanager() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(ALERTMANAGER_YML.read_text(encoding="utf-8"))
+    return doc
+
+
+def _amtool(*args: str) -> subprocess.CompletedProcess[str]:
+    amtool = require_tool("amtool")
+    return subprocess.run([amtool, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_amtool_check_config() -> None:
+    out = _amtool("check-config", str(ALERTMANAGER_YML))
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+
+
+def _route(labels: dict[str, str]) -> str:
+    out = _amtool(
+        "config",
+        "routes",
+        "test",
+        f"--config.file={ALERTMANAGER_YML}",
+        *(f"{k}={v}" for k, v in labels.items()),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.strip()
+
+
+def test_every_alert_reaches_the_receiver_for_its_severity_area_and_line() -> None:
+    # By severity: critical pages the on-call; by area: quality warnings go to quality engineering, station
+    # warnings to maintenance; by line: line-1 has an on-call of its own, other lines share one.
+    alerts = [r for r in _rules() if "alert" in r]
+    for rule in alerts:
+        labels = {"alertname": rule["alert"], "station": "station-01", **rule["labels"]}
+        for line in ("line-1", "line-7"):
+            if labels["severity"] == "critical":
+                expected = "oncall-line-1" if line == "line-1" else "oncall"
+            else:
+                expected = "quality" if labels["area"] == "quality" else "station"
+            assert _route({**labels, "line": line}) == expected, (rule["alert"], line)
+    # Every receiver is one some alert reaches: none is configured in vain.
+    receivers = {r["name"] for r in _alertmanager()["receivers"]}
+    assert receivers == {"oncall", "oncall-line-1", "quality", "station"}
+
+
+def test_inhibition_names_real_alerts_and_labels() -> None:
+    alerts = {r["alert"] for r in _rules() if "alert" in r}
+    for rule in _alertmanager()["inhibit_rules"]:
+        matchers = rule["source_matchers"] + rule["target_matchers"]
+        named = set(re.findall(r'alertname!?="(\w+)"', " ".join(matchers)))
+        assert named <= alerts, named - alerts
+        # Per line, per station: Prometheus adds `station` (external_labels) to every alert it sends.
+        assert rule["equal"] == ["station", "line"]
+    external = yaml.safe_load(PROMETHEUS_YML.read_text(encoding="utf-8"))["global"]["external_labels"]
+    assert "station" in external
+
+
+def test_commented_receiver_examples_are_valid_once_uncommented(tmp_path: Path) -> None:
+    # The webhook and e-mail receivers ship commented out (there is no address to ship); a site uncomments
+    # them. They must then be a valid configuration, not a trap found on the day of the first alert.
+    lines = ALERTMANAGER_YML.read_text(encoding="utf-8").splitlines()
+    key = re.compile(r"^(\s*)# ( *(?:- )?[a-z_]+:(?: |$).*)$")
+    uncommented = [m.group(1) + m.group(2) if (m := key.match(line)) else line for line in lines]
+    assert sum(a != b for a, b in zip(lines, uncommented, strict=True)) >= 15  # the examples, not prose
+    config = tmp_path / "alertmanager.yml"
+    config.write_text("\n".join(uncommented) + "\n", encoding="utf-8")
+    out = _amtool("check-config", str(config))
+    assert out.returncode == 0, out.stdout + out.stderr
+    receivers = {r["name"]: r for r in yaml.safe_load(config.read_text(encoding="utf-8"))["receivers"]}
+    assert receivers["oncall"]["webhook_configs"][0]["url"].startswith("http")
+    assert receivers["quality"]["email_configs"][0]["to"]
+    assert yaml.safe_load(config.read_text(encoding="utf-8"))["global"]["smtp_smarthost"]
+
+
+def test_prometheus_sends_alerts_to_the_station_alertmanager() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    am = compose["services"]["alertmanager"]
+    listen = next(a for a in am["command"] if a.startswith("--web.listen-address="))
+    config = yaml.safe_load(PROMETHEUS_YML.read_text(encoding="utf-8"))
+    targets = [
+        t for a in config["alerting"]["alertmanagers"] for sc in a["static_configs"] for t in sc["targets"]
+    ]
+    assert targets == [listen.split("=", 1)[1]]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in am["command"]
+    assert "./alertmanager:/etc/alertmanager:ro" in am["volumes"]
+    assert "--cluster.listen-address=" in am["command"]  # no gossip port opened on the host network
 
 
 def test_compose_mounts_exist_and_agree_with_provisioning() -> None:

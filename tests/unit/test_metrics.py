@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,8 +12,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemon.metrics import Metrics, MetricsServer, MetricsSink
+from daemon.drift import PartImage
+from daemon.metrics import SCORE_BUCKETS, Metrics, MetricsServer, MetricsSink, score_buckets
 from daemon.types import Frame, Outcome, Reason, Verdict
+from engine.package import Decision
 
 
 class RecordingMetrics:
@@ -38,6 +42,9 @@ class RecordingMetrics:
     def observe_verdict(self, v: Verdict, latency_s: float) -> None:
         self.calls.append(("observe_verdict", (v.reason,)))
 
+    def observe_parts(self, logits: Sequence[float], images: Sequence[PartImage]) -> None:
+        self.calls.append(("observe_parts", (len(logits), len(images))))
+
     def named(self, name: str) -> list[tuple[object, ...]]:
         return [args for n, args in self.calls if n == name]
 
@@ -47,9 +54,9 @@ if TYPE_CHECKING:  # `mypy tests/unit/test_metrics.py` proves both are what the 
     _DOUBLE: type[MetricsSink] = RecordingMetrics
 
 
-def _verdict(outcome: Outcome, reason: Reason) -> Verdict:
+def _verdict(outcome: Outcome, reason: Reason, score: float | None = 0.1) -> Verdict:
     return Verdict(
-        frame_id="f", source="camera", outcome=outcome, reason=reason, score=0.1, threshold=0.5, model="m",
+        frame_id="f", source="camera", outcome=outcome, reason=reason, score=score, threshold=0.5, model="m",
         t_capture=None, t_arrival=time.monotonic(),
     )  # fmt: skip
 
@@ -74,7 +81,7 @@ def test_verdicts_latency_and_ng_ratio_window() -> None:
     for outcome, reason in [
         (Outcome.PASS, Reason.MODEL),
         (Outcome.REJECT, Reason.MODEL),
-        (Outcome.REJECT, Reason.DEADLINE),
+        (Outcome.REJECT, Reason.GREY_ZONE),
         (Outcome.PASS, Reason.MODEL),
     ]:
         m.observe_verdict(_verdict(outcome, reason), 0.02)
@@ -83,14 +90,80 @@ def test_verdicts_latency_and_ng_ratio_window() -> None:
     assert reg.get_sample_value("inspectd_ng_ratio", {"line": "L1"}) == 0.5
     m.observe_verdict(_verdict(Outcome.PASS, Reason.MODEL), 0.02)  # pushes REJECT model out
     assert reg.get_sample_value("inspectd_ng_ratio", {"line": "L1"}) == 0.25
+    m.observe_verdict(_verdict(Outcome.REJECT, Reason.DEADLINE, None), 0.3)
     assert reg.get_sample_value("inspectd_deadline_misses_total", {"line": "L1"}) == 1
-    assert reg.get_sample_value("inspectd_latency_seconds_count", {"line": "L1"}) == 6
+    assert reg.get_sample_value("inspectd_latency_seconds_count", {"line": "L1"}) == 7
     assert reg.get_sample_value("inspectd_latency_seconds_bucket", {"line": "L1", "le": "0.01"}) == 0
     assert reg.get_sample_value("inspectd_latency_seconds_bucket", {"line": "L1", "le": "0.02"}) == 6
     assert (
         reg.get_sample_value("inspectd_verdicts_total", {"line": "L1", "verdict": "PASS", "reason": "model"})
         == 4
     )
+
+
+def test_ng_ratio_counts_inspection_outcomes_only() -> None:
+    # A camera cable fault (decode errors), an overload or a deadline is the station's problem, not the parts':
+    # the NG ratio is REJECT among the parts the model and the gauges judged.
+    reg = CollectorRegistry()
+    m = Metrics(reg, "L1", ng_window=100)
+    for reason in (Reason.MODEL, Reason.GREY_ZONE, Reason.OUT_OF_TOLERANCE):
+        m.observe_verdict(_verdict(Outcome.REJECT, reason), 0.01)
+    for _ in range(5):
+        m.observe_verdict(_verdict(Outcome.PASS, Reason.MODEL), 0.01)
+    assert reg.get_sample_value("inspectd_ng_ratio", {"line": "L1"}) == 3 / 8
+    for reason in (Reason.DECODE_ERROR, Reason.NO_PART, Reason.POSE_ERROR, Reason.DEADLINE, Reason.OVERLOAD,
+                   Reason.ENGINE_ERROR, Reason.SHUTDOWN):  # fmt: skip
+        for _ in range(10):
+            m.observe_verdict(_verdict(Outcome.REJECT, reason, None), 0.01)
+    assert reg.get_sample_value("inspectd_ng_ratio", {"line": "L1"}) == 3 / 8
+    assert (
+        sum(
+            reg.get_sample_value(
+                "inspectd_verdicts_total", {"line": "L1", "verdict": "REJECT", "reason": r.value}
+            )
+            or 0
+            for r in Reason
+        )
+        == 73
+    )  # every verdict is still counted by its reason
+
+
+def test_score_histogram_has_bucket_edges_at_the_operating_point() -> None:
+    decision = Decision(threshold=0.87, grey_zone=(0.87, 0.95))
+    edges = score_buckets(decision)
+    assert {0.87, 0.95} <= set(edges) and set(SCORE_BUCKETS) <= set(edges)
+    assert edges == tuple(sorted(set(edges))) and all(0 < e <= 1 for e in edges)
+    # a logit step either side of the threshold: 0.87 → logit 1.90; ±1 → 0.711 and 0.948
+    assert 0.711 in {round(e, 3) for e in edges} and 0.948 in {round(e, 3) for e in edges}
+    assert score_buckets(None) == SCORE_BUCKETS
+    assert score_buckets(Decision(threshold=1.0)) == (*SCORE_BUCKETS, 1.0)  # no logit of 1: just the edge
+
+    reg = CollectorRegistry()
+    m = Metrics(reg, "L1", decision=decision)
+    scores = [0.02, 0.5, 0.86, 0.87, 0.9, 0.99]
+    for s in scores:
+        m.observe_verdict(_verdict(Outcome.PASS, Reason.MODEL, s), 0.01)
+    m.observe_verdict(_verdict(Outcome.REJECT, Reason.DEADLINE, None), 0.01)  # no score: not observed
+
+    def bucket(le: float) -> float | None:
+        return reg.get_sample_value("inspectd_score_bucket", {"line": "L1", "le": repr(le)})
+
+    assert reg.get_sample_value("inspectd_score_count", {"line": "L1"}) == len(scores)
+    assert reg.get_sample_value("inspectd_score_sum", {"line": "L1"}) == pytest.approx(sum(scores))
+    for le in edges:
+        assert bucket(le) == sum(s <= le for s in scores), le
+
+
+def test_drift_gauges_exist_without_a_package_and_say_no_reference() -> None:
+    reg = CollectorRegistry()
+    m = Metrics(reg, "L1")
+    m.observe_parts([-3.0, -2.5], [PartImage(120.0, 30.0), PartImage(130.0, 40.0)])
+    assert reg.get_sample_value("inspectd_score_reference_parts", {"line": "L1"}) == 0
+    psi = reg.get_sample_value("inspectd_score_drift_psi", {"line": "L1"})
+    assert psi is not None and math.isnan(psi)
+    assert reg.get_sample_value("inspectd_score_drift_parts", {"line": "L1"}) == 2
+    assert reg.get_sample_value("inspectd_crop_brightness", {"line": "L1"}) == 125.0
+    assert reg.get_sample_value("inspectd_crop_contrast", {"line": "L1"}) == 35.0
 
 
 @pytest.mark.timeout(20)
@@ -152,4 +225,5 @@ def test_the_pipeline_reports_to_any_metrics_sink(tmp_path: Path) -> None:
     assert sink.named("frame_received") == [("camera",), ("camera",)]
     assert sink.named("message_error") == [("header",)]
     assert sink.named("observe_batch") == [(1,)]
+    assert sink.named("observe_parts") == [(1, 1)]  # per batch: the decided logit, the crop's statistics
     assert {s for (s,) in sink.named("observe_stage")} == {"decode", "preprocess", "queue", "infer"}

@@ -98,6 +98,12 @@ def test_config_roundtrip_and_preprocess_params() -> None:
     assert PRESETS["recipe"].preprocess().pose is None
 
 
+def test_the_demo_serves_the_default_presets_input_size() -> None:
+    from tools.demo import PRODUCTION_INPUT  # tools may not import training, so the value is written twice
+
+    assert PRESETS["default"].input_size == PRODUCTION_INPUT
+
+
 def test_gauges_need_the_pose_crop_and_old_runs_had_none() -> None:
     assert PRESETS["default"].gauged and PRESETS["cnn"].gauged  # the pose-crop presets learn bands
     assert not PRESETS["recipe"].gauged  # whole frame: nothing measured

@@ -31,6 +31,14 @@ def test_threshold_sits_half_way_between_the_lowest_ng_and_the_next_score_below(
     assert (cal.recall, cal.false_reject_rate, cal.n_ok, cal.n_ng) == (1.0, 0.0, 4, 3)
 
 
+def test_the_ok_logits_are_kept_as_the_drift_reference() -> None:
+    # The scores the threshold was set against, sorted: export ships them as model.json's score_reference.
+    z, y = _case([0.5, -3, -1, -2], [1, 3, 2])
+    cal = calibrate(z, y)
+    assert cal.ok_logits == (-3.0, -2.0, -1.0, 0.5)
+    assert "ok_logits" not in cal.to_dict()  # run.json keeps them under score_reference, not twice
+
+
 def test_full_recall_costs_the_ok_parts_above_the_lowest_ng() -> None:
     z, y = _case([-3, -1, 2.5], [1, 2, 3])
     cal = calibrate(z, y)

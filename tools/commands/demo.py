@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tools.demo import PRODUCTION_INPUT
+
 if TYPE_CHECKING:  # pragma: no cover
     from engine.package import ModelMeta
 
@@ -42,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training preset: default (patch memory, fitted in seconds), cnn or recipe (ResNet18)",
     )
     parser.add_argument(
-        "--input-size", type=_size, default=(160, 500), help="network input HxW (default 160x500)"
+        "--input-size",
+        type=_size,
+        default=PRODUCTION_INPUT,
+        help=f"network input HxW (default {PRODUCTION_INPUT[0]}x{PRODUCTION_INPUT[1]}, the default preset's)",
     )
     parser.add_argument("--epochs", type=int, default=30, help="ResNet18 presets: at most this many epochs")
     parser.add_argument(
