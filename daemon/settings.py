@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -312,7 +312,30 @@ class LoggingSettings(_Section):
 _TOML_FILE: ContextVar[Path | None] = ContextVar("_TOML_FILE", default=None)
 
 
-class Settings(BaseSettings):
+class TomlSettings(BaseSettings):
+    """Settings read from keyword overrides, then the environment, then the TOML file of the current
+    :func:`load_toml_settings` call (in that precedence). The daemon's and the PLC bridge's settings both are."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE.get())
+
+
+def check_line_id(v: str) -> str:
+    """A line id (verdict topic, metrics label): 1-64 letters, digits, '_', '.', '-'."""
+    if not _LINE_ID.match(v):
+        raise ValueError(f"line id {v!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+    return v
+
+
+class Settings(TomlSettings):
     model_config = SettingsConfigDict(
         env_prefix="INSPECTD_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
     )
@@ -332,9 +355,7 @@ class Settings(BaseSettings):
     @field_validator("line")
     @classmethod
     def _line_id(cls, v: str) -> str:
-        if not _LINE_ID.match(v):
-            raise ValueError(f"line id {v!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
-        return v
+        return check_line_id(v)
 
     @model_validator(mode="after")
     def _distinct_endpoints(self) -> Settings:
@@ -342,17 +363,6 @@ class Settings(BaseSettings):
         if cam.enabled and cam.endpoint == self.publisher.endpoint and not cam.endpoint.endswith(":*"):
             raise ValueError(f"sources.camera.endpoint and publisher.endpoint are both {cam.endpoint}")
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE.get())
 
 
 def deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -378,7 +388,15 @@ def resolve_config_path(path: Path | None) -> Path | None:
 
 def load_settings(config: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Build the effective settings; raises :class:`ConfigError` with every problem listed by key."""
-    path = resolve_config_path(config)
+    return load_toml_settings(Settings, resolve_config_path(config), overrides)
+
+
+S = TypeVar("S", bound=TomlSettings)
+
+
+def load_toml_settings(cls: type[S], path: Path | None, overrides: Mapping[str, Any] | None = None) -> S:
+    """``cls`` from ``path`` (None: no file), the environment and ``overrides``; :class:`ConfigError` with
+    every problem listed by key (a TOML syntax error names the file)."""
     if path is not None:
         try:  # parse once here so a syntax error names the file, not a pydantic internals stack
             tomllib.loads(path.read_text(encoding="utf-8"))
@@ -386,7 +404,7 @@ def load_settings(config: Path | None = None, overrides: Mapping[str, Any] | Non
             raise ConfigError(f"{path}: {exc}") from None
     token = _TOML_FILE.set(path)
     try:
-        return Settings(**deep_update({}, overrides or {}))
+        return cls(**deep_update({}, overrides or {}))
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, path)) from None
     finally:

@@ -10,20 +10,15 @@ message naming the key; ``inspectd plc-bridge --check-config`` prints the effect
 from __future__ import annotations
 
 import re
-import tomllib
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
-from daemon.settings import ConfigError, deep_update, format_errors
+from daemon.settings import ConfigError, TomlSettings, check_line_id, load_toml_settings
 
 __all__ = ["DEFAULT_CONFIG", "ConfigError", "PlcSettings", "load_plc_settings"]
 
@@ -32,7 +27,6 @@ _ZMQ_ENDPOINT = re.compile(r"^(tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(\d{
 _OPCUA_ENDPOINT = re.compile(
     r"^opc\.tcp://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})(/[A-Za-z0-9._~/\-]*)?$"
 )
-_LINE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")  # as daemon.settings: the daemon's line id
 
 
 class _Section(BaseModel):
@@ -133,10 +127,7 @@ class LoggingSettings(_Section):
         return v.upper() if isinstance(v, str) else v
 
 
-_TOML_FILE: ContextVar[Path | None] = ContextVar("_PLC_TOML_FILE", default=None)
-
-
-class PlcSettings(BaseSettings):
+class PlcSettings(TomlSettings):
     model_config = SettingsConfigDict(
         env_prefix="INSPECTD_PLC_",
         env_nested_delimiter="__",
@@ -156,9 +147,7 @@ class PlcSettings(BaseSettings):
     @field_validator("line")
     @classmethod
     def _line_id(cls, v: str) -> str:
-        if not _LINE_ID.match(v):
-            raise ValueError(f"line id {v!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
-        return v
+        return check_line_id(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> PlcSettings:
@@ -171,31 +160,9 @@ class PlcSettings(BaseSettings):
             )
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE.get())
-
 
 def load_plc_settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> PlcSettings:
     """The effective settings; :class:`ConfigError` listing every problem by key. Without ``config`` the
     default file is read when it exists."""
     path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    if path is not None:
-        try:  # parsed here first, so a syntax error names the file
-            tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-    token = _TOML_FILE.set(path)
-    try:
-        return PlcSettings(**deep_update({}, overrides or {}))
-    except ValidationError as exc:
-        raise ConfigError(format_errors(exc, path)) from None
-    finally:
-        _TOML_FILE.reset(token)
+    return load_toml_settings(PlcSettings, path, overrides)
