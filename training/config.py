@@ -235,12 +235,13 @@ CNN = TrainConfig(
 )
 # The default: two patch memories on the full-resolution pose crop (320×1000), fused: one on the whole crop at
 # half resolution, one on the thread band at full resolution (where `thread_side` damage is a few pixels), each
-# with the residual-norm feature, the pooled per-cell spread and a 100-patch coreset per cell. Chosen on repeated
+# with the residual-norm feature, the pooled per-cell spread, a 100-patch coreset per cell and a ±1 cell search. Chosen on repeated
 # stratified 5-fold of screws-300 (python -m training.variants; docs/training.md section 9): it ranks NG above
 # OK far better than either ResNet18 preset, needs no NG images to fit and fits in about a minute.
 PATCH_MEMBER: dict[str, Any] = {"bank_size": 100}
 PATCH = TrainConfig(
     input_size=(320, 1000),
+    patch_window=(1, 1),  # ± 1 column: as good as ± 2 on screws-300 with the thread band, a third cheaper
     patch_sd_pool=3,
     patch_residual=True,
     patch_members=(
