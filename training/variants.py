@@ -123,6 +123,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
             {**THREAD, "bank_size": 100, "window": [1, 1], **TUNED},
         ],
     },
+    "half+thread_b200_w11": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 200, "window": [1, 1], **TUNED},
+            {**THREAD, "bank_size": 200, "window": [1, 1], **TUNED},
+        ],
+    },
+    "half+thread+head_b100_w11": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, "window": [1, 1], **TUNED},
+            {**THREAD, "bank_size": 100, "window": [1, 1], **TUNED},
+            {**HEAD, "bank_size": 100, "window": [1, 1], **TUNED},
+        ],
+    },
     "half+thread+head_b100": {
         **FULL,
         "patch_members": [
