@@ -328,19 +328,24 @@ class TomlSettings(BaseSettings):
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE.get())
 
 
-def check_line_id(v: str) -> str:
-    """A line id (verdict topic, metrics label): 1-64 letters, digits, '_', '.', '-'."""
-    if not _LINE_ID.match(v):
-        raise ValueError(f"line id {v!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
-    return v
+class LineSettings(TomlSettings):
+    """Settings of a process that serves one line: the daemon, the PLC bridge."""
+
+    line: str = "line-1"  # line id: verdict topic, metrics label
+
+    @field_validator("line")
+    @classmethod
+    def _line_id(cls, v: str) -> str:
+        if not _LINE_ID.match(v):
+            raise ValueError(f"line id {v!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return v
 
 
-class Settings(TomlSettings):
+class Settings(LineSettings):
     model_config = SettingsConfigDict(
         env_prefix="INSPECTD_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
     )
 
-    line: str = "line-1"  # line id: verdict topic, metrics label
     sources: SourcesSettings = SourcesSettings()
     model: ModelSettings = ModelSettings()
     batching: BatchingSettings = BatchingSettings()
@@ -351,11 +356,6 @@ class Settings(TomlSettings):
     security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
-
-    @field_validator("line")
-    @classmethod
-    def _line_id(cls, v: str) -> str:
-        return check_line_id(v)
 
     @model_validator(mode="after")
     def _distinct_endpoints(self) -> Settings:

@@ -18,7 +18,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from daemon.settings import ConfigError, TomlSettings, check_line_id, load_toml_settings
+from daemon.settings import ConfigError, LineSettings, load_toml_settings
 
 __all__ = ["DEFAULT_CONFIG", "ConfigError", "PlcSettings", "load_plc_settings"]
 
@@ -127,7 +127,7 @@ class LoggingSettings(_Section):
         return v.upper() if isinstance(v, str) else v
 
 
-class PlcSettings(TomlSettings):
+class PlcSettings(LineSettings):
     model_config = SettingsConfigDict(
         env_prefix="INSPECTD_PLC_",
         env_nested_delimiter="__",
@@ -136,18 +136,12 @@ class PlcSettings(TomlSettings):
         validate_default=True,
     )
 
-    line: str = "line-1"  # the daemon's line id: the topic subscribed to, the metrics label
     subscriber: SubscriberSettings = SubscriberSettings()
     handshake: HandshakeSettings = HandshakeSettings()
     opcua: OpcUaSettings = OpcUaSettings()
     modbus: ModbusSettings = ModbusSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
-
-    @field_validator("line")
-    @classmethod
-    def _line_id(cls, v: str) -> str:
-        return check_line_id(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> PlcSettings:
