@@ -206,11 +206,11 @@ def fit(
     # Leave-one-out: each good image against the bank without itself (and its moved copies) gives the per-cell
     # spread of good screws.
     with torch.no_grad():
-        own = [  # bank columns of image i: i, i + n, i + 2n … (its moved copies)
-            torch.stack([torch.arange(i, min(i + CHUNK, n)) + p * n for p in range(len(moved))], 1)
-            for i in range(0, n, CHUNK)
-        ]
         if origin is None:
+            own = [  # bank columns of image i: i, i + n, i + 2n … (its moved copies)
+                torch.stack([torch.arange(i, min(i + CHUNK, n)) + p * n for p in range(len(moved))], 1)
+                for i in range(0, n, CHUNK)
+            ]
             loo = torch.cat(
                 [
                     model.distances(feats[i : i + CHUNK], exclude=own[j])

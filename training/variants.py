@@ -234,12 +234,6 @@ def gauge_flags(
     return out_of(test_idx), np.concatenate([out_of(ng), np.logical_or.reduce(list(flags.values()))])
 
 
-def _calibrate_knows_gauges() -> bool:
-    import inspect
-
-    return "gauge_reject" in inspect.signature(calibrate).parameters
-
-
 def frr_at_full_recall(z: np.ndarray, y: np.ndarray, caught: np.ndarray | None = None) -> float:
     """Share of OK parts rejected when the threshold catches every NG not already ``caught`` (by gauges);
     OK parts ``caught`` count as rejected."""
@@ -331,8 +325,7 @@ def run_variant(
             g_test, g_cal = gauge_flags(meas, labels, fit_idx, test_idx)
             n_ng = len(part.ng)
             y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])
-            kw: dict[str, Any] = {"gauge_reject": g_cal} if _calibrate_knows_gauges() else {}
-            cal = calibrate(z_cal, y_cal, target_recall=1.0, **kw)
+            cal = calibrate(z_cal, y_cal, target_recall=1.0, gauge_reject=g_cal)
             fit_s = part.fit_s
             scored.append(Scored(test_idx, z_test, cal.threshold_logit, g_test, fit_s))
             log(f"  {name}: repeat {r} fold {f}: AUROC {auroc(z_test, labels[test_idx]):.3f} ({fit_s:.0f} s)")

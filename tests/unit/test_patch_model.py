@@ -552,3 +552,26 @@ def test_config_patch_members() -> None:
     big = TrainConfig.from_dict({"input_size": [2 * H, 2 * W]}, cfg)
     assert [m.view for m in big.patch_members_settings()] == [(0, 2 * H, 0, 2 * W, 2), (16, 80, 64, 2 * W, 1)]
     assert TrainConfig(patch_residual=True).patch_members_settings() == [PatchSettings(residual=True)]
+
+
+def test_the_coreset_keeps_distinct_codes_and_a_full_size_one_changes_nothing() -> None:
+    from training.patch_memory import _coreset
+
+    # One cell, 2-D codes: three distinct points, each stored four times. Greedy k-centre keeps all three before
+    # any duplicate, starting from the one nearest the mean.
+    pts = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    bank = pts.repeat(4, 1).T[None]  # (1, K=2, N=12)
+    keep = _coreset(bank, 3)[0]
+    assert sorted({tuple(bank[0, :, int(j)].tolist()) for j in keep}) == sorted(
+        tuple(p) for p in pts.tolist()
+    )
+    good = _screws(12, seed=3)
+    s = PatchSettings(patch=8, stride=4, dims=8, window=(1, 1))
+    whole, loo_whole = fit(_x(good), good, s, log=lambda _: None)
+    same, loo_same = fit(_x(good), good, replace(s, bank_size=24), log=lambda _: None)  # 12 images × 2 phases
+    assert torch.equal(same.bank, whole.bank)
+    np.testing.assert_array_equal(loo_whole, loo_same)
+    thin, loo_thin = fit(_x(good), good, replace(s, bank_size=6), log=lambda _: None)
+    assert thin.bank.shape[2] == 6 and np.isfinite(loo_thin).all()
+    # Each good image, left out, is farther from the thinned memory than from the full one on average.
+    assert float(thin.mu.mean()) >= float(whole.mu.mean())
