@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +74,36 @@ def dashboard_queries(dashboard: dict[str, Any], *, templating: bool = True) -> 
                 q = var["query"]
                 queries.append(q["query"] if isinstance(q, dict) else q)
     return queries
+
+
+@contextmanager
+def ready_server(name: str, argv: list[str], base: str, log: Path, timeout_s: float = 30.0) -> Iterator[None]:
+    """Run ``argv`` (a Prometheus-family server: Prometheus, Alertmanager) with its output in ``log``, until it
+    answers ``base``/-/ready; terminated (killed after 10 s) on exit. A server that exits early fails the wait
+    with its log tail."""
+    from tests.helpers import wait_until
+
+    def tail() -> str:
+        return log.read_text(encoding="utf-8", errors="replace")[-3000:]
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+
+            def ready() -> bool:
+                assert proc.poll() is None, f"{name} exited ({proc.returncode})\n{tail()}"
+                try:
+                    with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as resp:
+                        return bool(resp.status == 200)
+                except OSError:
+                    return False
+
+            wait_until(ready, timeout_s, lambda: f"{name} ready\n{tail()}", poll_s=0.1)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import threading
 import time
 import urllib.request
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy_support import ALERTMANAGER_YML, PROMETHEUS_YML, RULES_YML, require_tool
+from tests.deploy_support import ALERTMANAGER_YML, PROMETHEUS_YML, RULES_YML, ready_server, require_tool
 from tests.helpers import tiny_package, wait_until
 from tests.integration.daemon_harness import daemon_settings
 from tests.integration.test_observability_prometheus import free_port, prometheus_server, station_config
@@ -136,40 +135,17 @@ def alertmanager(tmp_path: Path, config: dict[str, Any]) -> Iterator[Alertmanage
     config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
     log = tmp_path / "alertmanager.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_file}",
-                f"--storage.path={tmp_path / 'am-data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--cluster.listen-address=",
-                "--log.level=warn",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        try:
-            am = Alertmanager(f"http://127.0.0.1:{port}", log)
-
-            def ready() -> bool:
-                assert proc.poll() is None, f"alertmanager exited ({proc.returncode})\n{am.log_tail()}"
-                try:
-                    with urllib.request.urlopen(f"{am.base}/-/ready", timeout=1) as resp:
-                        return bool(resp.status == 200)
-                except OSError:
-                    return False
-
-            wait_until(ready, 30, lambda: f"Alertmanager ready\n{am.log_tail()}", poll_s=0.1)
-            yield am
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    argv = [
+        binary,
+        f"--config.file={config_file}",
+        f"--storage.path={tmp_path / 'am-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+        "--log.level=warn",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    with ready_server("alertmanager", argv, base, log):
+        yield Alertmanager(base, log)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import socket
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -31,7 +30,14 @@ from engine.drift import ScoreReference, logit
 from engine.gauges import GaugeSet
 from engine.package import ModelPackage, load_package, write_meta
 from engine.pose import PoseParams, estimate_pose
-from tests.deploy_support import PROMETHEUS_YML, RULES_YML, dashboard_queries, load_dashboard, require_tool
+from tests.deploy_support import (
+    PROMETHEUS_YML,
+    RULES_YML,
+    dashboard_queries,
+    load_dashboard,
+    ready_server,
+    require_tool,
+)
 from tests.helpers import wait_until
 from tests.integration.daemon_harness import (
     CameraPusher,
@@ -115,39 +121,16 @@ def prometheus_server(tmp_path: Path, config: dict[str, Any]) -> Iterator[Promet
     config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
     log = tmp_path / "prometheus.log"
-    with log.open("wb") as log_out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log_out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        try:
-            server = PrometheusServer(f"http://127.0.0.1:{port}", log)
-
-            def ready() -> bool:
-                assert proc.poll() is None, f"prometheus exited ({proc.returncode})\n{server.log_tail()}"
-                try:
-                    with urllib.request.urlopen(f"{server.base}/-/ready", timeout=1) as resp:
-                        return bool(resp.status == 200)
-                except OSError:
-                    return False
-
-            server.wait_for("ready", ready)
-            yield server
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    argv = [
+        binary,
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    with ready_server("prometheus", argv, base, log):
+        yield PrometheusServer(base, log)
 
 
 def _grafana_to_promql(expr: str, line: str) -> str:
