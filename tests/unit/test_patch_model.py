@@ -182,12 +182,20 @@ def test_export_onnxruntime_equals_torch_at_any_batch(
     bad = _screws(4, seed=8)
     bad[:, 20:26, 40:46] = 250
     x = _x(np.concatenate([_screws(6, seed=7), bad]))  # parts the memory has not stored, as in production
+    _assert_onnxruntime_equals_torch(model, x, tmp_path, "patch")
+
+
+def _assert_onnxruntime_equals_torch(
+    model: torch.nn.Module, x: np.ndarray, tmp_path: Path, name: str
+) -> None:
+    """Exported (verified on ``x``), the package's ONNX Runtime logits and heat maps equal torch's at batches
+    1, 3 and all of ``x``."""
     meta = export_package(
         model,
         tmp_path / "pkg",
         preprocess=PreprocessParams(input_size=(H, W)),
         decision=Decision(threshold=0.5),
-        name="patch",
+        name=name,
         verify_batch=x,
     )
     assert meta.heatmap_output == "cam"
@@ -199,6 +207,7 @@ def test_export_onnxruntime_equals_torch_at_any_batch(
         ref_z, ref_map = model.with_heatmap(torch.from_numpy(x))
     for n in (1, 3, len(x)):
         z, heat = sess.run(None, {pkg.meta.input_name: x[:n]})
+        assert heat.shape == tuple(ref_map[:n].shape)
         np.testing.assert_allclose(z, ref_z[:n].numpy(), rtol=1e-5, atol=1e-4)
         scale = float(ref_map[:n].abs().max())  # the export's own CAM bound: 1e-3 of the map's scale
         np.testing.assert_allclose(heat, ref_map[:n].numpy(), rtol=0, atol=1e-3 * scale)
@@ -493,28 +502,9 @@ def test_ensemble_export_onnxruntime_equals_torch_at_any_batch(
     bad[:2, 20:26, 40:46] = 250  # seen by both members
     bad = np.concatenate([bad[:2], _checker(bad[2:], slice(20, 28), slice(56, 64), 40)])  # by the band only
     x = _x(np.concatenate([_screws(5, seed=7), bad]))
-    meta = export_package(
-        model,
-        tmp_path / "pkg",
-        preprocess=PreprocessParams(input_size=(H, W)),
-        decision=Decision(threshold=0.5),
-        name="patch-ensemble",
-        verify_batch=x,
-    )
-    assert meta.heatmap_output == "cam"
-    pkg = load_package(tmp_path / "pkg")
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(pkg.onnx_path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        ref_z, ref_map = model.with_heatmap(torch.from_numpy(x))
-    assert ref_map.shape == (len(x), H // 8, W // 8)
-    for n in (1, 3, len(x)):
-        z, heat = sess.run(None, {pkg.meta.input_name: x[:n]})
-        assert heat.shape == (n, H // 8, W // 8)
-        np.testing.assert_allclose(z, ref_z[:n].numpy(), rtol=1e-5, atol=1e-4)
-        scale = float(ref_map[:n].abs().max())
-        np.testing.assert_allclose(heat, ref_map[:n].numpy(), rtol=0, atol=1e-3 * scale)
+        assert model.with_heatmap(torch.from_numpy(x))[1].shape == (len(x), H // 8, W // 8)
+    _assert_onnxruntime_equals_torch(model, x, tmp_path, "patch-ensemble")
 
 
 def test_config_patch_members() -> None:
