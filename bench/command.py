@@ -64,19 +64,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preprocess-threads",
         type=int,
         default=d.preprocess_threads,
-        help=f"daemon batching.preprocess_threads (default {d.preprocess_threads})",
+        help="daemon batching.preprocess_threads (default: the daemon's)",
     )
     a(
         "--intra-op-threads",
         type=int,
         default=d.intra_op_threads,
-        help="daemon model.intra_op_threads (default 0: auto, 1 with several workers, else one per core)",
+        help="daemon model.intra_op_threads (default 0: the daemon's, model.intra_op_threads)",
     )
     a(
         "--inference-workers",
         type=int,
         default=d.inference_workers,
-        help="daemon batching.inference_workers: sessions running batches side by side (default 0: auto)",
+        help="daemon batching.inference_workers: sessions running batches side by side (default 0: the daemon's "
+        "auto, one per core here)",
     )
     a(
         "--deadline-ms",
@@ -100,6 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-baseline", action="store_true", help="skip the naive loop")
     a("--no-png", action="store_true", help="skip the PNG saturation run")
     a("--seed", type=int, default=d.seed, help="image and model seed (default 0)")
+    a(
+        "--set",
+        dest="daemon_set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any other daemon setting, as a TOML value (repeatable), e.g. --set batching.buffers=4",
+    )
     a("--profile", type=Path, help="run the fp32 daemon under py-spy and write its flame graph (SVG) here")
     a("--out", type=Path, help="write the results as JSON here")
     a("--markdown", type=Path, help="write the tables as markdown here (docs/benchmarks.md's table)")
@@ -131,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         png=not args.no_png,
         seed=args.seed,
+        daemon_set=tuple(args.daemon_set),
     )
 
     def log(msg: str) -> None:

@@ -25,6 +25,7 @@ from bench.daemon_proc import bench_settings
 from bench.images import BenchImages, load_images
 from bench.model import Int8Status, default_cache, generated_package, int8_status
 from bench.stages import BackendSpec, Cost, available_specs, backend_costs, stage_costs
+from daemon.settings import deep_update, settings_assignments
 from engine.package import ModelPackage, load_package
 from tools.daemon_process import DaemonProcess
 
@@ -41,9 +42,10 @@ class BenchConfig:
     sat_fraction: float = 0.8  # the extra line rate, as a fraction of the measured raw saturation
     max_batch: int = 4
     max_wait_ms: float = 2.0
-    preprocess_threads: int = 1
-    intra_op_threads: int = 0  # 0 = auto: 1 with several inference workers, else one per core
-    inference_workers: int = 0  # 0 = auto: one per core where the daemon has the setting, else 1
+    preprocess_threads: int | None = None  # None: the daemon's default
+    intra_op_threads: int = 0  # 0: the daemon's default (model.intra_op_threads)
+    inference_workers: int = 0  # 0: the daemon's "auto" (batching.inference_workers)
+    buffers: int = 0  # 0: the daemon's "auto" (batching.buffers); filled in by resolve()
     max_latency_ms: float = 250.0
     window: int = 0  # closed-loop outstanding frames; 0 = adaptive (latency near half the deadline)
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32)
@@ -54,6 +56,7 @@ class BenchConfig:
     seed: int = 0
     cache: Path = field(default_factory=default_cache)
     profile: Path | None = None  # run the fp32 daemon under py-spy, writing this flame graph (SVG)
+    daemon_set: tuple[str, ...] = ()  # further daemon settings, "section.key=TOML value"
 
     def closed_loop_args(self) -> dict[str, Any]:
         return {
@@ -64,18 +67,28 @@ class BenchConfig:
 
 
 def resolve(cfg: BenchConfig) -> BenchConfig:
-    """Fill the automatic thread layout: on N cores, N single-threaded inference workers (no intra-op barriers;
-    docs/benchmarks.md) where the daemon supports ``batching.inference_workers``; otherwise one worker with an
-    N-thread session, the only way that daemon can use every core for inference."""
-    from daemon.settings import BatchingSettings
+    """Fill in what was left to the daemon with what it will use on this machine: its thread layout for an
+    ONNX Runtime backend (``BatchingSettings.layout``: one single-threaded session per core, …), its default
+    preprocessing threads and ``model.intra_op_threads``, after any ``--set``."""
+    from daemon.settings import BatchingSettings, ModelSettings
 
-    cores = len(os.sched_getaffinity(0))
-    supported = "inference_workers" in BatchingSettings.model_fields
-    if cfg.inference_workers > 1 and not supported:
-        raise ValueError("--inference-workers needs batching.inference_workers in daemon/settings.py")
-    workers = cfg.inference_workers or (cores if supported else 1)
-    threads = cfg.intra_op_threads or (1 if workers > 1 else cores)
-    return replace(cfg, inference_workers=workers, intra_op_threads=threads)
+    explicit: dict[str, Any] = {"max_batch": cfg.max_batch}
+    if cfg.inference_workers:
+        explicit["inference_workers"] = cfg.inference_workers
+    if cfg.preprocess_threads is not None:
+        explicit["preprocess_threads"] = cfg.preprocess_threads
+    batching = BatchingSettings(
+        **deep_update(explicit, settings_assignments(cfg.daemon_set).get("batching", {}))
+    )
+    threads = cfg.intra_op_threads or ModelSettings().intra_op_threads
+    layout = batching.layout(on_cpu=True, intra_op_threads=threads)
+    return replace(
+        cfg,
+        inference_workers=layout.inference_workers,
+        intra_op_threads=threads,
+        preprocess_threads=layout.preprocess_threads,
+        buffers=layout.buffers,
+    )
 
 
 def run_bench(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
@@ -264,17 +277,18 @@ def _overrides(cfg: BenchConfig, model_file: str | None = None) -> dict[str, Any
     model: dict[str, Any] = {"intra_op_threads": cfg.intra_op_threads}
     if model_file:
         model["options"] = {"model_file": model_file}
-    return {
+    out: dict[str, Any] = {
         "model": model,
         "batching": {
             "max_batch": cfg.max_batch,
             "max_wait_ms": cfg.max_wait_ms,
             "preprocess_threads": cfg.preprocess_threads,
-            # Written only when asked for, so the bench runs against a Settings without the field.
-            **({"inference_workers": cfg.inference_workers} if cfg.inference_workers != 1 else {}),
+            "inference_workers": cfg.inference_workers,
+            "buffers": cfg.buffers,
         },
         "deadlines": {"max_latency_ms": cfg.max_latency_ms},
     }
+    return deep_update(out, settings_assignments(cfg.daemon_set))
 
 
 def _daemon_runs(
@@ -293,7 +307,7 @@ def _daemon_runs(
     }
     log(
         f"daemon (fp32): start … batch {cfg.max_batch}, {cfg.inference_workers} × {cfg.intra_op_threads} ORT "
-        f"+ {cfg.preprocess_threads} prep threads"
+        f"+ {cfg.preprocess_threads} prep threads, {cfg.buffers} buffers"
     )
     prefix = _profiler(cfg.profile) if cfg.profile else ()
     with (

@@ -354,6 +354,7 @@ class App:
             publisher=self.publisher_endpoint,
             metrics_port=self.metrics_port,
             max_batch=self.pipeline.max_batch if self.pipeline is not None else None,
+            layout=self.pipeline.layout.describe() if self.pipeline is not None else None,
             sources=[s.describe() for s in self.sources],
             security=self.curve.describe() if self.curve is not None else {"curve": False},
             **(self._backend.describe() if self._backend else {}),

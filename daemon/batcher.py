@@ -1,10 +1,17 @@
 """Micro-batching: frames from the intake queue into preallocated batch buffers, preprocessed as they arrive.
 
-A batch closes at ``max_batch`` frames, ``max_wait`` after its first frame, or early enough that its most
-urgent frame can still be inferred before its deadline — whichever comes first. Each frame's preprocessing is
-handed to the pool the moment it joins the batch (writing straight into its row), so waiting for company and
-preprocessing overlap. The batcher takes a free buffer *before* it takes frames: while every buffer is busy,
-frames wait in the intake queue, where the backpressure policy sees them.
+Batches form while the inference workers are busy (as a dynamic batcher does), so a batch is as full as the
+load makes it and never waits for company the line does not send. A batch closes when
+
+- it is full (``max_batch`` frames), or
+- an inference worker is free to take it and ``max_wait`` has passed since its first frame (a lone frame on an
+  idle daemon goes on at once: ``max_wait`` is shorter than its preprocessing, which runs meanwhile), or
+- its most urgent frame must go now to be inferred before its deadline: two inference times before it, one
+  to wait for a worker, one of its own,
+
+whichever comes first. Each frame's preprocessing is handed to the pool the moment it joins the batch (writing
+straight into its row), so waiting and preprocessing overlap. The batcher takes a free buffer *before* it takes
+frames: while every buffer is busy, frames wait in the intake queue, where the backpressure policy sees them.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from typing import Protocol
 
 import numpy as np
 
@@ -88,6 +96,47 @@ def cap_batch(timings: dict[int, float], budget_s: float) -> int:
     return max(fitting, default=1)
 
 
+class Batches(Protocol):
+    """Where inference workers take batches from (a :class:`BatchQueue`, or a plain ``queue.SimpleQueue``)."""
+
+    def get(self, timeout: float | None = None) -> Batch | None: ...
+
+    def put(self, item: Batch | None) -> None: ...
+
+
+class BatchQueue:
+    """Closed batches on their way to the inference workers, and how many workers wait for one: the batcher
+    keeps a batch open while none is free. A worker that starts waiting calls ``on_waiting`` (the batcher's
+    wake-up). Used like a ``queue.SimpleQueue`` (``put``, ``get(timeout)``, ``qsize``)."""
+
+    def __init__(self, on_waiting: Callable[[], None] = lambda: None) -> None:
+        self._q: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._on_waiting = on_waiting
+
+    def put(self, item: Batch | None) -> None:
+        self._q.put(item)
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+    def get(self, timeout: float | None = None) -> Batch | None:
+        """The next batch (raises ``queue.Empty`` on timeout), counted as a free worker while it waits."""
+        with self._lock:
+            self._waiting += 1
+        self._on_waiting()
+        try:
+            return self._q.get(timeout=timeout)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def worker_free(self) -> bool:
+        """A worker waits with nothing queued for it: a batch closed now is inferred now."""
+        return self._waiting > self._q.qsize()
+
+
 Preprocess = Callable[[Job, np.ndarray], None]  # (job, its batch row (1, H, W)) → fills the row, sets job.ok
 END = None  # end-of-stream marker on the batch queue
 
@@ -105,11 +154,12 @@ class MicroBatcher(StageThread):
         max_wait_s: float,
         monotonic: Callable[[], float],
         est_infer_s: Callable[[], float] = lambda: 0.0,
+        out: BatchQueue | None = None,
     ) -> None:
         self.intake = intake
         self.pool = pool
         self.ledger = ledger
-        self.out: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self.out = out if out is not None else BatchQueue(on_waiting=intake.wake)
         self._preprocess = preprocess
         self._executor = executor
         self.limit = max_batch if isinstance(max_batch, BatchLimit) else BatchLimit(max_batch)
@@ -155,20 +205,29 @@ class MicroBatcher(StageThread):
         if first is None:
             return batch
         self._add(batch, first)
-        flush_at = self._flush_at(first)
+        go_at = self._now() + self.max_wait_s  # from here a free worker takes the batch as it is
+        close_by = self._close_by(first)
         while len(batch.jobs) < self.limit.value:
-            # Past flush time, frames already queued still join (no waiting): the batch is going anyway.
-            job = self._next(timeout=max(0.0, flush_at - self._now()))
-            if job is None:
-                break
+            now = self._now()
+            free = self.out.worker_free()
+            if now >= close_by or (free and now >= go_at):
+                # The batch is going: frames already queued still join, without waiting.
+                job = self._next(timeout=0.0)
+                if job is None:
+                    break
+            else:
+                # Wait for a frame, for the time to go, or (woken by the intake) for a worker to become free.
+                job = self._next(timeout=(min(go_at, close_by) if free else close_by) - now)
+                if job is None:
+                    continue
             self._add(batch, job)
-            flush_at = min(flush_at, job.deadline - self._est_infer_s())
+            close_by = min(close_by, self._close_by(job))
         batch.t_closed = self._now()
         return batch
 
-    def _flush_at(self, first: Job) -> float:
-        # Never hold a frame past the point where inference could still finish before its deadline.
-        return min(self._now() + self.max_wait_s, first.deadline - self._est_infer_s())
+    def _close_by(self, job: Job) -> float:
+        # Never hold a frame past the point where it could still wait for a worker and be inferred in time.
+        return job.deadline - 2.0 * self._est_infer_s()
 
     def _next(self, timeout: float) -> Job | None:
         while True:

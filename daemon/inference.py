@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.batcher import END, Batch, BatchLimit, BufferPool, cap_batch
+from daemon.batcher import END, Batch, Batches, BatchLimit, BufferPool, cap_batch
 from daemon.decision import Decider, valid_logit
 from daemon.ledger import Ledger
 from daemon.logs import get_logger
@@ -41,7 +41,7 @@ class InferenceWorker(StageThread):
     def __init__(
         self,
         backend: Backend,
-        batches: queue.SimpleQueue[Batch | None],
+        batches: Batches,
         pool: BufferPool,
         ledger: Ledger,
         decider: Decider,

@@ -24,6 +24,7 @@ class IntakeQueue:
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
         self._closed = False
+        self._woken = False  # wake() was called: the next get returns at once (None when nothing is queued)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -65,15 +66,24 @@ class IntakeQueue:
             return not self._closed
 
     def get(self, timeout: float | None = None) -> Job | None:
-        """Next job in arrival order; None on timeout, or when closed and empty (end of stream)."""
+        """Next job in arrival order; None on timeout, after :meth:`wake`, or when closed and empty (end of
+        stream)."""
         with self._lock:
-            if not self._items and not self._closed:
+            if not self._items and not self._closed and not self._woken:
                 self._not_empty.wait(timeout)
+            self._woken = False
             if not self._items:
                 return None
             job = self._items.popleft()
             self._not_full.notify()
             return job
+
+    def wake(self) -> None:
+        """Make the getter return now, with or without a job, so it can look again at why it was waiting (the
+        batcher: an inference worker became free). Not lost when nobody waits yet: the next get returns."""
+        with self._lock:
+            self._woken = True
+            self._not_empty.notify_all()
 
     def close(self) -> None:
         """No more puts; getters drain what is queued and then see end of stream; blocked putters return."""

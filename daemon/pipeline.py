@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from daemon.batcher import BatchLimit, BufferPool, MicroBatcher
+from daemon.batcher import BatchLimit, BatchQueue, BufferPool, MicroBatcher
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
 from daemon.inference import InferenceWorker
@@ -52,9 +52,12 @@ class Pipeline:
         self.max_latency_s = d.max_latency_ms / 1000.0
         self.ledger = Ledger(max_latency_s=self.max_latency_s, expire=self._expire, monotonic=clock.monotonic)
         self.intake = IntakeQueue(b.queue_size)
+        self.layout = b.layout(on_cpu=backend.on_cpu, intra_op_threads=settings.model.intra_op_threads)
         # The one home of the batch size: batching.max_batch, capped at start-up (see _log_batch_cap).
         self.batch_limit = BatchLimit(b.max_batch)
-        self.pool = BufferPool(b.buffers, self.batch_limit.configured, preprocessor.params.input_size)
+        self.pool = BufferPool(
+            self.layout.buffers, self.batch_limit.configured, preprocessor.params.input_size
+        )
         self.executor = (
             ThreadPoolExecutor(b.preprocess_threads, thread_name_prefix="preprocess")
             if b.preprocess_threads > 0
@@ -75,11 +78,12 @@ class Pipeline:
             if b.max_infer_share > 0 and settings.model.warmup
             else None
         )
-        n_workers = b.inference_workers
+        n_workers = self.layout.inference_workers
+        batches = BatchQueue(on_waiting=self.intake.wake)  # a free worker wakes the batcher
         self.workers = [
             InferenceWorker(
                 backend if i == 0 else replica(backend),
-                queue.SimpleQueue(),
+                batches,
                 self.pool,
                 self.ledger,
                 decider,
@@ -105,9 +109,8 @@ class Pipeline:
             max_wait_s=b.max_wait_ms / 1000.0,
             monotonic=clock.monotonic,
             est_infer_s=lambda: self.worker.est_infer_s,
+            out=batches,
         )
-        for worker in self.workers:
-            worker.batches = self.batcher.out
         self._deadline_detail = {"max_latency_ms": d.max_latency_ms}
 
     @property

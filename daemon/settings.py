@@ -10,12 +10,14 @@ explicitly, outside the model).
 from __future__ import annotations
 
 import enum
+import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -166,16 +168,43 @@ def _backend_options(backend: str, intra_op_threads: int, options: Mapping[str, 
     return backend_options(kind, raw)
 
 
+AUTO_CPU_WORKERS = (
+    4  # most ONNX Runtime sessions "auto" makes on a CPU: each holds its own copy of the weights
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadLayout:
+    """What ``batching``'s "auto" values resolve to on this machine, for the backend that was made."""
+
+    inference_workers: int
+    buffers: int
+    preprocess_threads: int
+    cores: int
+
+    def describe(self) -> dict[str, int]:
+        return {
+            "inference_workers": self.inference_workers,
+            "buffers": self.buffers,
+            "preprocess_threads": self.preprocess_threads,
+            "cores": self.cores,
+        }
+
+
 class BatchingSettings(_Section):
     max_batch: int = Field(default=8, ge=1, le=256)
-    max_wait_ms: float = Field(default=2.0, ge=0)  # a batch closes this long after its first frame at most
+    # While an inference worker is free, a batch waits at most this long after its first frame for company
+    # (it is preprocessed meanwhile); while every worker is busy it fills up (daemon/batcher.py).
+    max_wait_ms: float = Field(default=2.0, ge=0)
     queue_size: int = Field(default=64, ge=1)  # intake queue: where backpressure applies
     preprocess_threads: int = Field(default=2, ge=0)  # 0 = preprocess on the batcher thread
-    buffers: int = Field(default=3, ge=2)  # preallocated batch buffers: filling / waiting / in inference
-    # Inference threads, each with its own backend instance, running batches side by side. On a small CPU,
-    # N single-threaded sessions (model.intra_op_threads = 1) use N cores without intra-op barriers
-    # (docs/benchmarks.md). Keep buffers ≥ inference_workers + 1 so a batch can fill while all of them run.
-    inference_workers: int = Field(default=1, ge=1, le=64)
+    # Preallocated batch buffers: one filling, one closed and waiting, one per worker in inference.
+    # "auto" = inference_workers + 2; at least inference_workers + 1.
+    buffers: Annotated[int, Field(ge=2)] | Literal["auto"] = "auto"
+    # Inference threads, each with its own backend instance, running batches side by side. "auto": on a CPU
+    # backend one single-threaded session (model.intra_op_threads = 1) per core, at most AUTO_CPU_WORKERS (N
+    # sessions use N cores without intra-op barriers: docs/benchmarks.md); on a GPU backend one.
+    inference_workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # At start-up the batch size is capped to the largest one (of 1, 2, 4, … max_batch) whose warm-up inference
     # takes at most this share of deadlines.max_latency_ms: a frame may wait for the batch in flight and then
     # run in its own, so two of them must fit. 0 = always max_batch. Needs model.warmup.
@@ -183,12 +212,35 @@ class BatchingSettings(_Section):
 
     @model_validator(mode="after")
     def _buffers_for_workers(self) -> BatchingSettings:
-        if self.buffers < self.inference_workers + 1:
+        if (
+            isinstance(self.buffers, int)
+            and isinstance(self.inference_workers, int)
+            and self.buffers < self.inference_workers + 1
+        ):
             raise ValueError(
                 f"batching.buffers ({self.buffers}) must be ≥ batching.inference_workers + 1 "
                 f"({self.inference_workers + 1}): one batch fills while every worker runs one"
             )
         return self
+
+    def layout(self, *, on_cpu: bool, intra_op_threads: int = 1, cores: int | None = None) -> ThreadLayout:
+        """The thread layout for a backend that computes on the CPU (``on_cpu``) or not, on ``cores`` cores
+        (default: the ones this process may run on). An explicit value is kept; "auto" workers never need
+        more buffers than explicit ``buffers`` allow."""
+        n = cores if cores is not None else len(os.sched_getaffinity(0))
+        if isinstance(self.inference_workers, int):
+            workers = self.inference_workers
+        elif on_cpu:
+            per_session = intra_op_threads if intra_op_threads > 0 else n  # 0: ONNX Runtime's choice, all
+            workers = max(1, min(n // per_session, AUTO_CPU_WORKERS))
+        else:
+            workers = 1
+        if isinstance(self.buffers, int):
+            workers = min(workers, self.buffers - 1)
+            buffers = self.buffers
+        else:
+            buffers = workers + 2
+        return ThreadLayout(workers, buffers, self.preprocess_threads, n)
 
 
 class DeadlineSettings(_Section):
@@ -374,6 +426,27 @@ def deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
             out[key] = deep_update(out[key], value)
         else:
             out[key] = value
+    return out
+
+
+def settings_assignments(items: Iterable[str]) -> dict[str, Any]:
+    """``["batching.buffers=4", 'logging.format="json"']`` → nested overrides for :func:`deep_update`; each
+    value is read as TOML (a bare word that is not TOML is taken as a string). A malformed item is a
+    :class:`ConfigError` naming it."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"{item!r}: expected SECTION.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        node: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            node = {part: node}
+        out = deep_update(out, node)
     return out
 
 

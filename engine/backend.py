@@ -101,6 +101,11 @@ class Backend(abc.ABC):
     def precision(self) -> str:
         return "fp32"
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether inference runs on this machine's CPU cores (the daemon's thread layout follows it)."""
+        return True
+
     def describe(self) -> dict[str, str]:
         """Labels for ``inspectd_model_info`` and logs."""
         return {"backend": self.name, "precision": self.precision, "model": self.package.meta.model_id}

@@ -204,6 +204,10 @@ class TensorRTBackend(Backend):
     def precision(self) -> str:
         return self._precision
 
+    @property
+    def on_cpu(self) -> bool:
+        return False
+
     def describe(self) -> dict[str, str]:
         """Adds ``gate``: ``passed`` | ``ungated-accepted`` once entered (``required`` | ``ungated-allowed``,
         what the options admit, before)."""

@@ -104,6 +104,10 @@ class TorchBackend(Backend):
     def precision(self) -> str:
         return self._precision
 
+    @property
+    def on_cpu(self) -> bool:
+        return not self.options.on_cuda
+
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "device": self.device_name}
 

@@ -75,7 +75,9 @@ def daemon_settings(model_dir: Path | None, **overrides: Any) -> Settings:
         "sources": {"camera": {"endpoint": EPHEMERAL}},
         "publisher": {"endpoint": EPHEMERAL, "heartbeat_ms": 50, "linger_ms": 1000},
         "metrics": {"port": 0},
-        "batching": {"preprocess_threads": 1},
+        # One inference worker unless a test asks for the automatic layout: a test that injects a backend
+        # scripts that one instance, and replicas of it would not follow the script.
+        "batching": {"preprocess_threads": 1, "inference_workers": 1},
         # Generous by default: a shared, loaded CI machine must not turn a slow moment into deadline rejects.
         # Tests about deadlines set their own.
         "deadlines": {"max_latency_ms": 1000},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import cv2
@@ -11,6 +12,7 @@ from structlog.testing import capture_logs
 
 import daemon.sources.camera as camera_module
 from daemon.image_policy import InputPolicy
+from daemon.settings import AUTO_CPU_WORKERS
 from daemon.sources.camera import CameraSource
 from daemon.types import Reason
 from engine.package import ModelPackage
@@ -39,13 +41,25 @@ def package(tmp_path_factory: pytest.TempPathFactory, images: list[np.ndarray]) 
 
 
 @pytest.mark.timeout(90)
-def test_200_frames_at_a_steady_rate(package: ModelPackage, images: list[np.ndarray]) -> None:
-    settings = daemon_settings(package.directory, batching={"max_batch": 8, "max_wait_ms": 2})
+@pytest.mark.parametrize("workers", [1, "auto"])
+def test_200_frames_at_a_steady_rate(
+    package: ModelPackage, images: list[np.ndarray], workers: int | str
+) -> None:
+    settings = daemon_settings(
+        package.directory,
+        batching={"max_batch": 8, "max_wait_ms": 2, "inference_workers": workers, "buffers": "auto"},
+    )
     with (
         running_app(settings) as app,
         VerdictCollector(app.publisher_endpoint, settings.line) as sub,
         CameraPusher(app.camera_endpoint) as cam,
     ):
+        assert app.pipeline is not None
+        layout = app.pipeline.layout
+        if workers == "auto":  # the production default: one single-threaded ONNX Runtime session per core
+            cores = len(os.sched_getaffinity(0))
+            assert layout.inference_workers == min(cores, AUTO_CPU_WORKERS) == len(app.pipeline.workers)
+        assert layout.buffers == layout.inference_workers + 2
         cam.stream([(f"part-{i:04d}", img) for i, img in enumerate(images)], fps=150, label="OK")
         verdicts = sub.wait_verdicts(200, timeout=30)
         registry = app.registry

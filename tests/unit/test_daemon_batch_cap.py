@@ -101,7 +101,14 @@ def _pipeline(
     package: ModelPackage, backend: Backend, batching: dict[str, Any] | None = None, warmup: bool = True
 ) -> Pipeline:
     settings = Settings(
-        batching={"max_batch": 8, "max_wait_ms": 50.0, "preprocess_threads": 1, **(batching or {})},
+        # One worker unless a test asks for more: these tests count one backend's timings and trims.
+        batching={
+            "max_batch": 8,
+            "max_wait_ms": 50.0,
+            "preprocess_threads": 1,
+            "inference_workers": 1,
+            **(batching or {}),
+        },
         deadlines={"max_latency_ms": 75.0},  # × 0.4 = a 30 ms budget: batch 4 (20 ms) fits, 8 (40 ms) not
         model={"warmup": warmup},
     )

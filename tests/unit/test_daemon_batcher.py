@@ -107,3 +107,54 @@ def test_settled_frames_are_skipped() -> None:
     assert [j.key for j in b.jobs] == [jobs[0].key, jobs[2].key]
     intake.close()
     batcher.join(5)
+
+
+@pytest.mark.timeout(20)
+def test_holds_the_batch_open_while_no_worker_is_free_and_fills_it() -> None:
+    """Every worker busy (nobody waits on ``out``): waiting costs the frames nothing, so the batch fills up
+    instead of closing at ``max_wait`` half empty."""
+    ledger, intake, _, batcher = setup(max_batch=4, max_wait_s=0.01)
+    batcher.start()
+    first = submit(ledger, intake, 2)
+    time.sleep(0.2)  # behaviour: 20 × max_wait with no free worker
+    assert batcher.out.qsize() == 0, "closed without a worker to take it"
+    rest = submit(ledger, intake, 2, start=2)
+    b = take(batcher)
+    assert [j.key for j in b.jobs] == [j.key for j in first + rest]
+    intake.close()
+    batcher.join(5)
+
+
+@pytest.mark.timeout(20)
+def test_a_worker_becoming_free_takes_the_open_batch_at_once() -> None:
+    ledger, intake, _, batcher = setup(max_batch=8, max_wait_s=0.01)
+    batcher.start()
+    jobs = submit(ledger, intake, 3)
+    time.sleep(0.1)  # the batch is open, past max_wait, no worker free
+    t0 = time.monotonic()
+    b = take(batcher)  # a worker starts waiting: the batcher is woken and closes the batch
+    assert time.monotonic() - t0 < 1.0
+    assert [j.key for j in b.jobs] == [j.key for j in jobs]
+    intake.close()
+    batcher.join(5)
+
+
+@pytest.mark.timeout(20)
+def test_with_no_worker_free_a_frame_still_goes_in_time_for_its_deadline() -> None:
+    ledger, intake, _, batcher = setup(max_batch=8, max_wait_s=5.0, latency_s=0.08)
+    batcher.start()
+    (job,) = submit(ledger, intake, 1)
+    time.sleep(0.3)  # nobody waits on out, but the frame's deadline passed
+    b = batcher.out.get(timeout=5)
+    assert b is not None and b.jobs == [job]
+    assert b.t_closed <= job.deadline + 0.1  # slack for a loaded CI machine
+    intake.close()
+    batcher.join(5)
+
+
+def test_a_wake_before_the_wait_is_not_lost() -> None:
+    intake = IntakeQueue(4)
+    intake.wake()
+    t0 = time.monotonic()
+    assert intake.get(timeout=5.0) is None
+    assert time.monotonic() - t0 < 1.0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from daemon.pipeline import Pipeline, replica
-from daemon.settings import Backpressure, Settings
+from daemon.settings import AUTO_CPU_WORKERS, Backpressure, BatchingSettings, Settings
 from daemon.types import Frame, Reason
 from engine.backend import Backend, BackendOptions
 from engine.package import ModelPackage, load_package
@@ -60,14 +60,10 @@ def package(tmp_path: Path) -> ModelPackage:
 
 def pipeline(package: ModelPackage, workers: int, backend: Backend) -> Pipeline:
     settings = Settings(
-        batching={"max_batch": 2, "max_wait_ms": 1.0, "preprocess_threads": 1},
+        batching={"max_batch": 2, "max_wait_ms": 1.0, "preprocess_threads": 1, "inference_workers": workers},
         deadlines={"max_latency_ms": 10_000},
         model={"warmup": False},
     )
-    if workers != 1:  # the field is proposed for daemon/settings.py; the pipeline reads it when present
-        settings = settings.model_copy(
-            update={"batching": settings.batching.model_copy(update={"inference_workers": workers})}
-        )
     return pipeline_for(settings, package, backend)
 
 
@@ -110,7 +106,7 @@ def test_two_workers_run_batches_side_by_side_and_decide_every_frame_once(packag
 
 
 @pytest.mark.timeout(30)
-def test_one_worker_is_the_default(package: ModelPackage) -> None:
+def test_one_worker_when_configured(package: ModelPackage) -> None:
     p = pipeline(package, 1, SlowBackend(package, max_batch=2))
     assert len(p.workers) == 1 and p.worker is p.workers[0]
     p.start()
@@ -119,6 +115,24 @@ def test_one_worker_is_the_default(package: ModelPackage) -> None:
     finally:
         p.drain(5.0)
     assert not p.threads_alive()
+
+
+@pytest.mark.parametrize(
+    ("batching", "on_cpu", "cores", "expected"),
+    [
+        ({}, True, 2, (2, 4)),  # auto on this 2-core machine: one single-threaded session per core
+        ({}, True, 16, (AUTO_CPU_WORKERS, AUTO_CPU_WORKERS + 2)),  # capped: each session holds the weights
+        ({}, False, 16, (1, 3)),  # a GPU backend: one worker
+        ({"buffers": 2}, True, 2, (1, 2)),  # explicit buffers bound auto workers
+        ({"inference_workers": 3}, True, 2, (3, 5)),  # an explicit value is kept
+    ],
+)
+def test_auto_thread_layout(
+    batching: dict[str, int], on_cpu: bool, cores: int, expected: tuple[int, int]
+) -> None:
+    layout = BatchingSettings(**batching).layout(on_cpu=on_cpu, cores=cores)
+    assert (layout.inference_workers, layout.buffers) == expected
+    assert BatchingSettings().layout(on_cpu=True, intra_op_threads=0, cores=16).inference_workers == 1
 
 
 def test_replica_is_a_fresh_backend_with_the_same_package_batch_and_options(package: ModelPackage) -> None:
@@ -167,7 +181,7 @@ def test_a_result_after_the_deadline_is_published_as_a_deadline_reject_even_if_t
 
     now = [5000.0]
     settings = Settings(
-        batching={"max_batch": 1, "max_wait_ms": 0.0, "preprocess_threads": 1},
+        batching={"max_batch": 1, "max_wait_ms": 0.0, "preprocess_threads": 1, "inference_workers": 1},
         deadlines={"max_latency_ms": 30_000},
         model={"warmup": False},
     )

@@ -136,7 +136,9 @@ def test_unit_memory_max_is_set_and_covers_what_the_example_settings_allow() -> 
     s = load_settings(EXAMPLE_TOML)
     cam, b = s.sources.camera, s.batching
     assert cam.rcvhwm * cam.max_message_bytes <= cam.max_buffered_bytes  # load_settings checked it too
-    frames = (b.queue_size + b.buffers * b.max_batch + s.audit.queue_size) * cam.max_message_bytes
+    # The station's layout: a GPU backend, so "auto" is one inference worker and its buffers.
+    buffers = b.layout(on_cpu=False).buffers
+    frames = (b.queue_size + buffers * b.max_batch + s.audit.queue_size) * cam.max_message_bytes
     decode = max(b.preprocess_threads, 1) * s.decode.max_pixels * DECODE_BYTES_PER_PIXEL
     needed = DAEMON_BASE_BYTES + cam.max_buffered_bytes + frames + decode
     assert needed <= memory_max <= 2 * needed, (needed / GiB, memory_max / GiB)

@@ -106,7 +106,8 @@ def package(tmp_path: Path) -> ModelPackage:
 
 def _pipeline(package: ModelPackage, backend: Backend) -> Pipeline:
     settings = Settings(
-        batching={"max_batch": 4, "max_wait_ms": 50.0, "preprocess_threads": 1},
+        # One worker: the scripted backend answers its batches in order.
+        batching={"max_batch": 4, "max_wait_ms": 50.0, "preprocess_threads": 1, "inference_workers": 1},
         deadlines={"max_latency_ms": 10_000},
         model={"warmup": False},
     )
