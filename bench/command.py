@@ -109,7 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="any other daemon setting, as a TOML value (repeatable), e.g. --set batching.buffers=4",
     )
-    a("--profile", type=Path, help="run the fp32 daemon under py-spy and write its flame graph (SVG) here")
+    a(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the fp32 daemon with py-spy at saturation and at the lowest line rate: raw stacks into DIR, "
+        "threads, GIL and top functions into the results (pip install py-spy)",
+    )
     a("--out", type=Path, help="write the results as JSON here")
     a("--markdown", type=Path, help="write the tables as markdown here (docs/benchmarks.md's table)")
     a("--quiet", action="store_true", help="no progress lines, only the tables")

@@ -218,7 +218,27 @@ def markdown(r: dict[str, Any]) -> str:
     )
     out.append("")
     out.append(f"GPU: {r['gpu']['reason'] if not r['gpu']['measured'] else 'see JSON'}.")
+    out += _profile(r["daemon"].get("profile", {}))
     return "\n".join(out) + "\n"
+
+
+def _profile(profiles: dict[str, Any]) -> list[str]:
+    """``--profile``: per phase, how busy each thread was, the GIL, and the top functions."""
+    out: list[str] = []
+    for phase, p in profiles.items():
+        if not p:
+            continue
+        busy = ", ".join(f"{t} {v:.0%}" for t, v in p["threads_busy"].items() if v >= 0.01)
+        out += [
+            "",
+            f"**Profile: {phase}** (py-spy; threads busy: {busy}; GIL held {p.get('gil_held_share', 0):.0%})",
+            "",
+        ]
+        rows = [["self", e["function"], f"{e['share']:.1%}"] for e in p["top_self"][:8]]
+        rows += [["inclusive", e["function"], f"{e['share']:.1%}"] for e in p["top_inclusive"][:8]]
+        rows += [["GIL", e["function"], f"{e['share']:.1%}"] for e in p.get("gil_top_self", [])[:5]]
+        out += _table(["", "function", "share of samples"], rows)
+    return out
 
 
 def _batch(r: dict[str, Any]) -> str:

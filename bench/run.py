@@ -8,13 +8,12 @@ Order matters on a small machine: nothing else runs in this process while the da
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
-import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from bench.daemon_load import INSPECTED, LoadClient
 from bench.daemon_proc import bench_settings
 from bench.images import BenchImages, load_images
 from bench.model import Int8Status, default_cache, generated_package, int8_status
+from bench.profile import PhaseProfile
 from bench.stages import BackendSpec, Cost, available_specs, backend_costs, stage_costs
 from daemon.settings import deep_update, settings_assignments
 from engine.package import ModelPackage, load_package
@@ -46,6 +46,7 @@ class BenchConfig:
     intra_op_threads: int = 0  # 0: the daemon's default (model.intra_op_threads)
     inference_workers: int = 0  # 0: the daemon's "auto" (batching.inference_workers)
     buffers: int = 0  # 0: the daemon's "auto" (batching.buffers); filled in by resolve()
+    lone_frame_threads: int = 0  # the daemon's lone-frame session (batching.lone_frame_threads); by resolve()
     max_latency_ms: float = 250.0
     window: int = 0  # closed-loop outstanding frames; 0 = adaptive (latency near half the deadline)
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32)
@@ -55,7 +56,7 @@ class BenchConfig:
     png: bool = True
     seed: int = 0
     cache: Path = field(default_factory=default_cache)
-    profile: Path | None = None  # run the fp32 daemon under py-spy, writing this flame graph (SVG)
+    profile: Path | None = None  # py-spy the fp32 daemon at saturation and the lowest rate: raw stacks here
     daemon_set: tuple[str, ...] = ()  # further daemon settings, "section.key=TOML value"
 
     def closed_loop_args(self) -> dict[str, Any]:
@@ -81,13 +82,14 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
         **deep_update(explicit, settings_assignments(cfg.daemon_set).get("batching", {}))
     )
     threads = cfg.intra_op_threads or ModelSettings().intra_op_threads
-    layout = batching.layout(on_cpu=True, intra_op_threads=threads)
+    layout = batching.layout(on_cpu=True, intra_op_threads=threads, lone_frame_session=True)
     return replace(
         cfg,
         inference_workers=layout.inference_workers,
         intra_op_threads=threads,
         preprocess_threads=layout.preprocess_threads,
         buffers=layout.buffers,
+        lone_frame_threads=layout.lone_frame_threads,
     )
 
 
@@ -112,7 +114,8 @@ def run_bench(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         stages = stage_costs(images.png, images.grays, package, min_seconds=min_s)
         result["stages"] = {k: v.to_dict() for k, v in stages.items()}
         log("backend costs (ONNX Runtime) …")
-        specs = available_specs(package, int8=int8.available, threads=sorted({1, cfg.intra_op_threads}))
+        threads = sorted({1, cfg.intra_op_threads, cfg.lone_frame_threads or 1})
+        specs = available_specs(package, int8=int8.available, threads=threads)
         ort_specs = [s for s in specs if s.kind == "onnxruntime"]
         result["backends"] = _backends(package, ort_specs, cfg, min_s, log)
         result["single_image_service_ms"] = service_ms(stages, result["backends"], cfg)
@@ -258,8 +261,10 @@ def machine_limits(
 
 
 def service_ms(stages: dict[str, Cost], backends: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
-    """One frame alone through the daemon's configuration: its preprocessing + a batch-1 inference (wall)."""
-    label = f"onnxruntime-fp32-t{cfg.intra_op_threads}"
+    """One frame alone through the daemon's configuration: its preprocessing + a batch-1 inference (wall) on
+    the session a lone frame gets (the lone-frame session's threads when the daemon has one), back to back:
+    the best one frame can do on this machine."""
+    label = f"onnxruntime-fp32-t{cfg.lone_frame_threads or cfg.intra_op_threads}"
     inf = _infer(backends, label, 1)
     if inf is None:
         return {"ms": None}
@@ -309,9 +314,9 @@ def _daemon_runs(
         f"daemon (fp32): start … batch {cfg.max_batch}, {cfg.inference_workers} × {cfg.intra_op_threads} ORT "
         f"+ {cfg.preprocess_threads} prep threads, {cfg.buffers} buffers"
     )
-    prefix = _profiler(cfg.profile) if cfg.profile else ()
+    profiles: dict[str, Any] = {}
     with (
-        DaemonProcess(settings, work, name="fp32", prefix=prefix) as d,
+        DaemonProcess(settings, work, name="fp32") as d,
         LoadClient(d, settings.line) as client,
     ):
         out["startup_rss_mb"] = d.memory().get("VmRSS")
@@ -320,16 +325,17 @@ def _daemon_runs(
             log(f"  max_batch {cfg.max_batch} capped to {out['max_batch']} by the daemon to fit the deadline")
         sat: dict[str, Any] = {}
         log(f"  saturation raw ({cfg.seconds:g} s) …")
-        sat["raw"] = client.closed_loop(
-            "sat-raw",
-            raw,
-            "raw",
-            seconds=cfg.seconds,
-            warmup_s=warm,
-            drain_s=drain,
-            daemon=d,
-            **cfg.closed_loop_args(),
-        )
+        with _profiled(cfg, d, "saturation-raw", warm + cfg.seconds, profiles):
+            sat["raw"] = client.closed_loop(
+                "sat-raw",
+                raw,
+                "raw",
+                seconds=cfg.seconds,
+                warmup_s=warm,
+                drain_s=drain,
+                daemon=d,
+                **cfg.closed_loop_args(),
+            )
         log(
             f"    {sat['raw']['img_s']} img/s, daemon {sat['raw']['daemon_cores']} cores, "
             f"{sat['raw']['mean_outstanding']} outstanding, p99 {sat['raw']['latency_ms']['p99']} ms"
@@ -352,17 +358,20 @@ def _daemon_runs(
         rates = [(f"{r:g}fps", r) for r in cfg.rates]
         if sat["raw"]["img_s"] > 0 and cfg.sat_fraction > 0:
             rates.append((f"{round(100 * cfg.sat_fraction)}pct_sat", cfg.sat_fraction * sat["raw"]["img_s"]))
-        for name, fps in rates:
+        for i, (name, fps) in enumerate(rates):
             log(f"  line rate {name} ({fps:.1f} fps, raw) …")
-            r = client.open_loop(
-                f"rate-{name}", raw, "raw", fps=fps, seconds=cfg.seconds, drain_s=drain, daemon=d
-            )
+            with _profiled(cfg if i == 0 else None, d, f"rate-{name}", cfg.seconds, profiles):
+                r = client.open_loop(
+                    f"rate-{name}", raw, "raw", fps=fps, seconds=cfg.seconds, drain_s=drain, daemon=d
+                )
             r["below_saturation"] = fps < sat["raw"]["img_s"]
             lat[name] = r
             log(
                 f"    p50 {r['latency_ms']['p50']} p99 {r['latency_ms']['p99']} ms, deadline misses {r['deadline_misses']}"
             )
         out["latency"] = lat
+        if profiles:
+            out["profile"] = profiles
         out["memory"] = d.memory()
         out["seq_gaps"] = client.seq_gaps
     out["exit_code"] = d.exit_code
@@ -387,10 +396,17 @@ def _daemon_runs(
     return out
 
 
-def _profiler(out: Path) -> list[str]:
-    """py-spy (pip install py-spy) sampling every thread of the daemon, idle ones left out."""
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return [exe, "record", "--threads", "--rate", "100", "--output", str(out), "--"]
+@contextlib.contextmanager
+def _profiled(
+    cfg: BenchConfig | None, d: DaemonProcess, name: str, seconds: float, into: dict[str, Any]
+) -> Iterator[None]:
+    """The phase under py-spy when ``--profile`` was given (its summary lands in ``into[name]``)."""
+    if cfg is None or cfg.profile is None or d.proc is None:
+        yield
+        return
+    with PhaseProfile(cfg.profile, name, d.proc.pid, seconds) as prof:
+        yield
+    into[name] = prof.summary
 
 
 def _batch_sizes(d: DaemonProcess) -> dict[str, Any]:

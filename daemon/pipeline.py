@@ -19,7 +19,7 @@ import numpy as np
 from daemon.batcher import BatchLimit, BatchQueue, BufferPool, MicroBatcher
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
-from daemon.inference import InferenceWorker
+from daemon.inference import InferenceWorker, LoneFrameSession
 from daemon.intake import IntakeQueue
 from daemon.ledger import Job, Ledger, Settled
 from daemon.logs import get_logger
@@ -52,7 +52,11 @@ class Pipeline:
         self.max_latency_s = d.max_latency_ms / 1000.0
         self.ledger = Ledger(max_latency_s=self.max_latency_s, expire=self._expire, monotonic=clock.monotonic)
         self.intake = IntakeQueue(b.queue_size)
-        self.layout = b.layout(on_cpu=backend.on_cpu, intra_op_threads=settings.model.intra_op_threads)
+        self.layout = b.layout(
+            on_cpu=backend.on_cpu,
+            intra_op_threads=settings.model.intra_op_threads,
+            lone_frame_session=backend.with_threads(1) is not None,
+        )
         # The one home of the batch size: batching.max_batch, capped at start-up (see _log_batch_cap).
         self.batch_limit = BatchLimit(b.max_batch)
         self.pool = BufferPool(
@@ -80,6 +84,10 @@ class Pipeline:
         )
         n_workers = self.layout.inference_workers
         batches = BatchQueue(on_waiting=self.intake.wake)  # a free worker wakes the batcher
+        lone_backend = (
+            backend.with_threads(self.layout.lone_frame_threads) if self.layout.lone_frame_threads else None
+        )
+        self.lone = LoneFrameSession(lone_backend, batches, n_workers) if lone_backend is not None else None
         self.workers = [
             InferenceWorker(
                 backend if i == 0 else replica(backend),
@@ -95,6 +103,7 @@ class Pipeline:
                 batch_budget_s=self._batch_budget_s if i == 0 else None,
                 batch_lines=settings.logging.batch_lines,
                 name="inference" if i == 0 else f"inference-{i}",
+                lone=self.lone,
             )
             for i in range(n_workers)
         ]
@@ -153,6 +162,14 @@ class Pipeline:
         self._log_batch_cap()
         for worker in self.workers[1:]:
             worker.start(warmup_timeout_s)
+        if self.lone is not None:
+            try:  # entered here; the workers share it. Without it lone frames are only slower.
+                self.lone.open(warmup=self.settings.model.warmup)
+            except Exception as exc:
+                self.lone.broken = True
+                log.warning(
+                    "lone-frame session could not be opened; not used", error=f"{type(exc).__name__}: {exc}"
+                )
         self.batcher.start()
 
     def _log_batch_cap(self) -> None:
@@ -205,6 +222,8 @@ class Pipeline:
                 "pipeline did not drain in time; remaining frames get REJECT shutdown", timeout_s=timeout
             )
         left = self.ledger.settle_all(Reason.SHUTDOWN)
+        if self.lone is not None and finished:
+            self.lone.close()
         self.ledger.stop()
         self.ledger.close()
         if self.executor is not None:

@@ -181,12 +181,14 @@ class ThreadLayout:
     buffers: int
     preprocess_threads: int
     cores: int
+    lone_frame_threads: int = 0  # 0: no lone-frame session
 
     def describe(self) -> dict[str, int]:
         return {
             "inference_workers": self.inference_workers,
             "buffers": self.buffers,
             "preprocess_threads": self.preprocess_threads,
+            "lone_frame_threads": self.lone_frame_threads,
             "cores": self.cores,
         }
 
@@ -205,6 +207,11 @@ class BatchingSettings(_Section):
     # backend one single-threaded session (model.intra_op_threads = 1) per core, at most AUTO_CPU_WORKERS (N
     # sessions use N cores without intra-op barriers: docs/benchmarks.md); on a GPU backend one.
     inference_workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    # A frame that finds every other worker idle is inferred by one more session with this many intra-op
+    # threads, shared by the workers (ONNX Runtime on the CPU only): a lone frame uses every core instead of
+    # one. "auto" = the cores, when the workers' sessions use fewer; 0 = off, the default: a multi-threaded
+    # session stalls whenever another thread takes one of its cores (docs/benchmarks.md).
+    lone_frame_threads: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = 0
     # At start-up the batch size is capped to the largest one (of 1, 2, 4, … max_batch) whose warm-up inference
     # takes at most this share of deadlines.max_latency_ms: a frame may wait for the batch in flight and then
     # run in its own, so two of them must fit. 0 = always max_batch. Needs model.warmup.
@@ -223,15 +230,23 @@ class BatchingSettings(_Section):
             )
         return self
 
-    def layout(self, *, on_cpu: bool, intra_op_threads: int = 1, cores: int | None = None) -> ThreadLayout:
+    def layout(
+        self,
+        *,
+        on_cpu: bool,
+        intra_op_threads: int = 1,
+        cores: int | None = None,
+        lone_frame_session: bool = False,
+    ) -> ThreadLayout:
         """The thread layout for a backend that computes on the CPU (``on_cpu``) or not, on ``cores`` cores
         (default: the ones this process may run on). An explicit value is kept; "auto" workers never need
-        more buffers than explicit ``buffers`` allow."""
+        more buffers than explicit ``buffers`` allow. ``lone_frame_session``: the backend can open a session
+        with its own thread count (ONNX Runtime on the CPU)."""
         n = cores if cores is not None else len(os.sched_getaffinity(0))
+        per_session = intra_op_threads if intra_op_threads > 0 else n  # 0: ONNX Runtime's choice, all
         if isinstance(self.inference_workers, int):
             workers = self.inference_workers
         elif on_cpu:
-            per_session = intra_op_threads if intra_op_threads > 0 else n  # 0: ONNX Runtime's choice, all
             workers = max(1, min(n // per_session, AUTO_CPU_WORKERS))
         else:
             workers = 1
@@ -240,7 +255,13 @@ class BatchingSettings(_Section):
             buffers = self.buffers
         else:
             buffers = workers + 2
-        return ThreadLayout(workers, buffers, self.preprocess_threads, n)
+        if not lone_frame_session:
+            lone = 0
+        elif isinstance(self.lone_frame_threads, int):
+            lone = self.lone_frame_threads
+        else:
+            lone = n if per_session < n else 0
+        return ThreadLayout(workers, buffers, self.preprocess_threads, n, lone if lone > 1 else 0)
 
 
 class DeadlineSettings(_Section):
