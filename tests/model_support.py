@@ -60,8 +60,9 @@ def patch_params() -> PreprocessParams:
     return PreprocessParams(input_size=PATCH_INPUT, pose=PoseParams().to_dict())
 
 
-def patch_package(directory: Path, *, seed: int = 3) -> tuple[Path, Screws]:
-    """The package and the screws it was not fitted on (good and NG)."""
+def patch_package(directory: Path, *, seed: int = 3, screws: Screws | None = None) -> tuple[Path, Screws]:
+    """The package, fitted on the first 24 good ``screws`` (default: 60 rendered ones), and the screws it was
+    not fitted on (good and NG)."""
     import torch
 
     from training.export import export_package
@@ -69,7 +70,7 @@ def patch_package(directory: Path, *, seed: int = 3) -> tuple[Path, Screws]:
 
     params = patch_params()
     pre = Preprocessor(params)
-    screws = rendered_screws(60, seed=seed)
+    screws = screws if screws is not None else rendered_screws(60, seed=seed)
     fit_on = [i for i, y in enumerate(screws.labels) if y == 0][:24]
     held = Screws(
         [f for i, f in enumerate(screws.frames) if i not in fit_on],
@@ -131,3 +132,10 @@ def network_input(screws: Screws, params: PreprocessParams) -> np.ndarray:
 
 def _normalised(pixels: np.ndarray, params: PreprocessParams) -> np.ndarray:
     return ((pixels.astype(np.float32) / 255.0 - params.mean) / params.std)[:, None]
+
+
+def folder_screws(root: Path, *, good: int, ng: int) -> Screws:
+    """The first ``good`` and ``ng`` images (sorted) of ``root``'s good/ and not-good/ folders."""
+    files = sorted((root / "good").glob("*.png"))[:good] + sorted((root / "not-good").glob("*.png"))[:ng]
+    frames = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files]
+    return Screws(frames, [int(f.parent.name != "good") for f in files])
