@@ -39,11 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.onnx_fp16 import FP32_SCOPE
+
 ARCH = "patch_memory"
 FAR = 1.0e4  # a distance for "no neighbour here" (the shifted window left the grid); z-scores stay finite
 
 
-FP32_SCOPE = "fp32"  # the attribute name of every Fp32Island: the scope of its nodes in the exported ONNX
+# Every Fp32Island is an attribute named FP32_SCOPE ("fp32"), which names the scope of its nodes in the exported
+# ONNX; engine.onnx_fp16 keeps that scope FP32.
+assert FP32_SCOPE == "fp32"
 
 
 class Fp32Island(nn.Module):
