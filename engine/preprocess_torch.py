@@ -33,6 +33,7 @@ tests import this module, through :func:`engine.preprocess.device_preprocessor`.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,9 @@ class TorchPreprocessor:
             raise RuntimeError(f"preprocessing runs on cpu or cuda devices, not {device!r}")
         self.pose = PoseParams.from_dict(params.pose) if params.pose is not None else None
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
+        self._staging = (
+            threading.local()
+        )  # per calling thread: pinned host memory the frames are stacked into
         self._scale = np.float32(1.0 / (255.0 * params.std))
         self._offset = np.float32(params.mean / params.std)
 
@@ -103,11 +107,19 @@ class TorchPreprocessor:
         return Prepared(out, light, contrast)
 
     def upload(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
-        """Frames of one size → uint8 (N, H, W) on the device (one host copy, one transfer)."""
-        host = torch.from_numpy(np.stack(frames))
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host
+        """Frames of one size → uint8 (N, H, W) on the device: one host copy (into pinned memory kept per thread
+        and grown as needed, so the transfer is a DMA and nothing is allocated per batch), one transfer."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.stack(frames))
+        n, (h, w) = len(frames), frames[0].shape
+        pinned: torch.Tensor | None = getattr(self._staging, "buffer", None)
+        if pinned is None or pinned.numel() < n * h * w:
+            pinned = torch.empty(n * h * w, dtype=torch.uint8).pin_memory()
+            self._staging.buffer = pinned
+        host = pinned[: n * h * w].view(n, h, w)
+        np.stack(frames, out=host.numpy())
+        # Synchronous: the staging buffer is reused by this thread's next call.
+        return host.to(self.device)
 
     def crop(self, frames: torch.Tensor, poses: Sequence[Pose]) -> torch.Tensor:
         """uint8 (N, H, W) frames and their poses → uint8 (N, crop_height, crop_width) pose crops."""
