@@ -51,10 +51,12 @@ def _loop(
     import cv2
     import torch
 
-    from engine.model import build_model
+    from engine.model import build_model, load_state
 
-    # The package's own weights when it has them (same network, same numbers); random ones otherwise.
-    model = build_model(weights if weights is not None and weights.is_file() else None).eval()
+    # The package's own network when it has its torch state (same network, same numbers); a ResNet18 with
+    # random weights otherwise.
+    has_state = weights is not None and weights.is_file()
+    model = load_state(weights.read_bytes(), source=str(weights)) if has_state else build_model(None).eval()
     h, w = input_size
 
     def one(path: Path) -> float:
@@ -83,5 +85,5 @@ def _loop(
         "core_ms_per_img": round(1000 * (time.process_time() - c0) / n, 2),
         "images": n,
         "torch_threads": torch.get_num_threads(),
-        "weights": "package model.pt" if weights is not None and weights.is_file() else "random",
+        "weights": "package model.pt" if has_state else "random",
     }

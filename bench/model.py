@@ -3,7 +3,8 @@
 Speed does not depend on the weights, so without ``--model`` the benchmark exports
 ``engine.model.build_model(None)`` (random weights, seeded) with the default preprocessing into a cache
 directory, once: the same network, the same ONNX export and the same ``model.json`` a trained package has.
-Its torch state dict is saved beside it so the torch backend and the naive loop run the very same weights.
+Its torch state (``model.pt``, written by the export) lets the torch backend and the naive loop run the very
+same weights.
 
 INT8: a given package is never modified; its ``model.int8.onnx`` is used when ``inspectd quantize`` recorded
 one. The generated package is quantised here through the same agreement gate (``engine.quantize``), on the
@@ -21,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.torch import STATE_DICT_NAME
-from engine.package import Decision, ModelPackage, load_package
+from engine.package import TORCH_VARIANT, Decision, ModelPackage, load_package
 from engine.preprocess import Preprocessor, PreprocessParams
 
 GENERATED_NAME = "bench-resnet18"
@@ -44,8 +44,10 @@ def generated_package(cache: Path, params: PreprocessParams | None = None, *, se
     params = params or PreprocessParams()
     key = hashlib.sha256(json.dumps({**params.to_dict(), "seed": seed}, sort_keys=True).encode()).hexdigest()
     out = cache / f"{GENERATED_NAME}-{key[:10]}"
-    if (out / "model.json").is_file() and (out / STATE_DICT_NAME).is_file():
-        return load_package(out)
+    if (out / "model.json").is_file():
+        cached = load_package(out)
+        if cached.meta.variant(TORCH_VARIANT) is not None:  # else made before export wrote the torch state
+            return cached
     import torch
 
     from engine.model import build_model
@@ -61,7 +63,6 @@ def generated_package(cache: Path, params: PreprocessParams | None = None, *, se
         name=GENERATED_NAME,
         training={"note": "random weights: for speed measurements only", "seed": seed},
     )
-    torch.save(model.state_dict(), out / STATE_DICT_NAME)
     return load_package(out)
 
 

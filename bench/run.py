@@ -142,7 +142,11 @@ def run_bench(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
     finally:
         images.close()
     result["machine"]["loadavg_after"] = loadavg()
-    result["gpu"] = {"measured": False, "reason": "not measured — no GPU machine was lent to this task"}
+    result["gpu"] = {
+        "measured": False,
+        "reason": "inspectd bench measures this machine's CPU path; the GPU station's numbers come from "
+        "bench/gpu_check.sh (docs/gpu.md)",
+    }
     result["seconds_total"] = round(time.monotonic() - t_start, 1)
     from bench.report import targets
 

@@ -76,17 +76,20 @@ class BufferPool:
 
 
 class Batch:
-    __slots__ = ("buffer", "futures", "jobs", "t_closed")
+    __slots__ = ("buffer", "finish", "futures", "jobs", "t_closed")
 
-    def __init__(self, buffer: np.ndarray) -> None:
+    def __init__(self, buffer: np.ndarray, finish: Callable[[Batch], None] | None = None) -> None:
         self.buffer = buffer
         self.jobs: list[Job] = []
         self.futures: list[Future[None]] = []
         self.t_closed = 0.0
+        self.finish = finish  # the batch's own step after the per-frame ones (GPU preprocessing), if any
 
     def wait_preprocessed(self) -> None:
         for f in self.futures:
             f.result()  # preprocessing tasks settle their own failures and never raise
+        if self.finish is not None:
+            self.finish(self)  # settles its own failures too
 
 
 def cap_batch(timings: dict[int, float], budget_s: float) -> int:
@@ -160,6 +163,7 @@ class MicroBatcher(StageThread):
         monotonic: Callable[[], float],
         est_infer_s: Callable[[], float] = lambda: 0.0,
         out: BatchQueue | None = None,
+        finish: Callable[[Batch], None] | None = None,
     ) -> None:
         self.intake = intake
         self.pool = pool
@@ -171,6 +175,7 @@ class MicroBatcher(StageThread):
         self.max_wait_s = max_wait_s
         self._now = monotonic
         self._est_infer_s = est_infer_s
+        self._finish = finish
         self._thread: threading.Thread | None = None
         self.batches = 0
 
@@ -190,7 +195,7 @@ class MicroBatcher(StageThread):
                     if self.intake.drain_closed():
                         return
                     continue
-                batch = self._fill(Batch(buf))
+                batch = self._fill(Batch(buf, self._finish))
                 if batch.jobs:
                     self.batches += 1
                     self.out.put(batch)

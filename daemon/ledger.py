@@ -29,7 +29,7 @@ from daemon.types import Frame, Reason, Verdict
 class Job:
     """A frame in flight: the immutable frame plus what the pipeline learns about it on the way."""
 
-    __slots__ = ("deadline", "frame", "image", "key", "ok", "t_decode_ms", "t_pre_ms", "violations")
+    __slots__ = ("deadline", "frame", "image", "key", "ok", "staged", "t_decode_ms", "t_pre_ms", "violations")
 
     def __init__(self, key: int, frame: Frame, deadline: float) -> None:
         self.key = key
@@ -40,6 +40,9 @@ class Job:
         self.t_pre_ms = 0.0
         self.violations: tuple[Any, ...] = ()  # engine.gauges.Violation: measurements outside their bands
         self.image: PartImage | None = None  # the crop's light and measurements, for the drift statistics
+        # With batching.preprocess_device on a GPU: the decoded frame and its pose, left for the batch's device
+        # stage (daemon.prep.DevicePreprocessing), which fills the row; None once it has.
+        self.staged: Any = None
 
 
 class Settled:

@@ -24,11 +24,11 @@ from daemon.intake import IntakeQueue
 from daemon.ledger import Job, Ledger, Settled
 from daemon.logs import get_logger
 from daemon.metrics import MetricsSink
-from daemon.prep import FramePreprocessor
-from daemon.settings import Backpressure, Settings
+from daemon.prep import DevicePreprocessing, FramePreprocessor
+from daemon.settings import Backpressure, ConfigError, Settings
 from daemon.types import Frame, Reason, Verdict
 from engine.backend import Backend
-from engine.preprocess import Preprocessor
+from engine.preprocess import Preprocessor, device_preprocessor
 
 log = get_logger(__name__)
 
@@ -68,6 +68,7 @@ class Pipeline:
             else None
         )
         self._preprocessor = preprocessor
+        self.device_stage = self._device_stage(settings, preprocessor, decider, metrics, clock)
         prep = FramePreprocessor(
             preprocessor,
             decider,
@@ -75,6 +76,7 @@ class Pipeline:
             max_pixels=settings.decode.max_pixels,
             monotonic=clock.monotonic,
             observe_stage=metrics.observe_stage,
+            on_device=self.device_stage is not None,
         )
         # Inference time one batch may take (batching.max_infer_share), timed at warm-up; None = no cap.
         self._batch_budget_s = (
@@ -119,8 +121,34 @@ class Pipeline:
             monotonic=clock.monotonic,
             est_infer_s=lambda: self.worker.est_infer_s,
             out=batches,
+            finish=self.device_stage,
         )
         self._deadline_detail = {"max_latency_ms": d.max_latency_ms}
+
+    def _device_stage(
+        self,
+        settings: Settings,
+        preprocessor: Preprocessor,
+        decider: Decider,
+        metrics: MetricsSink,
+        clock: Clock,
+    ) -> DevicePreprocessing | None:
+        """The batch's GPU preprocessing step when ``batching.preprocess_device`` asks for one (torch with CUDA
+        must be here: refused now, naming the setting, if not)."""
+        device = settings.batching.preprocess_device
+        if device == "cpu":
+            return None
+        try:
+            self._device_pre = device_preprocessor(preprocessor.params, device)
+        except ValueError as exc:
+            raise ConfigError(f"batching.preprocess_device = {device!r}: {exc}") from None
+        return DevicePreprocessing(
+            self._device_pre,
+            decider,
+            self.ledger,
+            monotonic=clock.monotonic,
+            observe_stage=metrics.observe_stage,
+        )
 
     @property
     def max_batch(self) -> int:
@@ -192,7 +220,10 @@ class Pipeline:
             log.info("batch size fits the deadline", **fields)
 
     def _warm_preprocessing(self) -> None:
-        """Start every pool thread and build its CLAHE object now, not on the first parts of the shift."""
+        """Start every pool thread and build its CLAHE object now, not on the first parts of the shift (and run
+        the device stage's kernels once)."""
+        if self.device_stage is not None:
+            self._device_pre.warmup()
         if self.executor is None:
             return
         n = self.settings.batching.preprocess_threads

@@ -4,12 +4,17 @@ Failures are settled right here, so a broken frame never waits for its batch: un
 (``daemon.image_policy.check_complete``, before the decoder sees them) → REJECT ``decode_error``; the pose
 stage's ``no_part``/``pose_error`` → REJECT with that reason; anything unexpected → REJECT ``engine_error``
 with the traceback logged. This function never raises (the batch waits on it).
+
+With ``batching.preprocess_device`` on a GPU the pool stops after the pose (decode, gauges, the crop's pose:
+numpy + OpenCV work that stays on the CPU) and leaves the frame on the job (``Job.staged``);
+:class:`DevicePreprocessing`, the batch's own last step, then crops, equalises, resizes and normalises the
+whole batch in one call of engine.preprocess_torch and writes the rows. It never raises either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -25,6 +30,9 @@ from engine.gauges import check
 from engine.pose import PoseError, PoseParams, estimate_pose
 from engine.preprocess import DecodeError, Preprocessor, decode, to_gray8
 
+if TYPE_CHECKING:
+    from daemon.batcher import Batch
+
 log = get_logger(__name__)
 
 
@@ -38,6 +46,7 @@ class FramePreprocessor:
         max_pixels: int,
         monotonic: Callable[[], float],
         observe_stage: Callable[[str, float], None],
+        on_device: bool = False,
     ) -> None:
         self._pre = preprocessor
         self._decider = decider
@@ -49,6 +58,9 @@ class FramePreprocessor:
         self._gauges = gauges
         self._pose_params = gauges.pose_params() if gauges is not None else PoseParams()
         self._pose_crop = preprocessor.params.pose is not None
+        self._on_device = on_device  # leave crop → normalise to DevicePreprocessing
+        crop_pose = preprocessor.params.pose
+        self._crop_pose = PoseParams.from_dict(crop_pose) if crop_pose is not None else None
 
     def __call__(self, job: Job, row: np.ndarray) -> None:
         frame = job.frame
@@ -70,6 +82,16 @@ class FramePreprocessor:
                 # cannot be measured must not pass a gauge (PoseError → REJECT no_part / pose_error below).
                 pose = estimate_pose(gray, self._pose_params)
                 job.violations = tuple(check(pose.measurements, self._gauges))
+            if self._on_device:
+                crop_pose = pose if self._pose_crop else None
+                if self._crop_pose is not None and crop_pose is None:
+                    crop_pose = estimate_pose(gray, self._crop_pose)  # here, not on the inference thread
+                job.staged = (gray, crop_pose, pose.measurements if pose is not None else None)
+                job.t_decode_ms = (t1 - t0) * 1000.0
+                job.t_pre_ms = (self._now() - t1) * 1000.0
+                job.ok = True
+                self._observe("decode", t1 - t0)
+                return
             crop = self._pre.crop(gray, pose=pose if self._pose_crop else None)
             brightness, contrast = brightness_contrast(crop)  # ~10 µs: for the drift statistics
             self._pre.from_crop(crop, row)
@@ -102,6 +124,61 @@ class FramePreprocessor:
         log.warning(
             "frame rejected before inference", frame_id=job.frame.frame_id, reason=reason.value, error=message
         )
+
+
+class DevicePreprocessing:
+    """A batch's last preprocessing step on a GPU: every staged frame of the batch cropped, equalised, resized and
+    normalised in one call (engine.preprocess_torch), written into its row. Runs on the inference thread (in
+    ``Batch.wait_preprocessed``), before the batch is inferred. A failure rejects the batch's staged frames with
+    ``engine_error`` (logged); it never raises."""
+
+    def __init__(
+        self,
+        device_preprocessor: Any,
+        decider: Decider,
+        ledger: Ledger,
+        *,
+        monotonic: Callable[[], float],
+        observe_stage: Callable[[str, float], None],
+    ) -> None:
+        self._pre = device_preprocessor
+        self._decider = decider
+        self._ledger = ledger
+        self._now = monotonic
+        self._observe = observe_stage
+
+    def __call__(self, batch: Batch) -> None:
+        rows, jobs = [], []
+        for i, job in enumerate(batch.jobs):
+            if job.staged is None:
+                continue
+            if job.ok and self._ledger.is_pending(job):
+                rows.append(i)
+                jobs.append(job)
+            else:
+                job.staged = None
+        if not jobs:
+            return
+        t0 = self._now()
+        try:
+            prepared = self._pre([j.staged[0] for j in jobs], [j.staged[1] for j in jobs])
+            batch.buffer[rows] = prepared.batch.cpu().numpy()
+        except Exception as exc:
+            log.exception(
+                "device preprocessing failed", n=len(jobs), device=str(getattr(self._pre, "device", ""))
+            )
+            for job in jobs:
+                job.ok = False
+                job.staged = None
+                detail = {"error": f"device preprocessing failed: {type(exc).__name__}: {exc}"}
+                self._ledger.settle(job, self._decider.reject(job.frame, Reason.ENGINE_ERROR, detail))
+            return
+        share_ms = (self._now() - t0) * 1000.0 / len(jobs)
+        for job, brightness, contrast in zip(jobs, prepared.brightness, prepared.contrast, strict=True):
+            job.image = PartImage(float(brightness), float(contrast), job.staged[2])
+            job.t_pre_ms += share_ms
+            job.staged = None
+            self._observe("preprocess", job.t_pre_ms / 1000.0)
 
 
 def _refuse_partial(data: bytes | memoryview) -> None:

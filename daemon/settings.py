@@ -216,6 +216,10 @@ class BatchingSettings(_Section):
     # takes at most this share of deadlines.max_latency_ms: a frame may wait for the batch in flight and then
     # run in its own, so two of them must fit. 0 = always max_batch. Needs model.warmup.
     max_infer_share: float = Field(default=0.4, ge=0, le=1)
+    # Where the crop, CLAHE, resize and normalise of a batch run: "cpu" (OpenCV in the preprocessing pool, the
+    # reference) or "cuda" / "cuda:N" (engine.preprocess_torch, one batched call per batch on the inference
+    # thread; the pool then only decodes and finds the pose). Needs torch with CUDA, checked at start.
+    preprocess_device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
 
     @model_validator(mode="after")
     def _buffers_for_workers(self) -> BatchingSettings:

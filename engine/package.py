@@ -1,8 +1,14 @@
-"""The model package: ``model.onnx`` + ``model.json`` in one directory.
+"""The model package: ``model.onnx`` + ``model.json`` in one directory (+ ``model.pt``, the torch state).
 
 ``model.json`` is the contract between training and serving: preprocessing parameters, the decision
 threshold(s), class order, provenance and the sha256 of the ONNX file. The daemon derives everything from it
 and refuses a package it does not understand or whose ONNX file does not match.
+
+Files derived from the same network (``model.pt``: the torch state the torch backend rebuilds the network from;
+``model.int8.onnx``: written by ``inspectd quantize``) are *variants*: each has a record in ``model.json``
+(``variants.<name>``: file, sha256, the sha256 of the ``model.onnx`` it belongs to) and is refused when its
+bytes or its source do not match. A package without a variant loads and serves as before; only the backend
+that needs the file says it is missing.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from engine.preprocess import PreprocessParams
 SCHEMA_VERSION = 1
 ONNX_NAME = "model.onnx"
 META_NAME = "model.json"
+TORCH_NAME = "model.pt"  # the torch state (variant "torch"), written by training.export
+TORCH_VARIANT = "torch"
 CLASS_ORDER = ("OK", "NG")  # the single logit is the NG (defect) logit
 
 
@@ -218,8 +226,8 @@ class ModelPackage:
         return self.directory / "engines"
 
 
-def verify_variant_file(package: ModelPackage, path: Path) -> dict[str, Any]:
-    """The record of ``path`` if it is a recorded variant of this exact model.onnx; else PackageError."""
+def _variant_record(package: ModelPackage, path: Path) -> dict[str, Any]:
+    """The record of the file ``path`` if it is a recorded variant of this exact model.onnx; else PackageError."""
     for rec in package.meta.variants.values():
         if isinstance(rec, dict) and rec.get("file") == path.name:
             break
@@ -232,12 +240,40 @@ def verify_variant_file(package: ModelPackage, path: Path) -> dict[str, Any]:
     if rec.get("source_onnx_sha256") != package.meta.onnx_sha256:
         raise PackageError(
             f"{path.name} was made from another model.onnx (sha256 {str(rec.get('source_onnx_sha256'))[:12]}…, "
-            f"package has {package.meta.onnx_sha256[:12]}…); re-run 'inspectd quantize'"
+            f"package has {package.meta.onnx_sha256[:12]}…); re-run '{rec.get('made_by', 'inspectd quantize')}'"
         )
+    return rec
+
+
+def verify_variant_file(package: ModelPackage, path: Path) -> dict[str, Any]:
+    """The record of ``path`` if it is a recorded variant of this exact model.onnx; else PackageError."""
+    rec = _variant_record(package, path)
     actual = sha256_file(path)
     if actual != rec.get("sha256"):
         raise PackageError(f"{path} sha256 {actual[:16]}… does not match its model.json record; refusing it")
     return rec
+
+
+def read_variant(package: ModelPackage, name: str) -> tuple[dict[str, Any], bytes]:
+    """The record of variant ``name`` and its file's bytes, read once and checked against the record (sha256,
+    and the model.onnx it was made from): the caller loads exactly these bytes, never the file again.
+    PackageError when the package records no such variant, or its file is missing, swapped or stale."""
+    rec = package.meta.variant(name)
+    if rec is None:
+        raise PackageError(f"{package.directory}/{META_NAME} records no {name!r} file")
+    path = package.directory / str(rec["file"])
+    _variant_record(package, path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PackageError(f"{path} cannot be read: {exc}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != rec.get("sha256"):
+        raise PackageError(
+            f"{path} sha256 {actual[:16]}… does not match its model.json record "
+            f"{str(rec.get('sha256'))[:16]}…: the file was replaced or corrupted; refusing it"
+        )
+    return rec, data
 
 
 def load_package(directory: str | Path, *, verify: bool = True) -> ModelPackage:

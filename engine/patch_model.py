@@ -20,6 +20,14 @@ Training is fitting, not gradient descent (training/patch_memory.py). The networ
 (Conv, Pad, Slice, MatMul, ReduceMin/Max), so it exports to ONNX and TensorRT like the ResNet18 and the daemon
 serves it through the same backends; ``with_heatmap`` gives the z-map as its class-activation map.
 
+Precision: only the projection (the PCA convolution) may run in FP16. Everything after it runs in an
+:class:`Fp32Island`: the residual norm (Σx² − (Σx)²/p² − |code|²) and the distance (|q|² + |b|² − 2 q·b)
+subtract large, nearly equal sums, which FP16's 11-bit mantissa would turn into noise of the size of the
+distances themselves. The island is a module named ``fp32``, so it also marks its nodes in the exported ONNX
+(``…/fp32/…``): engine.onnx_fp16 keeps them FP32 in the FP16 graph TensorRT 11 builds from, and
+engine.trt_build pins them to FP32 on TensorRT 10. The torch backend runs a model with islands under autocast
+(FP16 where autocast allows, FP32 inside the islands) rather than converting its weights to FP16.
+
 This module imports torch at the top: only training, export and the torch backend import it.
 """
 
@@ -31,8 +39,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.onnx_fp16 import FP32_SCOPE
+
 ARCH = "patch_memory"
 FAR = 1.0e4  # a distance for "no neighbour here" (the shifted window left the grid); z-scores stay finite
+
+
+# Every Fp32Island is an attribute named FP32_SCOPE ("fp32"), which names the scope of its nodes in the exported
+# ONNX; engine.onnx_fp16 keeps that scope FP32.
+assert FP32_SCOPE == "fp32"
+
+
+class Fp32Island(nn.Module):
+    """``island(fn, *args)`` = ``fn(*args)`` in FP32, whatever the caller runs in: autocast is off inside and
+    floating-point tensor arguments are cast to float32 (a no-op, and no ONNX node, when they already are).
+
+    Holds no parameters (a model's state dict does not change); its attribute name, :data:`FP32_SCOPE`, names
+    the scope of the ops it runs when the model is exported to ONNX."""
+
+    def forward(self, fn: Any, *args: Any) -> Any:
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*(_as_fp32(a) for a in args))
+
+
+def _as_fp32(a: Any) -> Any:
+    if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float32:
+        return a.float()
+    return a
+
+
+def has_fp32_islands(model: nn.Module) -> bool:
+    """True when ``model`` keeps parts of its computation in FP32 (it must not be converted to FP16 wholesale)."""
+    return any(isinstance(m, Fp32Island) for m in model.modules())
 
 
 def crop_view(x: torch.Tensor, view: tuple[int, int, int, int, int] | None) -> torch.Tensor:
@@ -121,6 +160,7 @@ class PatchMemory(nn.Module):
         self._offsets = [(int(dy), int(dx)) for dy, dx in self.offsets.tolist()]
         self._stride = int(stride)
         self._patch = int(kernel.shape[-1])
+        self.fp32 = Fp32Island()  # no parameters: the state dict keys are unchanged
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PatchMemory:
@@ -151,11 +191,12 @@ class PatchMemory(nn.Module):
         return self._grid
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) normalised crops → (B, K, gh, gw) patch codes."""
+        """(B, 1, H, W) normalised crops → (B, K, gh, gw) patch codes (the projection may run in FP16; the
+        residual norm runs in FP32)."""
         x = self.crop(x.to(self.kernel.dtype))
         f = F.conv2d(x, self.kernel, stride=self._stride)
         if self._residual:
-            f = torch.cat([f, self.residual_norm(x, f)], 1)
+            f = torch.cat([f, self.fp32(self.residual_norm, x, f).to(f.dtype)], 1)
         tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]  # not re-exported
         if not tracing and tuple(f.shape[2:]) != self._grid:
             raise ValueError(
@@ -225,8 +266,14 @@ class PatchMemory(nn.Module):
         assert best is not None
         return best[:, 0]
 
+    def z_of(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, K, gh, gw) codes → (B, gh, gw) z-scores."""
+        return (self.distances(feats) - self.mu) / self.sd
+
     def zmap(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.distances(self.features(x)) - self.mu) / self.sd
+        """(B, 1, H, W) → (B, gh, gw) z-scores, computed in FP32 from the codes on."""
+        z: torch.Tensor = self.fp32(self.z_of, self.features(x))
+        return z
 
     def score_of(self, z: torch.Tensor) -> torch.Tensor:
         """(B, gh, gw) z-map → (B,) logit: the mean of the ``top_k`` largest z where the part lies (a lone
@@ -237,12 +284,20 @@ class PatchMemory(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) → (B, 1) NG logits, the ResNet18's contract."""
-        return self.score_of(self.zmap(x)).unsqueeze(1).to(x.dtype)
+        logit: torch.Tensor = self.fp32(self._logit, self.features(x))
+        return logit.unsqueeze(1).to(x.dtype)
+
+    def _logit(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.score_of(self.z_of(feats))
 
     def with_heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) logits and the (B, gh, gw) map of z-scores above 0 on the part: where it looks unlike any good screw."""
-        z = self.zmap(x)
-        return self.score_of(z).to(x.dtype), (torch.clamp(z, min=0.0) * self.mask).to(x.dtype)
+        logit, heat = self.fp32(self._logit_and_map, self.features(x))
+        return logit.to(x.dtype), heat.to(x.dtype)
+
+    def _logit_and_map(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.z_of(feats)
+        return self.score_of(z), torch.clamp(z, min=0.0) * self.mask
 
 
 class PatchEnsemble(nn.Module):
@@ -264,6 +319,7 @@ class PatchEnsemble(nn.Module):
         self.register_buffer("cell", torch.tensor(int(cell), dtype=torch.int64))
         self._input = (int(input_size[0]), int(input_size[1]))
         self._cell = int(cell)
+        self.fp32 = Fp32Island()
         for i, m in enumerate(members):
             _, b, _, r, _ = m._view or (0, input_size[0], 0, input_size[1], 1)
             if b > input_size[0] or r > input_size[1]:
@@ -283,8 +339,8 @@ class PatchEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) → (B, 1) NG logits."""
-        logits = [m(x) for m in self._members]
-        return torch.stack(logits, 0).mean(0)
+        mean: torch.Tensor = self.fp32(_mean, *[m(x) for m in self._members])
+        return mean
 
     def with_heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = self._input
@@ -304,4 +360,9 @@ class PatchEnsemble(nn.Module):
         for more in maps[1:]:
             heat_all = torch.maximum(heat_all, more)
         cells = F.max_pool2d(heat_all, c, stride=c, ceil_mode=True)[:, 0]
-        return torch.stack(logits, 0).mean(0), cells
+        mean: torch.Tensor = self.fp32(_mean, *logits)
+        return mean.to(x.dtype), cells
+
+
+def _mean(*logits: torch.Tensor) -> torch.Tensor:
+    return torch.stack(logits, 0).mean(0)

@@ -6,6 +6,7 @@ dataclass that travels inside ``model.json``. Nothing here is retyped anywhere e
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -240,3 +241,19 @@ def load_gray(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a file with the same decoder the daemon uses for bytes from the wire."""
     with open(path, "rb") as fh:
         return decode(fh.read(), max_pixels=max_pixels)
+
+
+def device_preprocessor(params: PreprocessParams, device: str) -> Any:
+    """The batched preprocessing of :mod:`engine.preprocess_torch` on ``device`` ("cuda", "cuda:N"; "cpu" for
+    tests), imported only here and only when asked for: torch is no dependency of the CPU daemon. ValueError
+    saying what is missing (torch, CUDA, the device)."""
+    try:
+        module = importlib.import_module("engine.preprocess_torch")
+    except ImportError as exc:
+        raise ValueError(
+            f"preprocessing on {device!r} needs torch, which is not importable here: {exc}"
+        ) from None
+    try:
+        return module.TorchPreprocessor(params, device)
+    except RuntimeError as exc:  # torch.device() refuses a malformed name with RuntimeError too
+        raise ValueError(str(exc)) from None

@@ -15,8 +15,20 @@ the path. The sidecar also says whether the plan passed ``inspectd build-engine`
 :func:`check_gate` refuses an ungated plan unless the configuration accepts one (``allow_ungated``).
 
 Polygraphy's split: this module builds (loaders build); :mod:`engine.backends.tensorrt` runs. ``tensorrt``
-is imported lazily, only inside the functions that need it, and only TensorRT ≥ 10 is supported — the one
-feature check for TensorRT 11 (which removed weakly typed FP16) lives in :func:`_apply_precision`.
+is imported lazily, only inside the functions that need it, and only TensorRT ≥ 10 is supported.
+
+FP16 takes one of two routes, chosen in one place (:func:`precision_route`) by what the installed TensorRT
+offers, not by its version number:
+
+- **weakly typed** (TensorRT 10: ``BuilderFlag.FP16``): the model's ONNX as it is; the builder may pick FP16
+  kernels anywhere, except in the layers the model marks FP32 (its ``fp32`` ONNX scopes, engine.onnx_fp16),
+  which are pinned to FP32 with ``OBEY_PRECISION_CONSTRAINTS``;
+- **strongly typed** (TensorRT 11 removed ``BuilderFlag.FP16``; strong typing is its only FP16 route): an FP16
+  copy of the ONNX (engine.onnx_fp16: FP32 inputs and outputs, the model's FP32 scopes kept FP32), made from
+  the verified bytes, parsed into a strongly typed network.
+
+Either way TF32 is turned off when the model has FP32 scopes: TF32 keeps 10 mantissa bits, no better than FP16
+for the sums those scopes protect.
 """
 
 from __future__ import annotations
@@ -392,13 +404,15 @@ def build_plan(
     """
     trt = import_tensorrt()
     onnx_bytes = read_verified_onnx(onnx_path, key.onnx_sha256)
+    route = precision_route(key.precision)
+    if route.strongly_typed:
+        onnx_bytes = _fp16_onnx(onnx_bytes, onnx_path)
     logger = trt_logger()
     builder = trt.Builder(logger)
-    # TensorRT 10: networks are always explicit-batch; EXPLICIT_BATCH is deprecated and ignored, so no flag.
-    network = builder.create_network(0)
+    network = builder.create_network(_network_flags(trt, route))
     parser = trt.OnnxParser(network, logger)
     # No path argument: the package has no external weights (load_package refuses them), so the parser needs
-    # nothing from the file system — it sees only the bytes that were hashed.
+    # nothing from the file system — it sees only the bytes that were hashed (or their FP16 copy).
     if not parser.parse(onnx_bytes):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {'; '.join(errors) or 'no details'}")
@@ -413,7 +427,7 @@ def build_plan(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    _apply_precision(trt, config, key.precision)
+    _apply_precision(trt, network, config, route)
     profile = builder.create_optimization_profile()
     mn, opt, mx = key.profile.shapes(key.input_shape)
     profile.set_shape(input_name, mn, opt, mx)
@@ -439,18 +453,80 @@ def build_plan(
     return bytes(memoryview(serialized))
 
 
-def _apply_precision(trt: Any, config: Any, precision: str) -> None:
-    """FP16 through the builder flag (weakly typed network, FP32 I/O kept). TensorRT 11 removed the flag in
-    favour of strongly typed FP16 graphs; that needs an FP16 ONNX, which the package does not hold yet."""
+@dataclass(frozen=True, slots=True)
+class PrecisionRoute:
+    """How the installed TensorRT builds a precision (see the module docstring)."""
+
+    name: str  # recorded in the plan's sidecar (``precision_route``)
+    strongly_typed: bool  # parse the FP16-cast ONNX into a strongly typed network
+    builder_fp16: bool  # weakly typed: BuilderFlag.FP16, the model's FP32 scopes pinned
+
+
+def precision_route(precision: str) -> PrecisionRoute:
+    """The one place that decides how ``precision`` is built here, from what this TensorRT offers."""
     if precision == "fp32":
-        return
-    flag = getattr(trt.BuilderFlag, "FP16", None)
-    if flag is None:
-        raise EngineBuildError(
-            f"TensorRT {trt.__version__} has no BuilderFlag.FP16 (weakly typed FP16 was removed in 11); "
-            "build --fp32, or export an FP16 (strongly typed) ONNX for this TensorRT"
+        return PrecisionRoute("fp32", strongly_typed=False, builder_fp16=False)
+    trt = import_tensorrt()
+    if getattr(trt.BuilderFlag, "FP16", None) is not None:
+        return PrecisionRoute(
+            "fp16 weakly typed (BuilderFlag.FP16; the model's fp32 scopes pinned to FP32)",
+            strongly_typed=False,
+            builder_fp16=True,
         )
-    config.set_flag(flag)
+    return PrecisionRoute(
+        "fp16 strongly typed (FP16-cast ONNX, engine.onnx_fp16; the model's fp32 scopes kept FP32)",
+        strongly_typed=True,
+        builder_fp16=False,
+    )
+
+
+def _fp16_onnx(onnx_bytes: bytes, onnx_path: Path) -> bytes:
+    from engine.onnx_fp16 import Fp16Error, to_fp16
+
+    try:
+        fp16 = to_fp16(onnx_bytes)
+    except ImportError as exc:
+        raise EngineBuildError(
+            f"an FP16 plan on this TensorRT needs the onnx package (the gpu extra) to cast {onnx_path}: {exc}"
+        ) from None
+    except Fp16Error as exc:
+        raise EngineBuildError(
+            f"cannot make the FP16 graph of {onnx_path} for a strongly typed network: {exc}"
+        ) from None
+    log.info("FP16 graph of %s for a strongly typed network: %s", onnx_path, fp16.summary())
+    return fp16.data
+
+
+def _network_flags(trt: Any, route: PrecisionRoute) -> int:
+    """Networks are explicit-batch in TensorRT ≥ 10 (EXPLICIT_BATCH is ignored in 10 and gone in 11), so the only
+    flag is STRONGLY_TYPED, and only where it still exists (11 types every network strongly and deprecated it)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 1 << int(flag) if route.strongly_typed and flag is not None else 0
+
+
+def _apply_precision(trt: Any, network: Any, config: Any, route: PrecisionRoute) -> None:
+    from engine.onnx_fp16 import in_fp32_scope
+
+    scoped = [network.get_layer(i) for i in range(network.num_layers)]
+    scoped = [layer for layer in scoped if in_fp32_scope(str(layer.name))]
+    if scoped and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if not route.builder_fp16:
+        return
+    config.set_flag(trt.BuilderFlag.FP16)
+    pinned = 0
+    floats = (trt.DataType.FLOAT, trt.DataType.HALF)
+    for layer in scoped:
+        outs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in floats]
+        if not outs:
+            continue
+        layer.precision = trt.DataType.FLOAT
+        for j in outs:
+            layer.set_output_type(j, trt.DataType.FLOAT)
+        pinned += 1
+    if pinned:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        log.info("%d layers of the model's fp32 scopes pinned to FP32", pinned)
 
 
 def resolve_plan(
@@ -492,6 +568,7 @@ def resolve_plan(
         record: dict[str, Any] = {
             "built_by": "backend rebuild",
             "build_seconds": round(time.perf_counter() - t0, 2),
+            "precision_route": precision_route(key.precision).name,
             "parity": {"gated": False, "reason": "built by the backend at start (rebuild=true)"},
         }
         path = cache.store(key, plan, record)

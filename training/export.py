@@ -13,12 +13,20 @@ Then the package checks itself before anything reaches ``out_dir``: ``onnx.check
 and torch vs ONNX Runtime on ``verify_batch`` (real validation images where the caller has them): the max abs
 logit difference must be ≤ ``LOGIT_ATOL + LOGIT_RTOL·|logit|`` and the verdicts at the decision threshold (and grey zone) identical.
 A failure raises :class:`ExportError` and leaves ``out_dir`` untouched.
+
+Beside the ONNX file the export writes the torch state (``model.pt``: the network's state dict, tensors only,
+so ``torch.load(weights_only=True)`` reads it and ``engine.model.load_state`` rebuilds the network, the ResNet18
+or the patch memory), recorded in ``model.json`` as the variant ``torch`` with its sha256 and the sha256 of the
+model.onnx it belongs to. It is checked too: loaded back as the torch backend loads it, it must give the very
+logits of the network it was saved from. A network engine.model cannot rebuild (a toy net in a test) gets no
+torch state; it serves on ONNX Runtime and TensorRT.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.metadata
 import io
 import logging
@@ -32,7 +40,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.package import META_NAME, ONNX_NAME, Decision, ModelMeta, write_meta
+from engine.package import (
+    META_NAME,
+    ONNX_NAME,
+    TORCH_NAME,
+    TORCH_VARIANT,
+    Decision,
+    ModelMeta,
+    sha256_file,
+    write_meta,
+)
 from engine.parity import verdicts  # the daemon's PASS/REJECT/grey-zone rule, in one place
 from engine.preprocess import PreprocessParams
 
@@ -274,6 +291,10 @@ def export_package(
         opset = opsets.get("ai.onnx")
         parity = _check(onnx_path, net, verify_batch, decision, heatmap)
         parity["source"] = source
+        variants: dict[str, Any] = {}
+        torch_state = _save_torch_state(base, work / TORCH_NAME, sha256_file(onnx_path), verify_batch[:2])
+        if torch_state is not None:
+            variants[TORCH_VARIANT] = torch_state
         meta = ModelMeta(
             name=name,
             preprocess=preprocess,
@@ -287,6 +308,7 @@ def export_package(
             calibration=dict(calibration or {}),
             training=dict(training or {}),
             metrics=dict(metrics or {}),
+            variants=variants,
             created_by={**_versions(), "exporter": used, "opset_imports": opsets, "parity": parity},
         )
         meta = write_meta(work, meta)
@@ -297,15 +319,57 @@ def export_package(
     return replace(meta)
 
 
+def _save_torch_state(
+    net: torch.nn.Module, path: Path, onnx_sha256: str, batch: np.ndarray
+) -> dict[str, Any] | None:
+    """Write ``net``'s state dict to ``path`` and return its variant record, after checking that it rebuilds
+    ``net``: loaded back exactly as the torch backend loads it, it must give the same logits on ``batch``.
+    None (nothing written) for a network engine.model does not know."""
+    import torch
+
+    from engine.model import is_engine_model, load_state
+
+    if not is_engine_model(net):
+        return None
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    try:
+        again = load_state(data, source=f"the exported {TORCH_NAME}")
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    x = torch.from_numpy(np.ascontiguousarray(batch))
+    with torch.no_grad():
+        same = torch.equal(net(x), again(x))
+    if not same:
+        raise ExportError(f"the exported {TORCH_NAME} does not rebuild the network: its logits differ")
+    path.write_bytes(data)
+    return {
+        "file": TORCH_NAME,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "source_onnx_sha256": onnx_sha256,
+        "bytes": len(data),
+        "network": type(net).__name__,
+        "format": "torch state dict: torch.load(weights_only=True), then engine.model.load_state",
+        "made_by": "inspectd export",
+    }
+
+
 def _install(work: Path, out: Path) -> None:
     """Move the checked files into ``out``: a rename of the whole directory when it is new, else file by file
-    (model.onnx first: a reader in between sees a sha256 mismatch and refuses, never a wrong model)."""
+    (model.onnx first: a reader in between sees a sha256 mismatch and refuses, never a wrong model; model.pt
+    before model.json, whose record it must match)."""
     if not out.exists():
         os.replace(work, out)
         return
     if not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
     os.replace(work / ONNX_NAME, out / ONNX_NAME)
+    if (work / TORCH_NAME).exists():
+        os.replace(work / TORCH_NAME, out / TORCH_NAME)
+    else:
+        (out / TORCH_NAME).unlink(missing_ok=True)  # an older network's state: never beside this model
     os.replace(work / META_NAME, out / META_NAME)
     stale = out / f"{ONNX_NAME}.data"
     if stale.exists():

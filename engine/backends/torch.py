@@ -1,10 +1,19 @@
-"""torch backend: the reference (CPU, FP32) and a measurable GPU path where TensorRT is absent (CUDA, FP16,
-channels-last, one CUDA graph per batch bucket).
+"""torch backend: the reference (CPU, FP32) and the GPU path where TensorRT is absent (CUDA, FP16, one CUDA
+graph per batch bucket), for both model kinds (the ResNet18 and the patch memory).
 
-The package's serving artefact is ONNX, which torch cannot run; this backend needs the network's weights as
-a state dict, ``model.pt`` beside ``model.onnx`` (the ``engine.model.build_model`` network, loaded with
-``weights_only=True`` so a package cannot carry code). When ``model.json`` records its sha256
-(``training.state_dict.sha256``) the file is checked against it.
+The package's serving artefact is ONNX, which torch cannot run; this backend rebuilds the network from the torch
+state ``inspectd export`` writes beside it (``model.pt``, recorded in ``model.json`` as the variant ``torch``
+with its sha256 and the model.onnx it belongs to). The file is read once, its bytes are checked against the
+record and exactly those bytes are loaded, with ``weights_only=True`` (tensors and plain values, never code),
+by ``engine.model.load_state``. A package exported before the torch state existed still serves on ONNX
+Runtime and TensorRT; here it is refused with a message saying so. ``weights`` names a state file explicitly
+(the operator's choice: loaded without a record to check it against, and logged).
+
+Precision on CUDA: FP16 by default. A conv net (the ResNet18) is converted to FP16 and channels-last (cuDNN's
+fast NHWC tensor-core kernels). A model with FP32 islands (the patch memory: its distance must not be computed
+in FP16, engine.patch_model) keeps its FP32 weights and runs under autocast: FP16 for its projection, FP32
+inside its islands. On the CPU everything runs in FP32 (the reference ``check-backends`` compares with ONNX
+Runtime).
 
 CUDA graphs need static shapes, so the profile is a set of batch buckets (default: powers of two up to
 ``max_batch``, plus ``max_batch``); a batch of n runs in the smallest bucket ≥ n, zero-padded (the network is
@@ -15,7 +24,7 @@ Options: :class:`TorchOptions`.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,7 +37,9 @@ from engine.backend import Backend, BackendError, BackendOptions
 if TYPE_CHECKING:  # engine.package loads OpenCV: imported where a package is opened, not to check options
     from engine.package import ModelPackage
 
-STATE_DICT_NAME = "model.pt"
+log = logging.getLogger(__name__)
+
+STATE_DICT_NAME = "model.pt"  # engine.package.TORCH_NAME (not imported here: checking options stays cheap)
 
 
 class TorchOptions(BackendOptions):
@@ -36,7 +47,7 @@ class TorchOptions(BackendOptions):
 
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     threads: int | None = Field(default=None, ge=0)  # CPU intra-op threads; None or 0 = torch's choice
-    weights: Path | None = None  # the state dict; None = <package>/model.pt
+    weights: Path | None = None  # a state file named explicitly (not checked); None = the package's model.pt
     cuda_graphs: bool = True  # one CUDA graph per batch bucket (CUDA only)
     batch_buckets: tuple[int, ...] | None = None  # None = powers of two up to max_batch, plus max_batch
     precision: Literal["fp16", "fp32"] | None = None  # None = fp16 on CUDA, fp32 on the CPU
@@ -68,10 +79,6 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"batch {n} exceeds the largest bucket {buckets[-1]}")
 
 
-def state_dict_path(package: ModelPackage, override: str | Path | None = None) -> Path:
-    return Path(override) if override is not None else package.directory / STATE_DICT_NAME
-
-
 class TorchBackend(Backend):
     name = "torch"
     options_type = TorchOptions
@@ -99,6 +106,7 @@ class TorchBackend(Backend):
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}  # bucket → (graph, static input, static output)
         self._pinned_in: Any = None
         self._pinned_out: Any = None
+        self._autocast = False  # FP16 through autocast (a model with FP32 islands) instead of FP16 weights
 
     @property
     def precision(self) -> str:
@@ -136,43 +144,44 @@ class TorchBackend(Backend):
             raise
 
     def _load_model(self, torch: Any) -> Any:
-        from engine.model import model_from_state
+        from engine.model import load_state
+        from engine.package import TORCH_VARIANT, PackageError, read_variant
 
-        path = state_dict_path(self.package, self.options.weights)
-        if not path.is_file():
+        if self.options.weights is not None:
+            path = Path(self.options.weights)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise BackendError(f"torch backend weights {path}: {exc}") from None
+            log.warning("torch backend: loading %s as named by the weights option, unchecked", path)
+            source = str(path)
+        elif self.package.meta.variant(TORCH_VARIANT) is None:
             raise BackendError(
-                f"no {path.name} (state dict) for the torch backend: the package holds only ONNX otherwise; "
-                f"export it with its {STATE_DICT_NAME}, or choose onnxruntime/tensorrt ({path})"
+                f"no {STATE_DICT_NAME} (state dict) for the torch backend: {self.package.directory}/model.json "
+                "records no torch state (a package exported before inspectd wrote one, or made without torch); "
+                "re-export it with 'inspectd export', or choose onnxruntime/tensorrt"
             )
-        recorded = (self.package.meta.training.get("state_dict") or {}).get("sha256")
-        if recorded:
-            actual = hashlib.sha256(path.read_bytes()).hexdigest()
-            if actual != recorded:
-                raise BackendError(
-                    f"{path} sha256 {actual[:16]}… does not match model.json training.state_dict.sha256 "
-                    f"{str(recorded)[:16]}…; the weights are not the ones this package was exported from"
-                )
+        else:
+            try:
+                rec, data = read_variant(self.package, TORCH_VARIANT)
+            except PackageError as exc:
+                raise BackendError(f"torch backend: {exc}") from None
+            source = str(self.package.directory / str(rec["file"]))
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types
-            raise BackendError(f"cannot load {path} as a weights-only state dict: {exc}") from None
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]  # a training checkpoint {"model": ..., "optimizer": ...}
-        if not isinstance(state, dict) or not state:
-            raise BackendError(f"{path} does not hold a state dict")
-        if all(k.startswith("net.") for k in state):
-            state = {k[4:]: v for k, v in state.items()}  # saved from the CamHead/logit-only export wrapper
-        try:
-            model = model_from_state(state)
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"{path} does not fit engine.model's network: {exc}") from None
-        model.eval().requires_grad_(False)
-        return model
+            return load_state(data, source=source)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
 
     def _open_cuda(self, torch: Any) -> None:
-        dtype = torch.float16 if self._precision == "fp16" else torch.float32
-        model = self._model.to(self._device, dtype=dtype, memory_format=torch.channels_last)
-        self._model = model
+        from engine.patch_model import has_fp32_islands
+
+        fp16 = self._precision == "fp16"
+        self._autocast = fp16 and has_fp32_islands(self._model)
+        if self._autocast:  # weights stay FP32: the islands need them so
+            self._model = self._model.to(self._device)
+        else:
+            dtype = torch.float16 if fp16 else torch.float32
+            self._model = self._model.to(self._device, dtype=dtype, memory_format=torch.channels_last)
         c, h, w = self.input_spec.shape
         self._stream = torch.cuda.Stream(device=self._device)
         self._pinned_in = torch.empty((self.max_batch, c, h, w), dtype=torch.float32).pin_memory()
@@ -196,6 +205,9 @@ class TorchBackend(Backend):
         """float32 (N, C, H, W) on the model's device → float32 logits (N,); casts inside (and so inside a
         captured graph)."""
         torch = self._torch
+        if self._autocast:
+            with torch.autocast(device_type="cuda", dtype=torch.float16):
+                return self._model(x)[:, 0].float()
         if self._device.type == "cuda":
             dtype = torch.float16 if self._precision == "fp16" else torch.float32
             x = x.to(dtype=dtype).contiguous(memory_format=torch.channels_last)

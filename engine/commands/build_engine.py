@@ -61,7 +61,14 @@ def run(args: argparse.Namespace) -> int:
         preprocess_images,
         stratified_sample,
     )
-    from engine.trt_build import BatchProfile, EngineCache, PlanIntegrityError, build_plan, passed_gate
+    from engine.trt_build import (
+        BatchProfile,
+        EngineCache,
+        PlanIntegrityError,
+        build_plan,
+        passed_gate,
+        precision_route,
+    )
 
     if not args.no_parity and args.data is None:
         raise SystemExit(
@@ -97,12 +104,16 @@ def run(args: argparse.Namespace) -> int:
         workspace_mb=args.workspace_mb,
     )
     seconds = round(time.perf_counter() - t0, 1)
+    route = precision_route(args.precision).name
     candidate = cache.store(
-        key, plan, {"built_by": "inspectd build-engine", "build_seconds": seconds}, candidate=True
+        key,
+        plan,
+        {"built_by": "inspectd build-engine", "build_seconds": seconds, "precision_route": route},
+        candidate=True,
     )
     # What the gate's backend checks the candidate's bytes against before it deserializes them:
     plan_sha256 = str((cache.read_record(candidate) or {}).get("plan_sha256", ""))
-    print(f"built {len(plan) / 1e6:.1f} MB plan in {seconds} s: [{key.describe()}]")
+    print(f"built {len(plan) / 1e6:.1f} MB plan in {seconds} s: [{key.describe()}]\n  {route}")
     if batch is None:
         final = cache.activate(
             key, {"parity": {"gated": False, "reason": "activated by inspectd build-engine --no-parity"}}

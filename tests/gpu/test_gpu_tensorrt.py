@@ -139,3 +139,22 @@ def test_build_hit_miss_and_parity_gate(
     # The gate refuses what exceeds its tolerance: FP16 never reproduces FP32 scores exactly.
     strict = [*args, "--force", "--max-score-delta", "0"]
     assert main(strict) == 1 and "REFUSED" in capsys.readouterr().out
+
+
+def test_the_patch_memory_builds_and_gates_in_fp16(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default model kind on this TensorRT's FP16 route (10: weakly typed, fp32 scopes pinned; 11: strongly
+    typed from the FP16 graph): built, parity-gated on screws with no verdict flips, served."""
+    pytest.importorskip("torch")
+    from tests.model_support import patch_package, write_images
+
+    pkg_dir, screws = patch_package(tmp_path / "patch")
+    data = write_images(screws, tmp_path / "data")
+    args = ["build-engine", str(pkg_dir), "--fp16", "--data", str(data), "--limit", "0", "--max-batch", "16"]
+    assert main(args) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    print(out)
+    assert "activated:" in out and "0/" in out
+    with create_backend("tensorrt", load_package(pkg_dir), max_batch=16) as be:
+        assert be.describe()["gate"] == "passed" and be.precision == "fp16"

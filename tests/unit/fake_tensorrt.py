@@ -8,7 +8,13 @@ host memory), so results can be checked against the reference. With the FP16 fla
 rounded through float16. ``OUTPUT_BIAS`` shifts every logit, to make a parity gate fail on purpose.
 
 Both API generations the code is written against: :func:`make_module` gives TensorRT 10.x names for a 10.x
-version and 11.x names for an 11.x one (11 removed weak typing: ``BuilderFlag`` has no ``FP16``/``INT8``).
+version and 11.x names for an 11.x one. 11 removed weak typing: ``BuilderFlag`` has no ``FP16``/``INT8`` nor
+``OBEY_PRECISION_CONSTRAINTS``, every network is strongly typed (``STRONGLY_TYPED`` is deprecated and ignored,
+``EXPLICIT_BATCH`` is gone). As in the real library, a strongly typed network refuses layer precisions and
+output types (``set_output_type``, ``precision``), and its tensors have the types of the parsed ONNX: an FP16
+graph really runs in FP16 (ONNX Runtime computes it), its I/O types are what the engine reports. In a weakly
+typed network the layers the code pins (``precision = FLOAT``) are recorded per build (``fp32_layers``), with
+the flags (``fp16``, ``obey``, ``tf32``).
 Both have ``OnnxParser.parse(model, path=None)`` (bytes) and ``parse_from_file(path)``, and
 ``Runtime.deserialize_cuda_engine(buffer)``; ``STATE.parsed`` and ``STATE.deserialized_sha256`` record which
 parse was used and the sha256 of every plan buffer handed to TensorRT, so tests can check that exactly the
@@ -79,10 +85,23 @@ class DataType(enum.IntEnum):
     FLOAT = 0
     HALF = 1
     INT32 = 3
+    BOOL = 4
+    INT64 = 8
 
 
 def nptype(dt: DataType) -> type:
-    return {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT32: np.int32}[dt]
+    return {
+        DataType.FLOAT: np.float32,
+        DataType.HALF: np.float16,
+        DataType.INT32: np.int32,
+        DataType.BOOL: np.bool_,
+        DataType.INT64: np.int64,
+    }[dt]
+
+
+# ONNX TensorProto element types → DataType (1 FLOAT, 10 FLOAT16, 6 INT32, 7 INT64, 9 BOOL)
+_ONNX_TYPES = {1: DataType.FLOAT, 10: DataType.HALF, 6: DataType.INT32, 7: DataType.INT64, 9: DataType.BOOL}
+_ORT_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(float16)": DataType.HALF}
 
 
 class TensorIOMode(enum.IntEnum):
@@ -102,10 +121,13 @@ class BuilderFlag(enum.IntEnum):
     INT8 = 1
     REFIT = 5
     TF32 = 7
+    OBEY_PRECISION_CONSTRAINTS = 10
+    PREFER_PRECISION_CONSTRAINTS = 11
 
 
 class BuilderFlag11(enum.IntEnum):
-    """TensorRT 11.x ``BuilderFlag`` (installed under that name): weak typing removed, no FP16/INT8/BF16/FP8."""
+    """TensorRT 11.x ``BuilderFlag`` (installed under that name): weak typing removed, no FP16/INT8/BF16/FP8 and
+    no precision-constraint flags (strong typing always holds)."""
 
     REFIT = 5
     TF32 = 7
@@ -113,6 +135,12 @@ class BuilderFlag11(enum.IntEnum):
 
 class NetworkDefinitionCreationFlag(enum.IntEnum):
     EXPLICIT_BATCH = 0  # deprecated and ignored in 10
+    STRONGLY_TYPED = 1
+
+
+class NetworkDefinitionCreationFlag11(enum.IntEnum):
+    """TensorRT 11.x: EXPLICIT_BATCH removed; STRONGLY_TYPED deprecated and ignored (always strongly typed)."""
+
     STRONGLY_TYPED = 1
 
 
@@ -134,12 +162,61 @@ class _Tensor:
     dtype: DataType = DataType.FLOAT
 
 
+class ILayer:
+    """One layer per parsed ONNX node, named after it (as TensorRT's ONNX parser names its layers)."""
+
+    def __init__(self, network: INetworkDefinition, name: str, op_type: str, outputs: list[_Tensor]) -> None:
+        self._network = network
+        self.name = name
+        self.type = op_type
+        self._outputs = outputs
+        self._precision: DataType | None = None
+        self.output_types: dict[int, DataType] = {}
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self._outputs)
+
+    def get_output(self, index: int) -> _Tensor:
+        return self._outputs[index]
+
+    def _refuse_if_strongly_typed(self, what: str) -> None:
+        if self._network.strongly_typed:
+            raise RuntimeError(
+                f"FAKE TensorRT: {what} is not allowed in a strongly typed network ({self.name})"
+            )
+
+    @property
+    def precision(self) -> DataType | None:
+        return self._precision
+
+    @precision.setter
+    def precision(self, dtype: DataType) -> None:
+        self._refuse_if_strongly_typed("setting a layer precision")
+        self._precision = dtype
+
+    def set_output_type(self, index: int, dtype: DataType) -> None:
+        self._refuse_if_strongly_typed("setting a layer output type")
+        if self._outputs[index].dtype not in (DataType.FLOAT, DataType.HALF):
+            raise RuntimeError(f"FAKE TensorRT: output {index} of {self.name} is not a float tensor")
+        self.output_types[index] = dtype
+
+
 class INetworkDefinition:
-    def __init__(self, flags: int) -> None:
+    def __init__(self, flags: int, strongly_typed: bool) -> None:
         self.flags = flags
+        self.strongly_typed = strongly_typed
         self.onnx_bytes = b""
         self._inputs: list[_Tensor] = []
         self._outputs: list[_Tensor] = []
+        self._layers: list[ILayer] = []
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def get_layer(self, index: int) -> ILayer:
+        return self._layers[index]
 
     @property
     def num_inputs(self) -> int:
@@ -204,13 +281,30 @@ class OnnxParser:
             self._errors.append(_ParserError(f"ModelImporter: cannot read {where}: {exc}"))
             return False
         init = {i.name for i in model.graph.initializer}
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        types = {
+            vi.name: _ONNX_TYPES.get(vi.type.tensor_type.elem_type, DataType.FLOAT)
+            for vi in [*inferred.input, *inferred.output, *inferred.value_info]
+        }
 
         def dims(vi: Any) -> Dims:
             return Dims(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
 
-        self.network.onnx_bytes = data
-        self.network._inputs = [_Tensor(v.name, dims(v)) for v in model.graph.input if v.name not in init]
-        self.network._outputs = [_Tensor(v.name, dims(v)) for v in model.graph.output]
+        net = self.network
+        net.onnx_bytes = data
+        net._inputs = [
+            _Tensor(v.name, dims(v), types[v.name]) for v in model.graph.input if v.name not in init
+        ]
+        net._outputs = [_Tensor(v.name, dims(v), types[v.name]) for v in model.graph.output]
+        net._layers = [
+            ILayer(
+                net,
+                node.name or f"{node.op_type}_{i}",
+                node.op_type,
+                [_Tensor(o, Dims(), types.get(o, DataType.FLOAT)) for o in node.output],
+            )
+            for i, node in enumerate(model.graph.node)
+        ]
         return True
 
 
@@ -243,7 +337,7 @@ class ITimingCache:
 
 class IBuilderConfig:
     def __init__(self) -> None:
-        self.flags: set[BuilderFlag] = set()
+        self.flags: set[enum.IntEnum] = {sys.modules["tensorrt"].BuilderFlag.TF32}  # TF32 is on by default
         self.pools: dict[MemoryPoolType, int] = {}
         self.profiles: list[IOptimizationProfile] = []
         self.timing_cache: ITimingCache | None = None
@@ -251,8 +345,16 @@ class IBuilderConfig:
     def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
         self.pools[pool] = pool_size
 
-    def set_flag(self, flag: BuilderFlag) -> None:
+    def set_flag(self, flag: enum.IntEnum) -> None:
+        if not isinstance(flag, sys.modules["tensorrt"].BuilderFlag):
+            raise TypeError(f"FAKE TensorRT: {flag!r} is not a BuilderFlag of this TensorRT")
         self.flags.add(flag)
+
+    def clear_flag(self, flag: enum.IntEnum) -> None:
+        self.flags.discard(flag)
+
+    def get_flag(self, flag: enum.IntEnum) -> bool:
+        return flag in self.flags
 
     def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
         self.profiles.append(profile)
@@ -277,7 +379,14 @@ class Builder:
     def create_network(self, flags: int = 0) -> INetworkDefinition:
         if not isinstance(flags, int):
             raise TypeError("create_network(flags: int)")
-        return INetworkDefinition(flags)
+        trt = sys.modules["tensorrt"]
+        known = {1 << int(f) for f in trt.NetworkDefinitionCreationFlag}
+        if flags & ~sum(known):
+            raise TypeError(f"FAKE TensorRT {trt.__version__}: unknown network creation flags {flags:#x}")
+        strongly = _major() >= 11 or bool(
+            flags & (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        )
+        return INetworkDefinition(flags, strongly_typed=strongly)
 
     def create_builder_config(self) -> IBuilderConfig:
         return IBuilderConfig()
@@ -295,9 +404,19 @@ class Builder:
             return None  # real TensorRT: a dynamic input without a profile fails the build
         if config.timing_cache is not None:
             config.timing_cache.entries["n"] = config.timing_cache.entries.get("n", 0) + 1
+        flags = {f.name for f in config.flags}
+        if network.strongly_typed and "FP16" in flags:
+            return (
+                None  # real TensorRT 10: weak-typing precision flags are an error on a strongly typed network
+            )
         header = {
             "version": sys.modules["tensorrt"].__version__,
-            "fp16": BuilderFlag.FP16 in config.flags,
+            "fp16": "FP16" in flags,
+            "obey": "OBEY_PRECISION_CONSTRAINTS" in flags,
+            "tf32": "TF32" in flags,
+            "strongly_typed": network.strongly_typed,
+            "fp32_layers": [layer.name for layer in network._layers if layer.precision == DataType.FLOAT],
+            "io_dtypes": {t.name: t.dtype.name for t in [*network._inputs, *network._outputs]},
             "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
             "inputs": [t.name for t in network._inputs],
             "outputs": [t.name for t in network._outputs],
@@ -359,7 +478,7 @@ class ICudaEngine:
         return TensorIOMode.OUTPUT if name in self.header["outputs"] else TensorIOMode.NONE
 
     def get_tensor_dtype(self, name: str) -> DataType:
-        return DataType.FLOAT
+        return _ORT_TYPES.get(self._meta[name].type, DataType.FLOAT)
 
     def get_tensor_shape(self, name: str) -> Dims:
         return Dims(d if isinstance(d, int) else -1 for d in self._meta[name].shape)
@@ -434,6 +553,10 @@ def _view(address: int, shape: Any) -> np.ndarray:
 # ── installation ──────────────────────────────────────────────────────────────────────────────────────────
 
 
+def _major() -> int:
+    return int(str(sys.modules["tensorrt"].__version__).split(".")[0])
+
+
 def make_module(version: str = "10.3.0") -> types.ModuleType:
     """A ``tensorrt`` module with the names of ``version``'s API generation (10.x or 11.x)."""
     mod = types.ModuleType("tensorrt")
@@ -442,11 +565,12 @@ def make_module(version: str = "10.3.0") -> types.ModuleType:
     for name in (
         "Logger", "Builder", "Runtime", "OnnxParser", "DataType", "TensorIOMode", "MemoryPoolType",
         "BuilderFlag", "NetworkDefinitionCreationFlag", "Dims", "nptype", "volume", "ICudaEngine",
-        "IExecutionContext", "IBuilderConfig", "ITimingCache", "IHostMemory",
+        "IExecutionContext", "IBuilderConfig", "ITimingCache", "IHostMemory", "ILayer",
     ):  # fmt: skip
         setattr(mod, name, globals()[name])
     if int(version.split(".")[0]) >= 11:
         mod.BuilderFlag = BuilderFlag11  # type: ignore[attr-defined]
+        mod.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag11  # type: ignore[attr-defined]
     return mod
 
 

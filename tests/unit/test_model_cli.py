@@ -78,3 +78,20 @@ def test_imagenet_without_cache_says_where_to_put_it(tmp_path: Path, monkeypatch
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not in torchvision's cache"):
         build_model("imagenet")
+
+
+def test_the_resnet18_made_without_torchvision_is_torchvisions() -> None:
+    """A GPU station whose Python has torch alone builds the same network (names, shapes, numbers)."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models import resnet18
+
+    from engine.model import _resnet18_modules
+
+    theirs, ours = resnet18(weights=None).eval(), _resnet18_modules().eval()
+    assert {k: v.shape for k, v in theirs.state_dict().items()} == {
+        k: v.shape for k, v in ours.state_dict().items()
+    }
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(theirs(x), ours(x))

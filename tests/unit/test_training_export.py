@@ -51,8 +51,9 @@ def test_export_writes_one_loadable_file_with_the_real_opset(tmp_path: Path, mod
         verify_batch=batch,
         metrics={"auroc": 0.5},
     )
-    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["model.json", "model.onnx", "model.pt"]
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary directory left behind
+    assert meta.variants["torch"]["file"] == "model.pt" and meta.variants["torch"]["network"] == "ResNet"
     saved = onnx.load(str(tmp_path / "pkg" / "model.onnx"))
     assert meta.opset == next(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx"))
     assert meta.heatmap_output == "cam" and meta.created_by["parity"]["verdicts_equal"] is True
@@ -80,6 +81,23 @@ def test_export_without_heatmap_has_one_output(tmp_path: Path, small) -> None:  
     saved = onnx.load(str(tmp_path / "p" / "model.onnx"))
     assert [o.name for o in saved.graph.output] == ["logit"] and meta.heatmap_output is None
     assert meta.created_by["parity"]["source"] == "random"
+    # A network engine.model cannot rebuild gets no torch state (it serves on ONNX Runtime and TensorRT).
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["model.json", "model.onnx"]
+    assert meta.variants == {}
+
+
+def test_a_re_export_replaces_the_torch_state_and_never_leaves_a_stale_one(
+    tmp_path: Path, model, small
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "pkg"
+    kw = {"preprocess": PreprocessParams(input_size=SIZE), "decision": Decision(), "name": "u"}
+    export_package(model, out, **kw)
+    first = (out / "model.pt").read_bytes()
+    export_package(small, out, heatmap=False, **kw)  # into the same folder: a network without a torch state
+    assert not (out / "model.pt").exists() and load_package(out).meta.variants == {}
+    export_package(model, out, **kw)
+    assert (out / "model.pt").read_bytes() == first
+    assert load_package(out).meta.variants["torch"]["sha256"] != ""
 
 
 def _shifted(delta: float):  # type: ignore[no-untyped-def]
