@@ -1,8 +1,9 @@
 """The frame path from admission to settled verdict: ledger → intake queue → batcher (+ preprocessing pool) →
 inference. Sources call :meth:`Pipeline.submit`; the publisher consumes :attr:`Pipeline.settled`.
 
-Threads: ``batcher``, ``inference`` (one per ``inference_workers``), ``deadline-watchdog`` and
-``preprocess_threads`` pool workers.
+Threads: ``batcher``, ``inference`` (one per ``inference_workers``), ``deadline-watchdog``, ``shadow`` and
+``preprocess_threads`` pool workers. The models the workers decide with are :attr:`Pipeline.models`
+(daemon/models.py): the start-up model is production; daemon/lifecycle.py loads, shadows and switches others.
 Everything is passed in, so replay (a folder source fed as fast as the pipeline takes it) and the benchmark
 reuse exactly this path, and tests hand in slow or failing backends.
 """
@@ -24,8 +25,10 @@ from daemon.intake import IntakeQueue
 from daemon.ledger import Job, Ledger, Settled
 from daemon.logs import get_logger
 from daemon.metrics import MetricsSink
+from daemon.models import ModelSlots, ServedModel, backend_like, json_sha256
 from daemon.prep import FramePreprocessor
 from daemon.settings import Backpressure, Settings
+from daemon.shadow import ShadowScorer
 from daemon.types import Frame, Reason, Verdict
 from engine.backend import Backend
 from engine.preprocess import Preprocessor
@@ -46,11 +49,22 @@ class Pipeline:
     ) -> None:
         b, d = settings.batching, settings.deadlines
         self.settings = settings
-        self.decider = decider
         self.metrics = metrics
         self.clock = clock
         self.max_latency_s = d.max_latency_ms / 1000.0
-        self.ledger = Ledger(max_latency_s=self.max_latency_s, expire=self._expire, monotonic=clock.monotonic)
+        self.ledger = Ledger(
+            max_latency_s=self.max_latency_s,
+            expire=self._expire,
+            monotonic=clock.monotonic,
+            restamp=self._restamp,
+        )
+        # One backend instance per inference worker: the injected one, and replicas of it (own session/context).
+        backends = [backend, *(backend_like(backend) for _ in range(1, b.inference_workers))]
+        self.models = ModelSlots(
+            ServedModel(backend.package, decider.model_id, decider, backends, json_sha256(backend.package)),
+            ledger=self.ledger,
+        )
+        self.shadow = ShadowScorer(self.models, metrics, settings.shadow, monotonic=clock.monotonic)
         self.intake = IntakeQueue(b.queue_size)
         # The one home of the batch size: batching.max_batch, capped at start-up (see _log_batch_cap).
         self.batch_limit = BatchLimit(b.max_batch)
@@ -63,7 +77,7 @@ class Pipeline:
         self._preprocessor = preprocessor
         prep = FramePreprocessor(
             preprocessor,
-            decider,
+            self.models,  # fail-safe REJECTs name the model in production
             self.ledger,
             max_pixels=settings.decode.max_pixels,
             monotonic=clock.monotonic,
@@ -75,15 +89,15 @@ class Pipeline:
             if b.max_infer_share > 0 and settings.model.warmup
             else None
         )
-        n_workers = b.inference_workers
         self.workers = [
             InferenceWorker(
-                backend if i == 0 else replica(backend),
+                self.models,
+                i,
                 queue.SimpleQueue(),
                 self.pool,
                 self.ledger,
-                decider,
                 metrics,
+                shadow=self.shadow,
                 batch_limit=self.batch_limit,
                 monotonic=clock.monotonic,
                 failures_not_ready=d.engine_failures_not_ready,
@@ -92,9 +106,9 @@ class Pipeline:
                 batch_lines=settings.logging.batch_lines,
                 name="inference" if i == 0 else f"inference-{i}",
             )
-            for i in range(n_workers)
+            for i in range(b.inference_workers)
         ]
-        self.worker = self.workers[0]  # owns the injected backend; the others run replicas of it
+        self.worker = self.workers[0]  # runs the injected backend; the others run replicas of it
         self.batcher = MicroBatcher(
             self.intake,
             self.pool,
@@ -111,6 +125,16 @@ class Pipeline:
         self._deadline_detail = {"max_latency_ms": d.max_latency_ms}
 
     @property
+    def decider(self) -> Decider:
+        """Production's decider (its operating point and gauges)."""
+        return self.models.production.decider
+
+    @property
+    def budget_s(self) -> float | None:
+        """Inference time one batch may take (batching.max_infer_share × the deadline); None = no cap."""
+        return self._batch_budget_s
+
+    @property
     def max_batch(self) -> int:
         """The largest batch the pipeline forms: ``batching.max_batch``, or the cap found at start-up."""
         return self.batch_limit.value
@@ -125,14 +149,14 @@ class Pipeline:
         self.metrics.frame_received(frame.source)
         job = self.ledger.admit(frame)
         if frame.error is not None:
-            self.ledger.settle(job, self.decider.reject(frame, Reason.DECODE_ERROR, {"error": frame.error}))
+            self.ledger.settle(job, self.models.reject(frame, Reason.DECODE_ERROR, {"error": frame.error}))
             return
         refused = self.intake.put(job, policy)
         if refused is not None:
             reason = Reason.SHUTDOWN if self.intake.closed else Reason.OVERLOAD
             detail = {"policy": policy.value, "queue_size": self.intake.maxsize}
             # Not logged per frame (an overload refuses thousands): the publisher logs a summary per heartbeat.
-            self.ledger.settle(refused, self.decider.reject(refused.frame, reason, detail))
+            self.ledger.settle(refused, self.models.reject(refused.frame, reason, detail))
 
     def wait_for_room(self, timeout: float) -> bool:
         return self.intake.wait_for_room(timeout)
@@ -150,6 +174,7 @@ class Pipeline:
         self._log_batch_cap()
         for worker in self.workers[1:]:
             worker.start(warmup_timeout_s)
+        self.shadow.start()
         self.batcher.start()
 
     def _log_batch_cap(self) -> None:
@@ -206,6 +231,9 @@ class Pipeline:
         self.ledger.close()
         if self.executor is not None:
             self.executor.shutdown(wait=finished, cancel_futures=True)
+        idle = self.shadow.stop(max(0.5, end - self.clock.monotonic()))
+        if finished and idle:  # no batch (and no shadow batch) runs: the backends can go
+            self.models.close()
         return left
 
     def threads_alive(self) -> bool:
@@ -228,9 +256,7 @@ class Pipeline:
 
     def _expire(self, job: Job, reason: Reason) -> Verdict:
         detail = self._deadline_detail if reason is Reason.DEADLINE else None
-        return self.decider.reject(job.frame, reason, detail)
+        return self.models.reject(job.frame, reason, detail)
 
-
-def replica(backend: Backend) -> Backend:
-    """Another instance of ``backend`` (its own session/context) for another inference worker."""
-    return type(backend)(backend.package, max_batch=backend.max_batch, options=backend.options)
+    def _restamp(self, verdict: Verdict) -> Verdict:
+        return self.models.restamp(verdict)

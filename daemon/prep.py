@@ -14,14 +14,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from daemon.decision import Decider
+from daemon.decision import Rejecter
 from daemon.drift import PartImage
 from daemon.image_policy import InputRejected, check_complete, sniff
 from daemon.ledger import Job, Ledger
 from daemon.logs import get_logger
 from daemon.types import Reason
 from engine.drift import brightness_contrast
-from engine.gauges import check
 from engine.pose import PoseError, PoseParams, estimate_pose
 from engine.preprocess import DecodeError, Preprocessor, decode, to_gray8
 
@@ -32,7 +31,7 @@ class FramePreprocessor:
     def __init__(
         self,
         preprocessor: Preprocessor,
-        decider: Decider,
+        decider: Rejecter,
         ledger: Ledger,
         *,
         max_pixels: int,
@@ -68,8 +67,9 @@ class FramePreprocessor:
             if self._gauges is not None:
                 # Measure every part when the package has gauges, even without a pose crop: a part that
                 # cannot be measured must not pass a gauge (PoseError → REJECT no_part / pose_error below).
+                # The bands are checked by the model that decides the batch (daemon.inference): a gauges-only
+                # model change applies from one batch to the next, like any other.
                 pose = estimate_pose(gray, self._pose_params)
-                job.violations = tuple(check(pose.measurements, self._gauges))
             crop = self._pre.crop(gray, pose=pose if self._pose_crop else None)
             brightness, contrast = brightness_contrast(crop)  # ~10 µs: for the drift statistics
             self._pre.from_crop(crop, row)

@@ -10,6 +10,7 @@ explicitly, outside the model).
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -60,6 +61,19 @@ def _check_endpoint(value: str) -> str:
     if not _ENDPOINT.match(value):
         raise ValueError(f"{value!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH)")
     return value
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// endpoints bound to a loopback address or ``localhost``."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: reachable from elsewhere
 
 
 class _Section(BaseModel):
@@ -134,6 +148,9 @@ class ModelSettings(_Section):
     warmup: bool = True  # run every batch size once before READY
     verify_sha256: bool = True  # refuse a package whose model.onnx does not match model.json
     watch_s: float = Field(default=5.0, ge=0)  # how often to check the package on disk for changes; 0 = off
+    # What a change of the package on disk leads to: "log" (a warning and a metric only), "load" (load it as
+    # the candidate: verified, warmed up, never promoted by itself), "shadow" (load it and shadow-score it).
+    watch_action: Literal["log", "load", "shadow"] = "log"
 
     @field_validator("options")
     @classmethod
@@ -260,6 +277,9 @@ class SecuritySettings(_Section):
     server_secret_key: Path | None = None  # the daemon's secret certificate (``NAME.key_secret``)
     camera_clients: Path | None = None  # directory of camera public keys allowed to push frames
     subscriber_clients: Path | None = None  # directory of line-controller public keys allowed to subscribe
+    # Directory of operator public keys allowed on the control socket (``inspectd model …``); makes it a CURVE
+    # server too. Needs the three above. Unset: the control socket must be loopback or ipc:// (not CURVE).
+    control_clients: Path | None = None
 
     @property
     def curve(self) -> bool:
@@ -274,7 +294,38 @@ class SecuritySettings(_Section):
         if any(given.values()) and not all(given.values()):
             missing = [f"security.{k}" for k, v in given.items() if not v]
             raise ValueError(f"CURVE needs all three security keys; missing {', '.join(missing)}")
+        if self.control_clients is not None and not self.curve:
+            raise ValueError(
+                "security.control_clients needs CURVE: set security.server_secret_key (and the rest)"
+            )
         return self
+
+
+class ControlSettings(_Section):
+    """The local control socket (ZeroMQ REP, JSON requests): ``inspectd model load|status|shadow|promote|
+    rollback|drop``. Loopback or ipc:// only, unless ``security.control_clients`` makes it a CURVE server."""
+
+    enabled: bool = True
+    # tcp://127.0.0.1:* = ephemeral (tests, bench: the ready line says where). A station should prefer an ipc://
+    # path in the unit's RuntimeDirectory (/run/inspectd): then the file's permissions say who may control.
+    endpoint: str = "tcp://127.0.0.1:5557"
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)  # larger → the client is dropped by ZeroMQ
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class ShadowSettings(_Section):
+    """Shadow scoring of a candidate model beside production (daemon/shadow.py)."""
+
+    # A shadowed frame whose candidate score differs from production's by more than this (same verdict) is a
+    # "score" disagreement; a PASS↔REJECT flip is one whatever the scores.
+    score_tolerance: float = Field(default=0.1, gt=0, le=1)
+    # Batches waiting for the candidate; when full, the newest batch is not shadowed (the sampled share shows it).
+    queue_batches: int = Field(default=4, ge=1, le=1024)
+    nice: int = Field(default=10, ge=0, le=19)  # the shadow thread's CPU priority below production's (Linux)
+    audit: bool = (
+        True  # keep disagreeing frames, with both verdicts, in the audit archive (when audit.enabled)
+    )
 
 
 class MetricsSettings(_Section):
@@ -354,14 +405,34 @@ class Settings(LineSettings):
     publisher: PublisherSettings = PublisherSettings()
     audit: AuditSettings = AuditSettings()
     security: SecuritySettings = SecuritySettings()
+    control: ControlSettings = ControlSettings()
+    shadow: ShadowSettings = ShadowSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
     def _distinct_endpoints(self) -> Settings:
-        cam = self.sources.camera
-        if cam.enabled and cam.endpoint == self.publisher.endpoint and not cam.endpoint.endswith(":*"):
-            raise ValueError(f"sources.camera.endpoint and publisher.endpoint are both {cam.endpoint}")
+        bound = [("publisher.endpoint", self.publisher.endpoint)]
+        if self.sources.camera.enabled:
+            bound.append(("sources.camera.endpoint", self.sources.camera.endpoint))
+        if self.control.enabled:
+            bound.append(("control.endpoint", self.control.endpoint))
+        for i, (key, endpoint) in enumerate(bound):
+            for other, endpoint2 in bound[i + 1 :]:
+                if endpoint == endpoint2 and not endpoint.endswith(":*"):
+                    raise ValueError(f"{other} and {key} are both {endpoint}")
+        return self
+
+    @model_validator(mode="after")
+    def _control_not_exposed(self) -> Settings:
+        # The control socket changes the model that decides every part: never reachable from the network
+        # without CURVE and a list of allowed operator keys.
+        c = self.control
+        if c.enabled and self.security.control_clients is None and not is_loopback(c.endpoint):
+            raise ValueError(
+                f"control.endpoint {c.endpoint} is reachable from the network without CURVE: use ipc:// or a "
+                "loopback address, or set security.control_clients (with the other security keys)"
+            )
         return self
 
 

@@ -74,6 +74,7 @@ def daemon_settings(model_dir: Path | None, **overrides: Any) -> Settings:
         "model": {"path": str(model_dir) if model_dir else None, "intra_op_threads": 1},
         "sources": {"camera": {"endpoint": EPHEMERAL}},
         "publisher": {"endpoint": EPHEMERAL, "heartbeat_ms": 50, "linger_ms": 1000},
+        "control": {"endpoint": EPHEMERAL},
         "metrics": {"port": 0},
         "batching": {"preprocess_threads": 1},
         # Generous by default: a shared, loaded CI machine must not turn a slow moment into deadline rejects.
