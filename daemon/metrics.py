@@ -29,6 +29,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from daemon.drift import DriftMonitor, PartImage
+from daemon.models import DISAGREEMENT_KINDS
 from daemon.types import Outcome, Reason, Verdict
 from engine.drift import logit
 from engine.package import Decision
@@ -70,7 +71,6 @@ MESSAGE_ERROR_KINDS = ("multipart", "header", "unattributed")
 MODEL_ROLES = ("production", "candidate", "previous")
 LOAD_RESULTS = ("loaded", "refused")
 SWITCH_ACTIONS = ("promote", "rollback")
-DISAGREEMENT_KINDS = ("pass_reject", "reject_pass", "score")  # as daemon.models.DISAGREEMENT_KINDS
 # |candidate − production| NG probability of a shadowed frame: most are near 0, a retrained model's reach 0.1+.
 SCORE_DIFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
