@@ -54,6 +54,9 @@ class BenchConfig:
     seed: int = 0
     cache: Path = field(default_factory=default_cache)
     profile: Path | None = None  # run the fp32 daemon under py-spy, writing this flame graph (SVG)
+    shadow: bool = False  # also measure shadow scoring (bench/shadow.py)
+    shadow_only: bool = False  # measure only that (and what it needs: the model, the images)
+    shadow_rate: float = 10.0  # the line rate (fps) its cost per frame is measured at
 
     def closed_loop_args(self) -> dict[str, Any]:
         return {
@@ -89,6 +92,11 @@ def run_bench(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         package, generated = _package(cfg, log)
         result["images"] = images.describe()
         result["model"] = _model_dict(package, generated)
+        if cfg.shadow_only:
+            result["shadow"] = _shadow(package, images, cfg, log)
+            result["machine"]["loadavg_after"] = loadavg()
+            result["seconds_total"] = round(time.monotonic() - t_start, 1)
+            return result
         int8 = int8_status(package, generated, images.grays) if cfg.int8 else Int8Status(False, "skipped", {})
         package = load_package(package.directory)  # quantising may have added the INT8 record
         result["int8"] = {"available": int8.available, "gate": int8.gate, **int8.detail}
@@ -113,6 +121,8 @@ def run_bench(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         result["machine_limit"] = machine_limits(stages, result["backends"], batch, int8.available)
         result["machine_limit_img_s"] = result["machine_limit"]["raw"]["img_s"]
         _summarise_daemon(result, cfg)
+        if cfg.shadow:
+            result["shadow"] = _shadow(package, images, cfg, log)
 
         if cfg.baseline:
             log("naive loop …")
@@ -371,6 +381,22 @@ def _daemon_runs(
         out["int8"]["exit_code"] = d8.exit_code
         log(f"    {out['int8']['img_s']} img/s")
     return out
+
+
+def _shadow(package: ModelPackage, images: BenchImages, cfg: BenchConfig, log: Log) -> dict[str, Any]:
+    from bench.shadow import shadow_runs
+
+    with tempfile.TemporaryDirectory(prefix="inspectd-bench-shadow-") as work:
+        return shadow_runs(
+            bench_settings(package.directory, _overrides(cfg)),
+            package,
+            images,
+            rate=cfg.shadow_rate,
+            seconds=cfg.seconds,
+            closed_loop=cfg.closed_loop_args(),
+            work=Path(work),
+            log=log,
+        )
 
 
 def _profiler(out: Path) -> list[str]:

@@ -90,6 +90,7 @@ class InferenceWorker(StageThread):
         self.est_infer_s = 0.0
         self.frames_inferred = 0
         self.batches_done = 0
+        self.busy_s = 0.0  # time spent deciding batches (from preprocessed to settled): the pipeline's load
         self.invalid_logits = 0  # frames rejected for an implausible logit (engine_error verdicts)
 
     @property
@@ -179,8 +180,10 @@ class InferenceWorker(StageThread):
             return
         # The common case infers the buffer view as is; holes (failed or expired frames) cost one copy.
         x = batch.buffer[: len(jobs)] if len(rows) == len(jobs) else batch.buffer[rows]
+        t0 = self._now()
         with self.models.serving() as (served, candidate):
             offered = self._decide(batch, rows, x, served)
+        self.busy_s += self._now() - t0
         if candidate is not None and self.shadow is not None and offered:
             self.shadow.offer(candidate, x, offered)  # settled already: the candidate only looks
 

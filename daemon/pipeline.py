@@ -64,7 +64,16 @@ class Pipeline:
             ServedModel(backend.package, decider.model_id, decider, backends, json_sha256(backend.package)),
             ledger=self.ledger,
         )
-        self.shadow = ShadowScorer(self.models, metrics, settings.shadow, monotonic=clock.monotonic)
+        self.shadow = ShadowScorer(
+            self.models,
+            metrics,
+            settings.shadow,
+            capacity_short=self.capacity_short,
+            monotonic=clock.monotonic,
+        )
+        self._busy_lock = threading.Lock()
+        self._busy_at = (clock.monotonic(), 0.0)  # (when, the workers' busy seconds then)
+        self._busy_share = 0.0
         self.intake = IntakeQueue(b.queue_size)
         # The one home of the batch size: batching.max_batch, capped at start-up (see _log_batch_cap).
         self.batch_limit = BatchLimit(b.max_batch)
@@ -246,6 +255,23 @@ class Pipeline:
     def healthy(self) -> bool:
         """Every inference worker warmed up and not failing batch after batch."""
         return all(w.healthy for w in self.workers)
+
+    def busy_share(self) -> float:
+        """The share of the last half second (at least) the inference workers spent deciding batches, 0…1."""
+        with self._busy_lock:
+            now, busy = self.clock.monotonic(), sum(w.busy_s for w in self.workers)
+            t0, busy0 = self._busy_at
+            if now - t0 >= 0.5:
+                self._busy_share = min(1.0, (busy - busy0) / ((now - t0) * len(self.workers)))
+                self._busy_at = (now, busy)
+            return self._busy_share
+
+    def capacity_short(self) -> bool:
+        """Production is at the machine's limit (shadow scoring then yields: daemon/shadow.py)."""
+        s = self.settings.shadow
+        if s.yield_backlog and len(self.intake) >= s.yield_backlog:
+            return True
+        return self.busy_share() >= s.yield_busy
 
     def queue_depths(self) -> dict[str, int]:
         return {

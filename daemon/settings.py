@@ -322,6 +322,11 @@ class ShadowSettings(_Section):
     score_tolerance: float = Field(default=0.1, gt=0, le=1)
     # Batches waiting for the candidate; when full, the newest batch is not shadowed (the sampled share shows it).
     queue_batches: int = Field(default=4, ge=1, le=1024)
+    # Production first: while production is at the machine's limit — its inference workers busy this share of
+    # the last half second or more, or yield_backlog frames waiting in the intake queue — no batch is shadowed and
+    # no queued one started. yield_busy = 1 and yield_backlog = 0: never yield (only a full queue skips).
+    yield_busy: float = Field(default=0.75, gt=0, le=1)
+    yield_backlog: int = Field(default=8, ge=0)
     nice: int = Field(default=10, ge=0, le=19)  # the shadow thread's CPU priority below production's (Linux)
     audit: bool = (
         True  # keep disagreeing frames, with both verdicts, in the audit archive (when audit.enabled)

@@ -13,10 +13,14 @@ logged with the frame id and both verdicts and scores (one line per shadowed bat
 archive with both verdicts (``shadow.audit``). Frames the candidate cannot score (its backend fails, or a logit
 is implausible) are errors, not disagreements.
 
-Nothing here can delay a verdict: the offer comes after settlement, never waits (a full queue skips the
-batch), and the thread runs at a lower CPU priority (``shadow.nice``). When the candidate cannot keep up it
-scores a sampled share of the frames, and says which: ``inspectd_shadow_sampled_ratio``, ``inspectd model
-status``, and a log line (at most one per 10 s) while batches are being skipped.
+Production comes first. The offer comes after settlement and never waits: a full queue skips the batch. While
+production is at the machine's limit (its inference workers busy ``shadow.yield_busy`` of the time, or
+``shadow.yield_backlog`` frames waiting for it), no batch is shadowed and no queued one is started, so the
+candidate's inference (and its Python, under the GIL) does not compete with production for the cores; the thread
+also runs at a lower CPU priority (``shadow.nice``). So when
+capacity is short the candidate scores a sampled share of the frames, and says which:
+``inspectd_shadow_sampled_ratio``, ``inspectd model status``, and a log line (at most one per 10 s) while
+batches are being skipped.
 """
 
 from __future__ import annotations
@@ -83,9 +87,12 @@ class ShadowScorer(StageThread):
         metrics: MetricsSink,
         settings: ShadowSettings,
         *,
+        capacity_short: Callable[[], bool] = lambda: False,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``capacity_short``: whether production is at the machine's limit now (then shadow scoring yields)."""
         self._models = models
+        self._capacity_short = capacity_short
         self._metrics = metrics
         self.settings = settings
         self.tolerance = settings.score_tolerance
@@ -105,7 +112,7 @@ class ShadowScorer(StageThread):
         n = len(rows)
         candidate.shadow.add_offered(n)
         self._metrics.shadow_offered(n)
-        if not self._q.full():
+        if not self._q.full() and not self._capacity_short():
             positions = [r.row for r in rows]
             xs = x[positions] if positions != list(range(len(x))) else x.copy()
             with contextlib.suppress(queue.Full):
@@ -161,6 +168,9 @@ class ShadowScorer(StageThread):
             with self._busy:
                 if work.candidate is not self._models.shadow_candidate:
                     continue  # promoted, replaced or dropped since the offer
+                if self._capacity_short():  # production has since reached the machine's limit: yield to it
+                    self._skipped(work.candidate, len(work.rows))
+                    continue
                 try:
                     self._score(work)
                 except Exception:  # a bug here must not end shadow scoring, nor ever touch production

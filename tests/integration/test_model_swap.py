@@ -234,8 +234,14 @@ def test_shadow_tallies_equal_the_disagreements_computed_offline(
     assert kinds["pass_reject"] + kinds["reject_pass"] > 0 and kinds["score"] > 0, kinds  # the test can tell
     settings = settings_for(
         a,
-        # every frame offered can wait for the candidate: the tallies are of all of them, not of a sample
-        shadow={"score_tolerance": tolerance, "queue_batches": 2 * N_IMAGES},
+        # Every frame offered is scored (room for all, never yielding to production): the tallies are of all
+        # of them, not of a sample.
+        shadow={
+            "score_tolerance": tolerance,
+            "queue_batches": 2 * N_IMAGES,
+            "yield_busy": 1.0,
+            "yield_backlog": 0,
+        },
         audit={"enabled": True, "path": str(tmp_path / "audit")},
     )
     with (

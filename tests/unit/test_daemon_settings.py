@@ -76,7 +76,10 @@ def test_precedence_override_over_env_over_toml(tmp_path: Path, monkeypatch: pyt
         ("[metrics]\ndrift_window = 50\n", "metrics: Value error, metrics.drift_min_parts"),
         # issue 15: the control socket changes the model, so it never listens on the network without CURVE
         ("[control]\nendpoint = 'tcp://0.0.0.0:5557'\n", "control.endpoint tcp://0.0.0.0:5557 is reachable"),
-        ("[control]\nendpoint = 'tcp://127.0.0.1:5556'\n", "control.endpoint and publisher.endpoint are both"),
+        (
+            "[control]\nendpoint = 'tcp://127.0.0.1:5556'\n",
+            "control.endpoint and publisher.endpoint are both",
+        ),
         ("[security]\ncontrol_clients = '/etc/inspectd/operators'\n", "security.control_clients needs CURVE"),
         ("[model]\nwatch_action = 'promote'\n", "model.watch_action"),
         ("[shadow]\nscore_tolerance = 0\n", "shadow.score_tolerance"),

@@ -217,3 +217,27 @@ def test_shadow_skips_what_it_has_no_room_for_and_reports_the_sampled_share(tmp_
     for kind, n in tally["disagreements"].items():  # each scored row under one kind (or none), both places
         assert n == (2 if kind == expected else 0) == sample("inspectd_shadow_disagreements_total", kind=kind)
     assert sample("inspectd_shadow_score_difference_count") == 2
+
+
+def test_shadow_yields_to_production_at_the_limit_of_the_machine() -> None:
+    """While production is short of capacity every batch offered is skipped, never queued (and so never
+    scored): the share says so."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "t", process_collector=False)
+    cand = model("B")
+    line = Line(model("A"))
+    line.slots.candidate, line.slots.shadowing = cand, True
+    short = {"now": True}
+    shadow = ShadowScorer(
+        line.slots, metrics, ShadowSettings(queue_batches=8), capacity_short=lambda: short["now"]
+    )
+    rows = [Offered(0, frame("f0"), None, verdict(Outcome.PASS, 0.01))]
+    x = np.zeros((1, 1, 16, 16), np.float32)
+    for _ in range(3):
+        shadow.offer(cand, x, rows)
+    assert shadow._q.qsize() == 0
+    short["now"] = False
+    shadow.offer(cand, x, rows)
+    assert shadow._q.qsize() == 1
+    assert cand.shadow.snapshot()["offered"] == 4
+    assert registry.get_sample_value("inspectd_shadow_offered_frames_total", {"line": "t"}) == 4
