@@ -127,7 +127,7 @@ class ShadowScorer(StageThread):
         now = self._now()
         if now - self._last_skip_log >= _SKIP_LOG_S:
             log.warning(
-                "shadow scoring falls behind: the candidate scores a sampled share of the frames",
+                "shadow scoring yields to production (no room, or the station at its limit): a sampled share is scored",
                 candidate=candidate.model_id,
                 skipped=self._skipped_since_log,
                 sampled_share=candidate.shadow.snapshot()["sampled_share"],
