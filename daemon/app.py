@@ -450,9 +450,8 @@ class App:
         log.info("stopping", pending=self.pipeline.ledger.pending_count if self.pipeline else 0)
         if self._supervisor is not None:
             self._supervisor.join(timeout=2 * _SUPERVISE_S + 1)
-        control_closed = (
-            self.control.stop() if self.control is not None else True
-        )  # no model change from here
+        # No model change from here on.
+        control_closed = self.control.stop() if self.control is not None else True
         if self.package_watcher is not None:
             self.package_watcher.stop()
         if self.models is not None:

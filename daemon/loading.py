@@ -103,11 +103,15 @@ class CandidateLoader:
         except ValueError as exc:
             raise ModelError(f"bad package: {d}: {exc}") from None
         template = self._template()
+        try:
+            backends = [backend_like(template, package) for _ in range(self._workers)]
+        except Exception as exc:  # e.g. production's options refused for this package
+            raise ModelError(f"candidate failed warm-up: {type(exc).__name__}: {exc}") from None
         model = ServedModel(
             package,
             model_id,
             Decider(meta.decision, model_id, gauges=gauges),
-            [backend_like(template, package) for _ in range(self._workers)],
+            backends,
             digest,
             drift=drift,
             origin=origin,
