@@ -199,19 +199,25 @@ class ControlClient:
 
     def request(self, command: str, **args: Any) -> dict[str, Any]:
         """The reply to ``command``; ControlRefused when the daemon says no, ControlError when it is silent."""
+        silent = ControlError(
+            f"no answer from {self.endpoint} within {self.timeout_s:g} s: is inspectd running there "
+            "(control.endpoint)? With CURVE, is this client's key in security.control_clients?"
+        )
+        timeout_ms = int(self.timeout_s * 1000)
         sock = self._ctx.socket(zmq.REQ)
         try:
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDTIMEO, timeout_ms)  # no peer to send to (a refused handshake): don't hang
             server_key, client_key = self._keys
             if server_key is not None and client_key is not None:
                 configure_client(sock, server_public_key=server_key, client_secret_key=client_key)
             sock.connect(self.endpoint)
-            sock.send(json.dumps({"command": command, **args}).encode())
-            if not sock.poll(int(self.timeout_s * 1000)):
-                raise ControlError(
-                    f"no answer from {self.endpoint} within {self.timeout_s:g} s: is inspectd running there "
-                    "(control.endpoint)? With CURVE, is this client's key in security.control_clients?"
-                )
+            try:
+                sock.send(json.dumps({"command": command, **args}).encode())
+            except zmq.Again:
+                raise silent from None
+            if not sock.poll(timeout_ms):
+                raise silent
             reply: dict[str, Any] = json.loads(sock.recv())
         finally:
             sock.close(linger=0)

@@ -132,6 +132,18 @@ def test_control_over_ipc_is_found_through_the_config_and_open_to_the_group_only
         assert status["state"] == "serving" and status["production"]["model"] == package.meta.model_id
 
 
+def test_a_control_endpoint_that_cannot_be_bound_fails_start_up_naming_it(
+    package: ModelPackage, tmp_path: Path
+) -> None:
+    from daemon.app import App, StartupError
+
+    endpoint = f"ipc://{tmp_path}/no-such-dir/control.sock"
+    with pytest.raises(
+        StartupError, match=r"^control\.endpoint ipc://.*/no-such-dir/control\.sock: cannot bind"
+    ):
+        App(daemon_settings(package.directory, control={"endpoint": endpoint})).start()
+
+
 def model_cli_config(*args: str, config: Path) -> int:
     from inspectd.cli import main
 

@@ -68,8 +68,9 @@ def models(tmp_path_factory: pytest.TempPathFactory, images: list[np.ndarray]) -
     return out
 
 
-def settings_for(package: ModelPackage, **overrides: Any) -> Settings:
-    return daemon_settings(package.directory, batching={"max_batch": 4, "max_wait_ms": 2}, **overrides)
+def settings_for(package: ModelPackage, workers: int = 1, **overrides: Any) -> Settings:
+    batching = {"max_batch": 4, "max_wait_ms": 2, "inference_workers": workers}
+    return daemon_settings(package.directory, batching=batching, **overrides)
 
 
 def check_stream(verdicts: list[dict[str, Any]], sent: list[str]) -> list[dict[str, Any]]:
@@ -85,12 +86,14 @@ def check_stream(verdicts: list[dict[str, Any]], sent: list[str]) -> list[dict[s
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 def test_five_cycles_of_load_shadow_promote_rollback_promote_at_20_fps(
-    models: dict[str, Any], images: list[np.ndarray], tmp_path: Path
+    models: dict[str, Any], images: list[np.ndarray], tmp_path: Path, workers: int
 ) -> None:
+    """With two inference workers two batches may be in flight at once: a switch waits for both."""
     a, b = models["a"], models["b"]
     ids = {a.meta.model_id: "a_scores", b.meta.model_id: "b_scores"}
-    settings = settings_for(a)
+    settings = settings_for(a, workers)
     with (
         DaemonProcess(settings, tmp_path, name="swap") as d,
         VerdictCollector(d.publisher_endpoint, settings.line) as sub,
