@@ -1,11 +1,14 @@
 """Measure the daemon against the machine's limit and the naive loop, in one run; prints tables, writes JSON.
 
 inspectd bench [--model DIR] [--images DIR|synth] [--seconds S] [--out FILE.json] [--markdown FILE.md]
+               [--shadow | --shadow-only [--shadow-rate FPS]]
 
 Stage costs (decode, CLAHE, resize, normalise, the daemon's per-frame function), inference per batch size for
 each available backend, the machine limit (cores ÷ per-image core-seconds), the real daemon (``inspectd serve``
 as a subprocess) at saturation over loopback ZeroMQ (raw and PNG frames, and INT8 when the package has it),
-latency at fixed line rates, peak RSS and CPU, and the naive per-image loop, all on the same images.
+latency at fixed line rates, peak RSS and CPU, and the naive per-image loop, all on the same images. With
+``--shadow``, what shadow-scoring a candidate model costs (core-ms per frame) and the share it scores at
+saturation (bench/shadow.py).
 """
 
 from __future__ import annotations
@@ -116,13 +119,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sample the fp32 daemon with py-spy at saturation and at the lowest line rate: raw stacks into DIR, "
         "threads, GIL and top functions into the results (pip install py-spy)",
     )
+    a(
+        "--shadow",
+        action="store_true",
+        help="also measure shadow scoring: core-ms per frame with a shadowing candidate vs without, and the "
+        "share it scores at saturation",
+    )
+    a("--shadow-only", action="store_true", help="measure only shadow scoring (implies --shadow)")
+    a(
+        "--shadow-rate",
+        type=float,
+        default=d.shadow_rate,
+        help=f"line rate (fps) the shadow cost is measured at (default {d.shadow_rate:g})",
+    )
     a("--out", type=Path, help="write the results as JSON here")
     a("--markdown", type=Path, help="write the tables as markdown here (docs/benchmarks.md's table)")
     a("--quiet", action="store_true", help="no progress lines, only the tables")
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.report import markdown
+    from bench.report import markdown, shadow_only
     from bench.run import BenchConfig, run_bench
 
     cfg = BenchConfig(
@@ -147,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
         png=not args.no_png,
         seed=args.seed,
         daemon_set=tuple(args.daemon_set),
+        shadow=args.shadow or args.shadow_only,
+        shadow_only=args.shadow_only,
+        shadow_rate=args.shadow_rate,
     )
 
     def log(msg: str) -> None:
@@ -161,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     result["command"] = (
         "inspectd bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "inspectd bench"
     )
-    text = markdown(result)
+    text = shadow_only(result) if args.shadow_only else markdown(result)
     print(text)
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

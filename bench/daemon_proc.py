@@ -20,6 +20,7 @@ def bench_settings(model_dir: Path, overrides: dict[str, Any]) -> Settings:
         "model": {"path": str(model_dir)},
         "sources": {"camera": {"endpoint": EPHEMERAL}},
         "publisher": {"endpoint": EPHEMERAL},
+        "control": {"endpoint": EPHEMERAL},  # the ready line says where (the shadow phase loads a candidate)
         "metrics": {"port": 0},
         "logging": {"format": "json"},
     }

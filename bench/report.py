@@ -210,6 +210,8 @@ def markdown(r: dict[str, Any]) -> str:
         ],
     )
     out.append("")
+    if "shadow" in r:
+        out += shadow_table(r["shadow"])
     out.append("**Targets**")
     out.append("")
     out += _table(
@@ -241,8 +243,61 @@ def _profile(profiles: dict[str, Any]) -> list[str]:
     return out
 
 
+def shadow_only(r: dict[str, Any]) -> str:
+    """``inspectd bench --shadow-only``: the machine, the model, and the shadow table."""
+    m = r["machine"]
+    head = (
+        f"Machine: {m['cores']} cores, {m['cpu_model']}; load average before {m['loadavg_before']}, after "
+        f"{m['loadavg_after']}. Model: `{r['model']['id']}`, input {r['model']['input_size']}; "
+        f"{r['config']['seconds']:g} s per phase."
+    )
+    return "\n".join([head, "", *shadow_table(r["shadow"])])
+
+
 def _batch(r: dict[str, Any]) -> str:
     """The batch the daemon ran: max_batch, or what its start-up cap (batching.max_infer_share) made of it."""
     configured = r["config"]["max_batch"]
     ran = r["daemon"].get("max_batch", configured)
     return f"{ran}" if ran == configured else f"{ran} (max_batch {configured}, capped to fit the deadline)"
+
+
+def shadow_table(s: dict[str, Any]) -> list[str]:
+    """``inspectd bench --shadow``'s phases (bench/shadow.py) as markdown lines."""
+    out = [f"**Shadow scoring** (candidate `{s['candidate']}`: the same network under another name)", ""]
+    if "error" in s:
+        return [*out, s["error"], ""]
+    rows = []
+    for label, key in (("without a candidate", "without"), ("candidate shadowing", "with")):
+        p = s[key]
+        rows.append(
+            [
+                label,
+                p["rate"]["core_ms_per_frame"],
+                p["rate"]["p99_ms"],
+                p["rate"]["deadline_misses"],
+                p["saturation"]["img_s"],
+                _fmt(p["saturation"]["sampled_share"], 3),
+                p["saturation"]["deadline_misses"],
+            ]
+        )
+    out += _table(
+        [
+            "",
+            f"core-ms/frame at {s['rate_fps']:g} fps",
+            "p99 ms",
+            "deadline misses",
+            "img/s at saturation",
+            "sampled share at saturation",
+            "deadline misses",
+        ],
+        rows,
+    )
+    out += [
+        "",
+        f"Shadow scoring costs {_fmt(s['shadow_core_ms_per_frame'], 2)} core-ms per frame (daemon CPU time, with "
+        f"minus without; the shadow thread itself: {_fmt(s['shadow_thread_core_ms_per_frame'], 2)} core-ms per "
+        f"scored frame). At saturation the candidate scores a sampled share of "
+        f"{_fmt(s['sampled_share_at_saturation'], 3)} of the frames.",
+        "",
+    ]
+    return out

@@ -46,7 +46,6 @@ class BenchConfig:
     intra_op_threads: int = 0  # 0: the daemon's default (model.intra_op_threads)
     inference_workers: int = 0  # 0: the daemon's "auto" (batching.inference_workers)
     buffers: int = 0  # 0: the daemon's "auto" (batching.buffers); filled in by resolve()
-    lone_frame_threads: int = 0  # the daemon's lone-frame session (batching.lone_frame_threads); by resolve()
     max_latency_ms: float = 250.0
     window: int = 0  # closed-loop outstanding frames; 0 = adaptive (latency near half the deadline)
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32)
@@ -58,6 +57,9 @@ class BenchConfig:
     cache: Path = field(default_factory=default_cache)
     profile: Path | None = None  # py-spy the fp32 daemon at saturation and the lowest rate: raw stacks here
     daemon_set: tuple[str, ...] = ()  # further daemon settings, "section.key=TOML value"
+    shadow: bool = False  # also measure shadow scoring (bench/shadow.py)
+    shadow_only: bool = False  # measure only that (and what it needs: the model, the images)
+    shadow_rate: float = 10.0  # the line rate (fps) its cost per frame is measured at
 
     def closed_loop_args(self) -> dict[str, Any]:
         return {
@@ -82,14 +84,13 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
         **deep_update(explicit, settings_assignments(cfg.daemon_set).get("batching", {}))
     )
     threads = cfg.intra_op_threads or ModelSettings().intra_op_threads
-    layout = batching.layout(on_cpu=True, intra_op_threads=threads, lone_frame_session=True)
+    layout = batching.layout(on_cpu=True, intra_op_threads=threads)
     return replace(
         cfg,
         inference_workers=layout.inference_workers,
         intra_op_threads=threads,
         preprocess_threads=layout.preprocess_threads,
         buffers=layout.buffers,
-        lone_frame_threads=layout.lone_frame_threads,
     )
 
 
@@ -104,6 +105,11 @@ def run_bench(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         package, generated = _package(cfg, log)
         result["images"] = images.describe()
         result["model"] = _model_dict(package, generated)
+        if cfg.shadow_only:
+            result["shadow"] = _shadow(package, images, cfg, log)
+            result["machine"]["loadavg_after"] = loadavg()
+            result["seconds_total"] = round(time.monotonic() - t_start, 1)
+            return result
         int8 = int8_status(package, generated, images.grays) if cfg.int8 else Int8Status(False, "skipped", {})
         package = load_package(package.directory)  # quantising may have added the INT8 record
         result["int8"] = {"available": int8.available, "gate": int8.gate, **int8.detail}
@@ -114,7 +120,7 @@ def run_bench(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         stages = stage_costs(images.png, images.grays, package, min_seconds=min_s)
         result["stages"] = {k: v.to_dict() for k, v in stages.items()}
         log("backend costs (ONNX Runtime) …")
-        threads = sorted({1, cfg.intra_op_threads, cfg.lone_frame_threads or 1})
+        threads = sorted({1, cfg.intra_op_threads})
         specs = available_specs(package, int8=int8.available, threads=threads)
         ort_specs = [s for s in specs if s.kind == "onnxruntime"]
         result["backends"] = _backends(package, ort_specs, cfg, min_s, log)
@@ -129,6 +135,8 @@ def run_bench(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         result["machine_limit"] = machine_limits(stages, result["backends"], batch, int8.available)
         result["machine_limit_img_s"] = result["machine_limit"]["raw"]["img_s"]
         _summarise_daemon(result, cfg)
+        if cfg.shadow:
+            result["shadow"] = _shadow(package, images, cfg, log)
 
         if cfg.baseline:
             log("naive loop …")
@@ -265,10 +273,8 @@ def machine_limits(
 
 
 def service_ms(stages: dict[str, Cost], backends: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
-    """One frame alone through the daemon's configuration: its preprocessing + a batch-1 inference (wall) on
-    the session a lone frame gets (the lone-frame session's threads when the daemon has one), back to back:
-    the best one frame can do on this machine."""
-    label = f"onnxruntime-fp32-t{cfg.lone_frame_threads or cfg.intra_op_threads}"
+    """One frame alone through the daemon's configuration: its preprocessing + a batch-1 inference (wall)."""
+    label = f"onnxruntime-fp32-t{cfg.intra_op_threads}"
     inf = _infer(backends, label, 1)
     if inf is None:
         return {"ms": None}
@@ -411,6 +417,22 @@ def _profiled(
     with PhaseProfile(cfg.profile, name, d.proc.pid, seconds) as prof:
         yield
     into[name] = prof.summary
+
+
+def _shadow(package: ModelPackage, images: BenchImages, cfg: BenchConfig, log: Log) -> dict[str, Any]:
+    from bench.shadow import shadow_runs
+
+    with tempfile.TemporaryDirectory(prefix="inspectd-bench-shadow-") as work:
+        return shadow_runs(
+            bench_settings(package.directory, _overrides(cfg)),
+            package,
+            images,
+            rate=cfg.shadow_rate,
+            seconds=cfg.seconds,
+            closed_loop=cfg.closed_loop_args(),
+            work=Path(work),
+            log=log,
+        )
 
 
 def _batch_sizes(d: DaemonProcess) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -20,11 +21,15 @@ from prometheus_client import CollectorRegistry
 
 from daemon.audit import AuditArchive
 from daemon.clock import SYSTEM_CLOCK, Clock
+from daemon.control import ControlServer, handle
 from daemon.decision import Decider
 from daemon.drift import DriftMonitor
 from daemon.image_policy import InputPolicy
+from daemon.lifecycle import ModelLifecycle
+from daemon.loading import CandidateLoader
 from daemon.logs import get_logger
 from daemon.metrics import Metrics, MetricsServer
+from daemon.models import ModelError
 from daemon.peers import PeerMonitor
 from daemon.pipeline import Pipeline
 from daemon.publisher import AfterPublish, VerdictPublisher
@@ -90,6 +95,8 @@ class App:
         self.curve: CurveServer | None = None
         self.peers: PeerMonitor | None = None
         self.package_watcher: PackageWatcher | None = None
+        self.models: ModelLifecycle | None = None
+        self.control: ControlServer | None = None
         self._supervisor: threading.Thread | None = None
 
     # -- start: one flat list of steps --------------------------------------------------------------------
@@ -100,10 +107,12 @@ class App:
             self.init_zmq()
             self.init_security()
             self.init_peer_monitor()
+            self.init_control()
             self.init_sources()
             self.init_metrics()
             self.start_metrics_server()
             self.init_pipeline()
+            self.init_models()
             self.start_after_publish()
             self.start_publisher()
             self.start_pipeline()
@@ -111,6 +120,7 @@ class App:
             self.start_peer_monitor()
             self.start_supervisor()
             self.start_package_watcher()
+            self.start_control()
             self.notify_ready(time.monotonic() - t0)
         except BaseException:
             self.stop()
@@ -153,7 +163,33 @@ class App:
 
     def init_peer_monitor(self) -> None:
         names = ("camera", "publisher") if self.settings.sources.camera.enabled else ("publisher",)
+        if self.settings.control.enabled:
+            names = (*names, "control")
         self.peers = PeerMonitor(self.registry, self.settings.line, sockets=names)
+
+    def init_control(self) -> None:
+        """Bind the control socket now (a bad endpoint fails start-up); it answers once the daemon is ready."""
+        if not self.settings.control.enabled:
+            return
+        assert self.ctx is not None
+        curve = self.curve if self.curve is not None and self.curve.covers("control") else None
+        try:
+            self.control = ControlServer(
+                self.settings.control,
+                self.ctx,
+                self._control_request,
+                secure=curve.apply if curve is not None else None,
+                monitor=self.peers,
+            )
+        except zmq.ZMQError as exc:
+            raise StartupError(
+                f"control.endpoint {self.settings.control.endpoint}: cannot bind: {exc}"
+            ) from None
+
+    def _control_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.models is None:
+            raise ModelError("the daemon is still starting")
+        return handle(self.models, request)
 
     def init_sources(self) -> None:
         if self._sources_in is not None:
@@ -193,13 +229,17 @@ class App:
         )
 
     def _drift_monitor(self, meta: ModelMeta) -> DriftMonitor:
-        """The drift windows, compared with the package's score reference at its operating point. A package
-        without one (exported before references existed) is served as before: drift reads "no reference"."""
-        m = self.settings.metrics
         try:
-            reference = load_reference(meta.score_reference)
+            return self._drift_for(meta)
         except ValueError as exc:
             raise StartupError(f"model package {self.settings.model.path}: {exc}") from None
+
+    def _drift_for(self, meta: ModelMeta) -> DriftMonitor:
+        """The drift windows, compared with the package's score reference at its operating point. A package
+        without one (exported before references existed) is served as before: drift reads "no reference".
+        ValueError for a reference or gauges the daemon cannot use."""
+        m = self.settings.metrics
+        reference = load_reference(meta.score_reference)
         bins, why = None, "the package has no score_reference (exported before inspectd kept one)"
         if reference is not None:
             try:
@@ -215,7 +255,7 @@ class App:
                 bins=len(bins.counts),
                 source=reference and reference.source,
             )
-        gauges = self._gauges(meta)
+        gauges = load_gauges(meta.gauges, meta.preprocess.pose)
         return DriftMonitor(
             self.settings.line,
             bins=bins,
@@ -261,17 +301,25 @@ class App:
             metrics=self.metrics,
             clock=self.clock,
         )
-        self._set_model_info()
 
-    def _set_model_info(self) -> None:
+    def init_models(self) -> None:
+        """The model lifecycle: candidates are made like production's backend, for as many workers, warmed up at
+        the batch sizes the pipeline forms, and held to the inference budget production was capped with."""
         assert self.pipeline is not None and self.metrics is not None
-        meta = self.pipeline.worker.backend.package.meta
-        h, w = meta.preprocess.input_size
-        decider = self.pipeline.decider
-        gauges = ",".join(b.name for b in decider.gauges.bands) if decider.gauges else ""
-        self.metrics.set_model_info(
-            {**self.pipeline.worker.backend.describe(), "input": f"{h}x{w}", "gauges": gauges or "none"}
+        p = self.pipeline
+        p.models.production.drift = self.metrics.drift
+        loader = CandidateLoader(
+            template=lambda: p.models.production.backends[0],
+            workers=len(p.workers),
+            batch_sizes=lambda: tuple(sorted({1, p.max_batch})),
+            budget_s=p.budget_s,
+            verify=self.settings.model.verify_sha256,
+            drift=self._drift_for,
         )
+        self.models = ModelLifecycle(
+            p.models, loader, p.shadow, self.metrics, switch_timeout_s=self.settings.deadlines.stall_s
+        )
+        self.models.publish()
 
     def _gauges(self, meta: ModelMeta) -> GaugeSet | None:
         try:
@@ -285,6 +333,8 @@ class App:
             self.audit = AuditArchive(self.settings.audit)
             self.audit.open()
             handlers.append(self.audit.on_verdict)
+            if self.pipeline is not None:  # shadow disagreements are kept there too, from the shadow thread
+                self.pipeline.shadow.keep = self.audit.keep_disagreement
         handlers.extend(s.on_verdict for s in self.sources if isinstance(s, VerdictListener))
         handlers.extend(self._listeners)
         if handlers:
@@ -310,10 +360,10 @@ class App:
         self._t_publisher_bound = time.monotonic()
 
     def start_pipeline(self) -> None:
-        assert self.pipeline is not None
+        assert self.pipeline is not None and self.models is not None
         self.pipeline.start()
         # Entered and warmed up: what the backend loaded (e.g. a TensorRT plan's parity gate) is known now.
-        self._set_model_info()
+        self.models.publish()
 
     def start_sources(self) -> None:
         assert self.pipeline is not None
@@ -332,12 +382,32 @@ class App:
         self.peers.start()  # after every monitored socket is set up (watch() happens before start)
 
     def start_package_watcher(self) -> None:
-        interval = self.settings.model.watch_s
-        if interval > 0 and self.package is not None:
-            self.package_watcher = PackageWatcher(
-                self.package, self.registry, self.settings.line, interval_s=interval
-            )
-            self.package_watcher.start()
+        interval, action = self.settings.model.watch_s, self.settings.model.watch_action
+        if interval <= 0 or self.package is None or self.pipeline is None:
+            return
+        slots, lifecycle = self.pipeline.models, self.models
+
+        def served() -> tuple[str, str, str]:
+            prod = slots.production
+            return prod.meta.onnx_sha256, prod.json_sha256, prod.model_id
+
+        def load(directory: Path) -> None:
+            assert lifecycle is not None
+            lifecycle.load(directory, shadow=action == "shadow", origin="watcher")
+
+        self.package_watcher = PackageWatcher(
+            self.package.directory,
+            served,
+            self.registry,
+            self.settings.line,
+            interval_s=interval,
+            on_new=load if action != "log" else None,
+        )
+        self.package_watcher.start()
+
+    def start_control(self) -> None:
+        if self.control is not None:
+            self.control.start()
 
     def start_supervisor(self) -> None:
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
@@ -356,6 +426,7 @@ class App:
             max_batch=self.pipeline.max_batch if self.pipeline is not None else None,
             layout=self.pipeline.layout.describe() if self.pipeline is not None else None,
             sources=[s.describe() for s in self.sources],
+            control=self.control_endpoint,
             security=self.curve.describe() if self.curve is not None else {"curve": False},
             **(self._backend.describe() if self._backend else {}),
         )
@@ -380,8 +451,12 @@ class App:
         log.info("stopping", pending=self.pipeline.ledger.pending_count if self.pipeline else 0)
         if self._supervisor is not None:
             self._supervisor.join(timeout=2 * _SUPERVISE_S + 1)
+        # No model change from here on.
+        control_closed = self.control.stop() if self.control is not None else True
         if self.package_watcher is not None:
             self.package_watcher.stop()
+        if self.models is not None:
+            self.models.stop()
         for source in reversed(self.sources):
             try:
                 source.stop()
@@ -408,7 +483,10 @@ class App:
             self.curve.stop()
         if self.ctx is not None:
             sockets_closed = (
-                clean and monitor_closed and not any(getattr(s, "alive", False) for s in self.sources)
+                clean
+                and monitor_closed
+                and control_closed
+                and not any(getattr(s, "alive", False) for s in self.sources)
             )
             if sockets_closed:
                 self.ctx.term()  # last: every socket is closed (with linger) by the thread that owned it
@@ -504,6 +582,10 @@ class App:
             if isinstance(s, CameraSource):
                 return s.endpoint
         return None
+
+    @property
+    def control_endpoint(self) -> str | None:
+        return self.control.endpoint if self.control else None
 
     @property
     def metrics_port(self) -> int | None:

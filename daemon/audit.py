@@ -4,6 +4,9 @@ Runs on the after-publish thread, never in the verdict path. Names are ``<UTC ti
 the frame id is reduced to ``[A-Za-z0-9._-]`` and cannot start with a dot, so no id can climb out of the
 archive (``../``), hide a file, or collide across boots (the seq and time come first). The archive keeps
 itself under ``max_bytes`` by deleting its oldest entries, tracked in memory after one scan at start.
+
+Shadow scoring (daemon/shadow.py) keeps the frames on which a candidate disagreed with production here too,
+from its own thread: ``<UTC time>_shadow_<n>_<safe frame id>``, the image and a sidecar with both verdicts.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 import random
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,8 @@ class AuditArchive:
         # One entry = the files of one verdict (image + sidecar), deleted together, oldest first.
         self._entries: collections.deque[tuple[list[Path], int]] = collections.deque()
         self._total = 0
+        self._lock = threading.Lock()  # the after-publish thread and the shadow thread both write
+        self._shadow_n = 0
 
     def open(self) -> None:
         """Create the directory and index what an earlier run left (oldest first) so the cap covers it."""
@@ -92,16 +98,38 @@ class AuditArchive:
             return
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(message.get("t_published", time.time())))
         base = f"{stamp}_{message.get('seq', 0):09d}_{safe_name(frame.frame_id)}"
-        image_bytes, ext = self._image_bytes(frame)
         sidecar = dict(message, source=frame.source, label=frame.label, timings_ms=verdict.timings_ms)
+        self._write(base, frame, sidecar)
+
+    def keep_disagreement(self, frame: Frame, production: Verdict, candidate: Verdict, kind: str) -> None:
+        """A frame on which a shadowing candidate disagreed with production: the image and both verdicts."""
+        with self._lock:
+            self._shadow_n += 1
+            n = self._shadow_n
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        base = f"{stamp}_shadow_{n:09d}_{safe_name(frame.frame_id)}"
+        sidecar = {
+            "type": "shadow_disagreement",
+            "kind": kind,
+            "frame_id": frame.frame_id,
+            "source": frame.source,
+            "label": frame.label,
+            "production": _verdict_record(production),
+            "candidate": _verdict_record(candidate),
+        }
+        self._write(base, frame, sidecar)
+
+    def _write(self, base: str, frame: Frame, sidecar: dict[str, Any]) -> None:
+        image_bytes, ext = self._image_bytes(frame)
         files = [(self.directory / f"{base}.json", json.dumps(sidecar, indent=1, default=str).encode())]
         if image_bytes is not None:
             files.insert(0, (self.directory / f"{base}.{ext}", image_bytes))
         for path, data in files:
             _write_atomic(path, data)
-        self._entries.append(([p for p, _ in files], sum(len(d) for _, d in files)))
-        self._total += self._entries[-1][1]
-        self._enforce_cap()
+        with self._lock:
+            self._entries.append(([p for p, _ in files], sum(len(d) for _, d in files)))
+            self._total += self._entries[-1][1]
+            self._enforce_cap()
 
     def _image_bytes(self, frame: Frame) -> tuple[bytes | None, str]:
         if frame.data is not None:  # the bytes exactly as received: what the model was given
@@ -124,6 +152,17 @@ class AuditArchive:
                 except OSError as exc:
                     log.warning("audit archive: cannot delete old entry", path=str(path), error=str(exc))
             self._total -= size
+
+
+def _verdict_record(v: Verdict) -> dict[str, Any]:
+    return {
+        "model": v.model,
+        "verdict": v.outcome.value,
+        "reason": v.reason.value,
+        "score": v.score,
+        "threshold": v.threshold,
+        "detail": v.detail,
+    }
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from daemon.types import Frame, Outcome, Reason, Verdict
-from engine.gauges import GaugeSet, Violation
+from engine.backend import BackendError
+from engine.gauges import GaugeSet, Violation, check
 from engine.package import Call, Decision
+from engine.pose import Measurements
 
 # The largest |logit| believed to be a model's answer. A calibrated classifier's logits are within tens (the
 # float32 sigmoid is already 1.0 at +17 and below 1e-38 at -88); 1e4 is far beyond any of them, well inside
@@ -30,6 +34,23 @@ _CALLS = {
     Call.REJECT: (Outcome.REJECT, Reason.MODEL),
     Call.GREY: (Outcome.REJECT, Reason.GREY_ZONE),
 }
+
+
+class Rejecter(Protocol):
+    """What the stages that reject a part without a model result need: the fail-safe REJECT, and the gauges
+    that say whether parts are measured on the way (preprocessing). A :class:`Decider` is one; so is the
+    daemon's production model slot (daemon.models), which passes them to whichever model is production."""
+
+    @property
+    def gauges(self) -> GaugeSet | None: ...
+
+    def reject(
+        self,
+        frame: Frame,
+        reason: Reason,
+        detail: dict[str, Any] | None = None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> Verdict: ...
 
 
 class Decider:
@@ -69,6 +90,13 @@ class Decider:
             detail = {"gauges": [_violation(v) for v in violations], "rejected_by": rejected_by}
             outcome, reason = Outcome.REJECT, Reason.OUT_OF_TOLERANCE
         return self._verdict(frame, outcome, reason, score, detail, timings_ms)
+
+    def violations(self, measurements: Measurements | None) -> list[Violation]:
+        """The bands of this model's gauges that a part's measurements fall outside ([] without gauges).
+        Measured once in preprocessing, checked by the model that decides the part's batch."""
+        if self.gauges is None or measurements is None:
+            return []
+        return check(measurements, self.gauges)
 
     def reject(
         self,
@@ -116,3 +144,14 @@ def _violation(v: Violation) -> dict[str, Any]:
     if not math.isfinite(v.value):
         d["value"] = repr(v.value)
     return d
+
+
+def as_logits(out: Any, n: int) -> np.ndarray:
+    """The backend's output as n float64 logits, or BackendError: a malformed output fails the whole batch."""
+    try:
+        logits = np.asarray(out, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BackendError(f"backend output is not numeric ({type(exc).__name__}: {exc})") from None
+    if logits.shape != (n,):
+        raise BackendError(f"backend output has shape {logits.shape}, expected ({n},)")
+    return logits

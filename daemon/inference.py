@@ -1,7 +1,14 @@
-"""The inference stage: one thread that owns the Backend, turns batches into scores and scores into verdicts.
+"""The inference stage: one thread per worker that turns batches into scores and scores into verdicts.
 
-The backend is entered (and warmed up) on this thread, because GPU backends bind their context/stream to the
-thread that creates them. A failing batch (an exception, or an output that is not one number per frame) becomes
+Each batch is decided by the model in production when the batch starts (:meth:`ModelSlots.serving`): that
+model's backend for this worker, its operating point and its gauge bands (checked here against the part's
+measurements from preprocessing), so a promote or rollback takes effect between two batches
+(daemon/models.py). When a candidate shadows production, the settled batch is then offered to the shadow stage
+(daemon/shadow.py), which never holds this thread up.
+
+The start-up model's backend is entered (and warmed up) on this thread, because GPU backends bind their
+context/stream to the thread that creates them (a candidate's are entered by the loader, daemon/loading.py,
+and used here once promoted). A failing batch (an exception, or an output that is not one number per frame) becomes
 REJECT ``engine_error`` for each of its frames; the backend is then re-created (exit + enter) and the stage goes
 on. ``failures_not_ready`` consecutive failures make the daemon report not ready until a batch succeeds again.
 A frame whose own logit is not finite or implausibly large
@@ -19,15 +26,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
-from daemon.batcher import END, Batch, Batches, BatchLimit, BatchQueue, BufferPool, cap_batch
-from daemon.decision import Decider, valid_logit
+from daemon.batcher import END, Batch, Batches, BatchLimit, BufferPool, cap_batch
+from daemon.decision import Decider, as_logits, valid_logit
 from daemon.ledger import Ledger
 from daemon.logs import get_logger
 from daemon.metrics import MetricsSink
+from daemon.models import ModelSlots, ServedModel, recreate
+from daemon.shadow import Offered, ShadowScorer
 from daemon.threads import StageThread
 from daemon.types import Outcome, Reason
 from engine.backend import Backend, BackendError, sigmoid
@@ -37,60 +45,17 @@ log = get_logger(__name__)
 _EWMA = 0.2  # weight of the newest batch in the inference-time estimate the batcher plans with
 
 
-class LoneFrameSession:
-    """A lone frame on an otherwise idle daemon is inferred on every core, not on its worker's one.
-
-    One more backend instance with ``batching.lone_frame_threads`` intra-op threads, shared by the workers:
-    a worker whose batch holds one frame while every other worker waits for work takes it (never waiting for
-    it). Measured on 2 cores with the patch-memory default after an idle gap, batch 1: 15.2 ms on one
-    thread, 10.2 ms on two (docs/benchmarks.md). At saturation the workers are busy and it is not used. If it
-    fails once, the batch is rejected like any failed batch and the session is not used again (logged)."""
-
-    def __init__(self, backend: Backend, batches: BatchQueue, workers: int) -> None:
-        self.backend = backend
-        self._batches = batches
-        self._others = workers - 1
-        self._lock = threading.Lock()
-        self.broken = False
-        self.frames = 0
-
-    def open(self, warmup: bool = True) -> None:
-        self.backend.__enter__()
-        if warmup:
-            self.backend.warmup((1,))
-
-    def close(self) -> None:
-        try:
-            self.backend.__exit__(None, None, None)
-        except Exception as exc:
-            log.warning("lone-frame session exit failed", error=str(exc))
-
-    def acquire(self, n: int) -> bool:
-        """For a batch of ``n`` frames: True (and held until :meth:`release`) when it is the daemon's only work
-        and the session is free."""
-        if n != 1 or self.broken or self._batches.waiting < self._others:
-            return False
-        return self._lock.acquire(blocking=False)
-
-    def release(self, failed: BaseException | None = None) -> None:
-        if failed is None:
-            self.frames += 1
-        else:
-            self.broken = True
-            log.error("lone-frame session failed; not used again", error=f"{type(failed).__name__}: {failed}")
-        self._lock.release()
-
-
 class InferenceWorker(StageThread):
     def __init__(
         self,
-        backend: Backend,
+        models: ModelSlots,
+        index: int,
         batches: Batches,
         pool: BufferPool,
         ledger: Ledger,
-        decider: Decider,
         metrics: MetricsSink,
         *,
+        shadow: ShadowScorer | None = None,
         batch_limit: BatchLimit,
         monotonic: Callable[[], float],
         failures_not_ready: int = 3,
@@ -98,15 +63,14 @@ class InferenceWorker(StageThread):
         batch_budget_s: float | None = None,
         batch_lines: bool = True,
         name: str = "inference",
-        lone: LoneFrameSession | None = None,
     ) -> None:
-        self.backend = backend
-        self.lone = lone
+        self.models = models
+        self.index = index  # this worker's backend in every loaded model's list
         self.batches = batches
         self.pool = pool
         self.ledger = ledger
-        self.decider = decider
         self.metrics = metrics
+        self.shadow = shadow
         self._now = monotonic
         self.failures_not_ready = failures_not_ready
         self._warmup = warmup
@@ -126,7 +90,17 @@ class InferenceWorker(StageThread):
         self.est_infer_s = 0.0
         self.frames_inferred = 0
         self.batches_done = 0
+        self.busy_s = 0.0  # time spent deciding batches (from preprocessed to settled): the pipeline's load
         self.invalid_logits = 0  # frames rejected for an implausible logit (engine_error verdicts)
+
+    @property
+    def backend(self) -> Backend:
+        """This worker's backend of the production model (the one it warms up at start)."""
+        return self.models.production.backends[self.index]
+
+    @property
+    def decider(self) -> Decider:
+        return self.models.production.decider
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self, timeout: float) -> None:
@@ -195,11 +169,7 @@ class InferenceWorker(StageThread):
         except Exception:
             log.exception("inference stage failed")
             raise
-        finally:
-            try:
-                self.backend.__exit__(None, None, None)
-            except Exception:
-                log.exception("backend exit failed")
+        # Backends are exited with their models once no batch runs (Pipeline.drain → ModelSlots.close).
 
     # -- one batch ---------------------------------------------------------------------------------------
     def _process(self, batch: Batch) -> None:
@@ -210,24 +180,34 @@ class InferenceWorker(StageThread):
             return
         # The common case infers the buffer view as is; holes (failed or expired frames) cost one copy.
         x = batch.buffer[: len(jobs)] if len(rows) == len(jobs) else batch.buffer[rows]
-        lone = self.lone if self.lone is not None and self.lone.acquire(len(rows)) else None
+        t0 = self._now()
+        with self.models.serving() as (served, candidate):
+            offered = self._decide(batch, rows, x, served)
+        self.busy_s += self._now() - t0
+        if candidate is not None and self.shadow is not None and offered:
+            self.shadow.offer(candidate, x, offered)  # settled already: the candidate only looks
+
+    def _decide(self, batch: Batch, rows: list[int], x: np.ndarray, served: ServedModel) -> list[Offered]:
+        """Infer and settle the batch with ``served``; returns its model decisions (for shadow scoring)."""
+        jobs = batch.jobs
+        backend, decider = served.backends[self.index], served.decider
         t0 = self._now()
         try:
-            # One logit per row, as numbers: anything else is a malformed output, and the whole batch fails.
-            logits = _as_logits((lone.backend if lone is not None else self.backend).infer(x), len(rows))
+            logits = backend.infer(x)
         except Exception as exc:
-            if lone is not None:
-                lone.release(failed=exc)
-            self._failed(batch, rows, exc, t0, reset=lone is None)
-            return
+            self._failed(batch, rows, exc, backend, decider)
+            return []
         t1 = self._now()
-        if lone is not None:
-            lone.release()
+        try:
+            # One logit per row, as numbers: anything else is a malformed output, and the whole batch fails.
+            logits = as_logits(logits, len(rows))
+        except BackendError as exc:
+            self._failed(batch, rows, exc, backend, decider)
+            return []
         infer_s = t1 - t0
-        if lone is None:  # the batcher plans with what the workers' own sessions take
-            self.est_infer_s = (
-                infer_s if self.batches_done == 0 else (1 - _EWMA) * self.est_infer_s + _EWMA * infer_s
-            )
+        self.est_infer_s = (
+            infer_s if self.batches_done == 0 else (1 - _EWMA) * self.est_infer_s + _EWMA * infer_s
+        )
         self.consecutive_failures = 0
         self.batches_done += 1
         self.frames_inferred += len(rows)
@@ -241,8 +221,9 @@ class InferenceWorker(StageThread):
         infer_ms = infer_s * 1000.0
         passed = rejected = late = 0
         decided: list[float] = []  # logits of the parts this batch decided: the drift window's
+        offered: list[Offered] = []
         observe = self.metrics.observe_stage
-        for i, score, logit in zip(rows, scores, raw, strict=True):
+        for pos, (i, score, logit) in enumerate(zip(rows, scores, raw, strict=True)):
             job = jobs[i]
             queue_ms = max(0.0, (t0 - job.frame.t_arrival) * 1000.0 - job.t_decode_ms - job.t_pre_ms)
             timings = {
@@ -251,7 +232,11 @@ class InferenceWorker(StageThread):
                 "queue": queue_ms,
                 "infer": infer_ms,
             }
-            verdict = self.decider.decide(job.frame, score, timings, job.violations, logit=logit)
+            measurements = job.image.measurements if job.image is not None else None
+            violations = decider.violations(measurements)
+            verdict = decider.decide(job.frame, score, timings, violations, logit=logit)
+            if verdict.score is not None:
+                offered.append(Offered(pos, job.frame, measurements, verdict))
             published = self.ledger.settle(job, verdict)
             if published is verdict:
                 if verdict.score is not None:  # a model decision (an implausible logit is engine_error)
@@ -292,43 +277,26 @@ class InferenceWorker(StageThread):
                 wait_ms=round((t0 - jobs[rows[0]].frame.t_arrival) * 1000.0, 2),
                 first=jobs[rows[0]].frame.frame_id,
                 last=jobs[rows[-1]].frame.frame_id,
+                model=served.model_id,
             )
+        return offered
 
-    def _failed(self, batch: Batch, rows: list[int], exc: Exception, t0: float, reset: bool = True) -> None:
+    def _failed(
+        self, batch: Batch, rows: list[int], exc: Exception, backend: Backend, decider: Decider
+    ) -> None:
         self.consecutive_failures += 1
         message = f"{type(exc).__name__}: {exc}"
         ids = []
         for i in rows:
             job = batch.jobs[i]
             ids.append(job.frame.frame_id)
-            self.ledger.settle(job, self.decider.reject(job.frame, Reason.ENGINE_ERROR, {"error": message}))
+            self.ledger.settle(job, decider.reject(job.frame, Reason.ENGINE_ERROR, {"error": message}))
         log.error(
-            "inference failed; batch rejected" + (", backend re-created" if reset else ""),
+            "inference failed; batch rejected, backend re-created",
             error=message,
             frame_ids=ids,
             consecutive_failures=self.consecutive_failures,
             ready=self.healthy,
+            model=decider.model_id,
         )
-        if reset:
-            self._reset_backend()
-
-    def _reset_backend(self) -> None:
-        try:
-            self.backend.__exit__(None, None, None)
-        except Exception as exc:
-            log.warning("backend exit failed during reset", error=str(exc))
-        try:
-            self.backend.__enter__()
-        except Exception as exc:  # stays inactive: the next batch fails fast and we try again
-            log.error("backend re-create failed", error=str(exc))
-
-
-def _as_logits(out: Any, n: int) -> np.ndarray:
-    """The backend's output as n float64 logits, or BackendError: a malformed output fails the whole batch."""
-    try:
-        logits = np.asarray(out, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise BackendError(f"backend output is not numeric ({type(exc).__name__}: {exc})") from None
-    if logits.shape != (n,):
-        raise BackendError(f"backend output has shape {logits.shape}, expected ({n},)")
-    return logits
+        recreate(backend)

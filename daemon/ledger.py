@@ -8,17 +8,24 @@ result that wins but comes at or after the frame's deadline (the watchdog ran la
 ``deadline``, never as its own verdict: the deadline is checked against the ledger's clock at settle time too.
 So two verdicts are impossible (one pop per key) and zero verdicts are impossible (every key has a deadline,
 and shutdown settles whatever is left). The publisher thread is the only consumer of the queue and assigns
-``seq`` there, so sequence order = settlement order.
+``seq`` there, so sequence order = settlement order, and the n-th item put on the queue is published as
+``seq`` n.
+
+That makes the ledger's lock the place where a model switch falls between two ``seq``: a switch made under
+:meth:`Ledger.exclusive` knows the last ``seq`` of the old model, and a fail-safe REJECT made by a stage outside
+the lock is stamped with the model in production when it is settled (``restamp``, under the lock), so every
+verdict names the model that was production at its ``seq``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import itertools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from daemon.drift import PartImage
@@ -29,7 +36,7 @@ from daemon.types import Frame, Reason, Verdict
 class Job:
     """A frame in flight: the immutable frame plus what the pipeline learns about it on the way."""
 
-    __slots__ = ("deadline", "frame", "image", "key", "ok", "staged", "t_decode_ms", "t_pre_ms", "violations")
+    __slots__ = ("deadline", "frame", "image", "key", "ok", "staged", "t_decode_ms", "t_pre_ms")
 
     def __init__(self, key: int, frame: Frame, deadline: float) -> None:
         self.key = key
@@ -38,8 +45,9 @@ class Job:
         self.ok = False  # preprocessed into its batch row
         self.t_decode_ms = 0.0
         self.t_pre_ms = 0.0
-        self.violations: tuple[Any, ...] = ()  # engine.gauges.Violation: measurements outside their bands
-        self.image: PartImage | None = None  # the crop's light and measurements, for the drift statistics
+        # The crop's light and, with gauges, the part's measurements: the drift statistics', and what the model
+        # deciding the batch checks against its bands (daemon.inference).
+        self.image: PartImage | None = None
         # With batching.preprocess_device on a GPU: the decoded frame and its pose, left for the batch's device
         # stage (daemon.prep.DevicePreprocessing), which fills the row; None once it has.
         self.staged: Any = None
@@ -65,11 +73,14 @@ class Ledger(StageThread):
         max_latency_s: float,
         expire: Callable[[Job, Reason], Verdict],
         monotonic: Callable[[], float],
+        restamp: Callable[[Verdict], Verdict] | None = None,
     ) -> None:
         self.max_latency_s = max_latency_s
         self.out: queue.SimpleQueue[Settled | None] = queue.SimpleQueue()  # None = end of stream
         self._expire = expire
+        self._restamp = restamp  # a fail-safe REJECT made outside the lock → the model in production now
         self._now = monotonic
+        self._queued = 0  # items put on ``out``: the seq of the last one
         self._keys = itertools.count(1)
         self._pending: dict[int, Job] = {}
         self._admitted = 0
@@ -106,10 +117,25 @@ class Ledger(StageThread):
             if self._pending.pop(job.key, None) is None:
                 return None
             now = self._now()
-            if verdict.inspected and now >= job.deadline:
-                verdict = self._late(job, verdict, now)
-            self.out.put(Settled(verdict, job, now))
+            if verdict.inspected:
+                if now >= job.deadline:
+                    verdict = self._late(job, verdict, now)
+            elif self._restamp is not None:
+                verdict = self._restamp(verdict)
+            self._put(Settled(verdict, job, now))
             return verdict
+
+    def _put(self, item: Settled) -> None:
+        """Queue one settled verdict for publication (with the lock held)."""
+        self._queued += 1
+        self.out.put(item)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[int]:
+        """Hold the lock: nothing settles meanwhile. Yields the ``seq`` the last settled verdict will be
+        published with (0 before any)."""
+        with self._lock:
+            yield self._queued
 
     def _late(self, job: Job, result: Verdict, now: float) -> Verdict:
         expired = self._expire(job, Reason.DEADLINE)
@@ -142,7 +168,7 @@ class Ledger(StageThread):
             self._pending.clear()
             now = self._now()
             for job in jobs:
-                self.out.put(Settled(self._expire(job, reason), job, now))
+                self._put(Settled(self._expire(job, reason), job, now))
         return len(jobs)
 
     def close(self) -> None:
@@ -173,5 +199,5 @@ class Ledger(StageThread):
                     _, key = heapq.heappop(heap)
                     job = pending.pop(key, None)
                     if job is not None:
-                        self.out.put(Settled(self._expire(job, Reason.DEADLINE), job, now))
+                        self._put(Settled(self._expire(job, Reason.DEADLINE), job, now))
                 self._wake.wait(heap[0][0] - now if heap else None)

@@ -13,20 +13,23 @@ parts (what ``inspectd_ng_ratio`` and the alerts count: station faults are not a
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from daemon.drift import DriftMonitor, PartImage
+from daemon.models import DISAGREEMENT_KINDS
 from daemon.types import Outcome, Reason, Verdict
 from engine.drift import logit
 from engine.package import Decision
@@ -64,6 +67,12 @@ SCORE_STEPS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)  # logit steps from the threshol
 CONNECTION_TIMEOUT_S = 5.0
 # Oversized messages are dropped by libzmq as a disconnect: they show in inspectd_peer_events_total.
 MESSAGE_ERROR_KINDS = ("multipart", "header", "unattributed")
+# The model lifecycle (daemon/lifecycle.py) and shadow scoring (daemon/shadow.py).
+MODEL_ROLES = ("production", "candidate", "previous")
+LOAD_RESULTS = ("loaded", "refused")
+SWITCH_ACTIONS = ("promote", "rollback")
+# |candidate − production| NG probability of a shadowed frame: most are near 0, a retrained model's reach 0.1+.
+SCORE_DIFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 def _verdict_label_pairs() -> list[tuple[str, str]]:
@@ -103,6 +112,17 @@ class MetricsSink(Protocol):
     def observe_verdict(self, v: Verdict, latency_s: float) -> None: ...
 
     def observe_parts(self, logits: Sequence[float], images: Sequence[PartImage]) -> None: ...
+
+    # shadow scoring (daemon/shadow.py): offered by the inference workers, the rest by the shadow thread
+    def shadow_offered(self, n: int) -> None: ...
+
+    def shadow_scored(self, diffs: Sequence[float]) -> None: ...
+
+    def shadow_disagreements(self, kinds: Sequence[str]) -> None: ...
+
+    def shadow_errors(self, n: int) -> None: ...
+
+    def shadow_share(self, share: float) -> None: ...
 
 
 class Metrics:
@@ -172,7 +192,61 @@ class Metrics:
             registry=r,
         )
         self.model_info = Info(
-            "inspectd_model", "The model package and backend being served.", ["line"], registry=r
+            "inspectd_model",
+            "The model packages loaded, by role: production (decides every part), candidate (loaded beside it, "
+            "maybe shadowing), previous (the rollback target).",
+            ["line", "role"],
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "inspectd_model_loads",
+            "Model packages loaded beside production while serving, by result (loaded: an eligible candidate; "
+            "refused: bad package, sha256, input or warm-up; it never served).",
+            ["line", "result"],
+            registry=r,
+        )
+        self.model_switches = Counter(
+            "inspectd_model_switches",
+            "Production changed between two batches, by action (promote, rollback).",
+            ["line", "action"],
+            registry=r,
+        )
+        self.shadow_offered_frames = Counter(
+            "inspectd_shadow_offered_frames",
+            "Frames production scored while a candidate shadowed it (the candidate scored a share of them).",
+            ["line"],
+            registry=r,
+        )
+        self.shadow_frames = Counter(
+            "inspectd_shadow_frames", "Frames the shadowing candidate scored.", ["line"], registry=r
+        )
+        self.shadow_disagreement = Counter(
+            "inspectd_shadow_disagreements",
+            "Shadowed frames on which the candidate disagreed with production, by kind: pass_reject / "
+            "reject_pass (production's verdict → the candidate's), score (same verdict, NG probabilities further "
+            "apart than shadow.score_tolerance).",
+            ["line", "kind"],
+            registry=r,
+        )
+        self.shadow_error = Counter(
+            "inspectd_shadow_errors",
+            "Shadowed frames the candidate could not score (its backend failed, or an implausible logit).",
+            ["line"],
+            registry=r,
+        )
+        self.shadow_score_difference = Histogram(
+            "inspectd_shadow_score_difference",
+            "|candidate - production| NG probability per shadowed frame.",
+            ["line"],
+            buckets=SCORE_DIFF_BUCKETS,
+            registry=r,
+        )
+        self.shadow_sampled_ratio = Gauge(
+            "inspectd_shadow_sampled_ratio",
+            "Share of the frames offered to the current candidate that it scored (1: every frame; below 1: "
+            "shadow scoring falls behind and samples); NaN before a candidate shadows.",
+            ["line"],
+            registry=r,
         )
         self.ready = Gauge("inspectd_ready", "1 when the backend is warmed up and the pipeline progresses.", ["line"],
                            registry=r)  # fmt: skip
@@ -195,8 +269,10 @@ class Metrics:
         if process_collector:
             ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
         # Without a package (tests, a sink built early) every drift gauge still exists, as NaN / "no reference".
+        # Registered through a forwarder: a promote or rollback hands the drift windows to the new production's
+        # monitor (set_drift) without a scrape ever seeing the gauges missing.
         self.drift = drift if drift is not None else DriftMonitor(line)
-        r.register(self.drift)
+        r.register(_Forward(lambda: self.drift))
 
         for source in sources:
             self.frames_received.labels(line, source)
@@ -208,6 +284,17 @@ class Metrics:
             self.queue_depth.labels(line, queue).set(0)
         for kind in MESSAGE_ERROR_KINDS:
             self.message_errors.labels(line, kind)
+        for result in LOAD_RESULTS:
+            self.model_loads.labels(line, result)
+        for action in SWITCH_ACTIONS:
+            self.model_switches.labels(line, action)
+        for kind in DISAGREEMENT_KINDS:
+            self.shadow_disagreement.labels(line, kind)
+        self.shadow_offered_frames.labels(line)
+        self.shadow_frames.labels(line)
+        self.shadow_error.labels(line)
+        self.shadow_score_difference.labels(line)
+        self.shadow_sampled_ratio.labels(line).set(math.nan)
         self.latency.labels(line)
         self.score.labels(line)
         self.threshold.labels(line).set(decision.threshold if decision is not None else math.nan)
@@ -267,12 +354,59 @@ class Metrics:
     def set_ready(self, ready: bool) -> None:
         self.ready.labels(self.line).set(1 if ready else 0)
 
-    def set_model_info(self, labels: dict[str, str]) -> None:
-        self.model_info.labels(self.line).info({k: str(v) for k, v in labels.items()})
+    def set_model_info(self, labels: dict[str, str], role: str = "production") -> None:
+        self.model_info.labels(self.line, role).info({k: str(v) for k, v in labels.items()})
+
+    def clear_model_info(self, role: str) -> None:
+        """No model in ``role`` (a candidate dropped, a previous model unloaded)."""
+        with contextlib.suppress(KeyError):
+            self.model_info.remove(self.line, role)
+
+    def set_production(self, decision: Decision, drift: DriftMonitor | None) -> None:
+        """A promote or rollback: the operating point and drift windows of the new production model."""
+        self.threshold.labels(self.line).set(decision.threshold)
+        if drift is not None:
+            self.drift = drift
+
+    def model_loaded(self, ok: bool) -> None:
+        self.model_loads.labels(self.line, "loaded" if ok else "refused").inc()
+
+    def model_switched(self, action: str) -> None:
+        self.model_switches.labels(self.line, action).inc()
+
+    # -- shadow scoring ------------------------------------------------------------------------------------
+    def shadow_offered(self, n: int) -> None:
+        self.shadow_offered_frames.labels(self.line).inc(n)
+
+    def shadow_scored(self, diffs: Sequence[float]) -> None:
+        self.shadow_frames.labels(self.line).inc(len(diffs))
+        hist = self.shadow_score_difference.labels(self.line)
+        for d in diffs:
+            hist.observe(d)
+
+    def shadow_disagreements(self, kinds: Sequence[str]) -> None:
+        for kind in kinds:
+            self.shadow_disagreement.labels(self.line, kind).inc()
+
+    def shadow_errors(self, n: int) -> None:
+        self.shadow_error.labels(self.line).inc(n)
+
+    def shadow_share(self, share: float) -> None:
+        self.shadow_sampled_ratio.labels(self.line).set(share)
 
 
 if TYPE_CHECKING:  # mypy proves that the Prometheus metrics are what the stages report to
     _METRICS_ARE_A_SINK: type[MetricsSink] = Metrics
+
+
+class _Forward:
+    """A collector that collects whatever collector ``current`` returns at scrape time."""
+
+    def __init__(self, current: Callable[[], DriftMonitor]) -> None:
+        self._current = current
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._current().collect()
 
 
 class MetricsServer:

@@ -1,8 +1,9 @@
 """The frame path from admission to settled verdict: ledger → intake queue → batcher (+ preprocessing pool) →
 inference. Sources call :meth:`Pipeline.submit`; the publisher consumes :attr:`Pipeline.settled`.
 
-Threads: ``batcher``, ``inference`` (one per ``inference_workers``), ``deadline-watchdog`` and
-``preprocess_threads`` pool workers.
+Threads: ``batcher``, ``inference`` (one per ``inference_workers``), ``deadline-watchdog``, ``shadow`` and
+``preprocess_threads`` pool workers. The models the workers decide with are :attr:`Pipeline.models`
+(daemon/models.py): the start-up model is production; daemon/lifecycle.py loads, shadows and switches others.
 Everything is passed in, so replay (a folder source fed as fast as the pipeline takes it) and the benchmark
 reuse exactly this path, and tests hand in slow or failing backends.
 """
@@ -19,13 +20,15 @@ import numpy as np
 from daemon.batcher import BatchLimit, BatchQueue, BufferPool, MicroBatcher
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
-from daemon.inference import InferenceWorker, LoneFrameSession
+from daemon.inference import InferenceWorker
 from daemon.intake import IntakeQueue
 from daemon.ledger import Job, Ledger, Settled
 from daemon.logs import get_logger
 from daemon.metrics import MetricsSink
+from daemon.models import ModelSlots, ServedModel, backend_like, json_sha256
 from daemon.prep import DevicePreprocessing, FramePreprocessor
 from daemon.settings import Backpressure, ConfigError, Settings
+from daemon.shadow import ShadowScorer
 from daemon.types import Frame, Reason, Verdict
 from engine.backend import Backend
 from engine.preprocess import Preprocessor, device_preprocessor
@@ -46,17 +49,33 @@ class Pipeline:
     ) -> None:
         b, d = settings.batching, settings.deadlines
         self.settings = settings
-        self.decider = decider
         self.metrics = metrics
         self.clock = clock
         self.max_latency_s = d.max_latency_ms / 1000.0
-        self.ledger = Ledger(max_latency_s=self.max_latency_s, expire=self._expire, monotonic=clock.monotonic)
-        self.intake = IntakeQueue(b.queue_size)
-        self.layout = b.layout(
-            on_cpu=backend.on_cpu,
-            intra_op_threads=settings.model.intra_op_threads,
-            lone_frame_session=backend.with_threads(1) is not None,
+        self.ledger = Ledger(
+            max_latency_s=self.max_latency_s,
+            expire=self._expire,
+            monotonic=clock.monotonic,
+            restamp=self._restamp,
         )
+        self.layout = b.layout(on_cpu=backend.on_cpu, intra_op_threads=settings.model.intra_op_threads)
+        # One backend instance per inference worker: the injected one, and replicas of it (own session/context).
+        backends = [backend, *(backend_like(backend) for _ in range(1, self.layout.inference_workers))]
+        self.models = ModelSlots(
+            ServedModel(backend.package, decider.model_id, decider, backends, json_sha256(backend.package)),
+            ledger=self.ledger,
+        )
+        self.shadow = ShadowScorer(
+            self.models,
+            metrics,
+            settings.shadow,
+            capacity_short=self.capacity_short,
+            monotonic=clock.monotonic,
+        )
+        self._busy_lock = threading.Lock()
+        self._busy_at = (clock.monotonic(), 0.0)  # (when, the workers' busy seconds then)
+        self._busy_share = 0.0
+        self.intake = IntakeQueue(b.queue_size)
         # The one home of the batch size: batching.max_batch, capped at start-up (see _log_batch_cap).
         self.batch_limit = BatchLimit(b.max_batch)
         self.pool = BufferPool(
@@ -71,7 +90,7 @@ class Pipeline:
         self.device_stage = self._device_stage(settings, preprocessor, decider, metrics, clock)
         prep = FramePreprocessor(
             preprocessor,
-            decider,
+            self.models,  # fail-safe REJECTs name the model in production
             self.ledger,
             max_pixels=settings.decode.max_pixels,
             monotonic=clock.monotonic,
@@ -84,20 +103,16 @@ class Pipeline:
             if b.max_infer_share > 0 and settings.model.warmup
             else None
         )
-        n_workers = self.layout.inference_workers
         batches = BatchQueue(on_waiting=self.intake.wake)  # a free worker wakes the batcher
-        lone_backend = (
-            backend.with_threads(self.layout.lone_frame_threads) if self.layout.lone_frame_threads else None
-        )
-        self.lone = LoneFrameSession(lone_backend, batches, n_workers) if lone_backend is not None else None
         self.workers = [
             InferenceWorker(
-                backend if i == 0 else replica(backend),
+                self.models,
+                i,
                 batches,
                 self.pool,
                 self.ledger,
-                decider,
                 metrics,
+                shadow=self.shadow,
                 batch_limit=self.batch_limit,
                 monotonic=clock.monotonic,
                 failures_not_ready=d.engine_failures_not_ready,
@@ -105,11 +120,10 @@ class Pipeline:
                 batch_budget_s=self._batch_budget_s if i == 0 else None,
                 batch_lines=settings.logging.batch_lines,
                 name="inference" if i == 0 else f"inference-{i}",
-                lone=self.lone,
             )
-            for i in range(n_workers)
+            for i in range(self.layout.inference_workers)
         ]
-        self.worker = self.workers[0]  # owns the injected backend; the others run replicas of it
+        self.worker = self.workers[0]  # runs the injected backend; the others run replicas of it
         self.batcher = MicroBatcher(
             self.intake,
             self.pool,
@@ -151,6 +165,16 @@ class Pipeline:
         )
 
     @property
+    def decider(self) -> Decider:
+        """Production's decider (its operating point and gauges)."""
+        return self.models.production.decider
+
+    @property
+    def budget_s(self) -> float | None:
+        """Inference time one batch may take (batching.max_infer_share × the deadline); None = no cap."""
+        return self._batch_budget_s
+
+    @property
     def max_batch(self) -> int:
         """The largest batch the pipeline forms: ``batching.max_batch``, or the cap found at start-up."""
         return self.batch_limit.value
@@ -165,14 +189,14 @@ class Pipeline:
         self.metrics.frame_received(frame.source)
         job = self.ledger.admit(frame)
         if frame.error is not None:
-            self.ledger.settle(job, self.decider.reject(frame, Reason.DECODE_ERROR, {"error": frame.error}))
+            self.ledger.settle(job, self.models.reject(frame, Reason.DECODE_ERROR, {"error": frame.error}))
             return
         refused = self.intake.put(job, policy)
         if refused is not None:
             reason = Reason.SHUTDOWN if self.intake.closed else Reason.OVERLOAD
             detail = {"policy": policy.value, "queue_size": self.intake.maxsize}
             # Not logged per frame (an overload refuses thousands): the publisher logs a summary per heartbeat.
-            self.ledger.settle(refused, self.decider.reject(refused.frame, reason, detail))
+            self.ledger.settle(refused, self.models.reject(refused.frame, reason, detail))
 
     def wait_for_room(self, timeout: float) -> bool:
         return self.intake.wait_for_room(timeout)
@@ -190,14 +214,7 @@ class Pipeline:
         self._log_batch_cap()
         for worker in self.workers[1:]:
             worker.start(warmup_timeout_s)
-        if self.lone is not None:
-            try:  # entered here; the workers share it. Without it lone frames are only slower.
-                self.lone.open(warmup=self.settings.model.warmup)
-            except Exception as exc:
-                self.lone.broken = True
-                log.warning(
-                    "lone-frame session could not be opened; not used", error=f"{type(exc).__name__}: {exc}"
-                )
+        self.shadow.start()
         self.batcher.start()
 
     def _log_batch_cap(self) -> None:
@@ -253,12 +270,13 @@ class Pipeline:
                 "pipeline did not drain in time; remaining frames get REJECT shutdown", timeout_s=timeout
             )
         left = self.ledger.settle_all(Reason.SHUTDOWN)
-        if self.lone is not None and finished:
-            self.lone.close()
         self.ledger.stop()
         self.ledger.close()
         if self.executor is not None:
             self.executor.shutdown(wait=finished, cancel_futures=True)
+        idle = self.shadow.stop(max(0.5, end - self.clock.monotonic()))
+        if finished and idle:  # no batch (and no shadow batch) runs: the backends can go
+            self.models.close()
         return left
 
     def threads_alive(self) -> bool:
@@ -272,6 +290,23 @@ class Pipeline:
         """Every inference worker warmed up and not failing batch after batch."""
         return all(w.healthy for w in self.workers)
 
+    def busy_share(self) -> float:
+        """The share of the last half second (at least) the inference workers spent deciding batches, 0…1."""
+        with self._busy_lock:
+            now, busy = self.clock.monotonic(), sum(w.busy_s for w in self.workers)
+            t0, busy0 = self._busy_at
+            if now - t0 >= 0.5:
+                self._busy_share = min(1.0, (busy - busy0) / ((now - t0) * len(self.workers)))
+                self._busy_at = (now, busy)
+            return self._busy_share
+
+    def capacity_short(self) -> bool:
+        """Production is at the machine's limit (shadow scoring then yields: daemon/shadow.py)."""
+        s = self.settings.shadow
+        if s.yield_backlog and len(self.intake) >= s.yield_backlog:
+            return True
+        return self.busy_share() >= s.yield_busy
+
     def queue_depths(self) -> dict[str, int]:
         return {
             "intake": len(self.intake),
@@ -281,9 +316,7 @@ class Pipeline:
 
     def _expire(self, job: Job, reason: Reason) -> Verdict:
         detail = self._deadline_detail if reason is Reason.DEADLINE else None
-        return self.decider.reject(job.frame, reason, detail)
+        return self.models.reject(job.frame, reason, detail)
 
-
-def replica(backend: Backend) -> Backend:
-    """Another instance of ``backend`` (its own session/context) for another inference worker."""
-    return type(backend)(backend.package, max_batch=backend.max_batch, options=backend.options)
+    def _restamp(self, verdict: Verdict) -> Verdict:
+        return self.models.restamp(verdict)

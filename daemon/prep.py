@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from daemon.decision import Decider
+from daemon.decision import Rejecter
 from daemon.drift import PartImage
 from daemon.image_policy import InputRejected, check_complete, sniff
 from daemon.ledger import Job, Ledger
 from daemon.logs import get_logger
 from daemon.types import Reason
 from engine.drift import brightness_contrast
-from engine.gauges import check
 from engine.pose import PoseError, PoseParams, estimate_pose
 from engine.preprocess import DecodeError, Preprocessor, decode, to_gray8
 
@@ -40,7 +39,7 @@ class FramePreprocessor:
     def __init__(
         self,
         preprocessor: Preprocessor,
-        decider: Decider,
+        decider: Rejecter,
         ledger: Ledger,
         *,
         max_pixels: int,
@@ -80,8 +79,9 @@ class FramePreprocessor:
             if self._gauges is not None:
                 # Measure every part when the package has gauges, even without a pose crop: a part that
                 # cannot be measured must not pass a gauge (PoseError → REJECT no_part / pose_error below).
+                # The bands are checked by the model that decides the batch (daemon.inference): a gauges-only
+                # model change applies from one batch to the next, like any other.
                 pose = estimate_pose(gray, self._pose_params)
-                job.violations = tuple(check(pose.measurements, self._gauges))
             if self._on_device:
                 crop_pose = pose if self._pose_crop else None
                 if self._crop_pose is not None and crop_pose is None:
@@ -135,7 +135,7 @@ class DevicePreprocessing:
     def __init__(
         self,
         device_preprocessor: Any,
-        decider: Decider,
+        decider: Rejecter,
         ledger: Ledger,
         *,
         monotonic: Callable[[], float],

@@ -3,7 +3,8 @@
 With ``security.*`` configured, both sockets are CURVE servers holding the daemon's secret key, and a ZAP
 handler (pyzmq's :class:`~zmq.auth.thread.ThreadAuthenticator`) admits only clients whose public key is in
 the directory configured for that socket: cameras may push frames, line controllers may subscribe, and a
-camera key cannot read verdicts (two ZAP domains). ``ZAP_ENFORCE_DOMAIN`` makes libzmq refuse every client
+camera key cannot read verdicts (two ZAP domains). With ``security.control_clients`` the control socket
+(``inspectd model …``) is a CURVE server too, in a third domain: only operator keys may change the model. ``ZAP_ENFORCE_DOMAIN`` makes libzmq refuse every client
 when the handler is gone, so a dead authenticator fails closed instead of open.
 
 Key files are the zmq.auth certificate format (``NAME.key`` public, ``NAME.key_secret`` secret), written by
@@ -12,7 +13,6 @@ Key files are the zmq.auth certificate format (``NAME.key`` public, ``NAME.key_s
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -28,11 +28,12 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from daemon.logs import get_logger
 from daemon.settings import SecuritySettings
+from daemon.settings import is_loopback as is_loopback  # re-exported: where it was first defined
 
 log = get_logger(__name__)
 
 # One ZAP domain per socket, so each socket admits its own set of client keys.
-DOMAINS = {"camera": "inspectd-camera", "publisher": "inspectd-verdicts"}
+DOMAINS = {"camera": "inspectd-camera", "publisher": "inspectd-verdicts", "control": "inspectd-control"}
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -79,6 +80,8 @@ class CurveServer:
             "camera": (Path(settings.camera_clients), "security.camera_clients"),
             "publisher": (Path(settings.subscriber_clients), "security.subscriber_clients"),
         }
+        if settings.control_clients is not None:  # operators allowed on the control socket
+            self._dirs["control"] = (Path(settings.control_clients), "security.control_clients")
         self.allowed = {name: allowed_keys(d, setting) for name, (d, setting) in self._dirs.items()}
         self._auth: ThreadAuthenticator | None = None
 
@@ -89,6 +92,10 @@ class CurveServer:
         for name, (directory, _) in self._dirs.items():
             auth.configure_curve(domain=DOMAINS[name], location=str(directory))
         self._auth = auth
+
+    def covers(self, name: str) -> bool:
+        """Whether socket ``name`` has a list of allowed client keys (the control socket only when configured)."""
+        return name in self._dirs
 
     def apply(self, sock: zmq.Socket[Any], name: str) -> None:
         """Make ``sock`` a CURVE server in ``name``'s ZAP domain. Must run before bind."""
@@ -144,16 +151,3 @@ def generate_keys(directory: Path, name: str, *, force: bool = False) -> tuple[P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return public, secret
-
-
-def is_loopback(endpoint: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// endpoints bound to a loopback address or ``localhost``."""
-    if not endpoint.startswith("tcp://"):
-        return True
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: reachable from elsewhere

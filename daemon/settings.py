@@ -10,6 +10,7 @@ explicitly, outside the model).
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import re
 import tomllib
@@ -62,6 +63,19 @@ def _check_endpoint(value: str) -> str:
     if not _ENDPOINT.match(value):
         raise ValueError(f"{value!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH)")
     return value
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// endpoints bound to a loopback address or ``localhost``."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: reachable from elsewhere
 
 
 class _Section(BaseModel):
@@ -136,6 +150,9 @@ class ModelSettings(_Section):
     warmup: bool = True  # run every batch size once before READY
     verify_sha256: bool = True  # refuse a package whose model.onnx does not match model.json
     watch_s: float = Field(default=5.0, ge=0)  # how often to check the package on disk for changes; 0 = off
+    # What a change of the package on disk leads to: "log" (a warning and a metric only), "load" (load it as
+    # the candidate: verified, warmed up, never promoted by itself), "shadow" (load it and shadow-score it).
+    watch_action: Literal["log", "load", "shadow"] = "log"
 
     @field_validator("options")
     @classmethod
@@ -181,14 +198,12 @@ class ThreadLayout:
     buffers: int
     preprocess_threads: int
     cores: int
-    lone_frame_threads: int = 0  # 0: no lone-frame session
 
     def describe(self) -> dict[str, int]:
         return {
             "inference_workers": self.inference_workers,
             "buffers": self.buffers,
             "preprocess_threads": self.preprocess_threads,
-            "lone_frame_threads": self.lone_frame_threads,
             "cores": self.cores,
         }
 
@@ -207,11 +222,6 @@ class BatchingSettings(_Section):
     # backend one single-threaded session (model.intra_op_threads = 1) per core, at most AUTO_CPU_WORKERS (N
     # sessions use N cores without intra-op barriers: docs/benchmarks.md); on a GPU backend one.
     inference_workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
-    # A frame that finds every other worker idle is inferred by one more session with this many intra-op
-    # threads, shared by the workers (ONNX Runtime on the CPU only): a lone frame uses every core instead of
-    # one. "auto" = the cores, when the workers' sessions use fewer; 0 = off, the default: a multi-threaded
-    # session stalls whenever another thread takes one of its cores (docs/benchmarks.md).
-    lone_frame_threads: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = 0
     # At start-up the batch size is capped to the largest one (of 1, 2, 4, … max_batch) whose warm-up inference
     # takes at most this share of deadlines.max_latency_ms: a frame may wait for the batch in flight and then
     # run in its own, so two of them must fit. 0 = always max_batch. Needs model.warmup.
@@ -240,12 +250,10 @@ class BatchingSettings(_Section):
         on_cpu: bool,
         intra_op_threads: int = 1,
         cores: int | None = None,
-        lone_frame_session: bool = False,
     ) -> ThreadLayout:
         """The thread layout for a backend that computes on the CPU (``on_cpu``) or not, on ``cores`` cores
         (default: the ones this process may run on). An explicit value is kept; "auto" workers never need
-        more buffers than explicit ``buffers`` allow. ``lone_frame_session``: the backend can open a session
-        with its own thread count (ONNX Runtime on the CPU)."""
+        more buffers than explicit ``buffers`` allow."""
         n = cores if cores is not None else len(os.sched_getaffinity(0))
         per_session = intra_op_threads if intra_op_threads > 0 else n  # 0: ONNX Runtime's choice, all
         if isinstance(self.inference_workers, int):
@@ -259,13 +267,7 @@ class BatchingSettings(_Section):
             buffers = self.buffers
         else:
             buffers = workers + 2
-        if not lone_frame_session:
-            lone = 0
-        elif isinstance(self.lone_frame_threads, int):
-            lone = self.lone_frame_threads
-        else:
-            lone = n if per_session < n else 0
-        return ThreadLayout(workers, buffers, self.preprocess_threads, n, lone if lone > 1 else 0)
+        return ThreadLayout(workers, buffers, self.preprocess_threads, n)
 
 
 class DeadlineSettings(_Section):
@@ -337,6 +339,9 @@ class SecuritySettings(_Section):
     server_secret_key: Path | None = None  # the daemon's secret certificate (``NAME.key_secret``)
     camera_clients: Path | None = None  # directory of camera public keys allowed to push frames
     subscriber_clients: Path | None = None  # directory of line-controller public keys allowed to subscribe
+    # Directory of operator public keys allowed on the control socket (``inspectd model …``); makes it a CURVE
+    # server too. Needs the three above. Unset: the control socket must be loopback or ipc:// (not CURVE).
+    control_clients: Path | None = None
 
     @property
     def curve(self) -> bool:
@@ -351,7 +356,43 @@ class SecuritySettings(_Section):
         if any(given.values()) and not all(given.values()):
             missing = [f"security.{k}" for k, v in given.items() if not v]
             raise ValueError(f"CURVE needs all three security keys; missing {', '.join(missing)}")
+        if self.control_clients is not None and not self.curve:
+            raise ValueError(
+                "security.control_clients needs CURVE: set security.server_secret_key (and the rest)"
+            )
         return self
+
+
+class ControlSettings(_Section):
+    """The local control socket (ZeroMQ REP, JSON requests): ``inspectd model load|status|shadow|promote|
+    rollback|drop``. Loopback or ipc:// only, unless ``security.control_clients`` makes it a CURVE server."""
+
+    enabled: bool = True
+    # tcp://127.0.0.1:* = ephemeral (tests, bench: the ready line says where). A station should prefer an ipc://
+    # path in the unit's RuntimeDirectory (/run/inspectd): then the file's permissions say who may control.
+    endpoint: str = "tcp://127.0.0.1:5557"
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)  # larger → the client is dropped by ZeroMQ
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class ShadowSettings(_Section):
+    """Shadow scoring of a candidate model beside production (daemon/shadow.py)."""
+
+    # A shadowed frame whose candidate score differs from production's by more than this (same verdict) is a
+    # "score" disagreement; a PASS↔REJECT flip is one whatever the scores.
+    score_tolerance: float = Field(default=0.1, gt=0, le=1)
+    # Batches waiting for the candidate; when full, the newest batch is not shadowed (the sampled share shows it).
+    queue_batches: int = Field(default=4, ge=1, le=1024)
+    # Production first: while production is at the machine's limit — its inference workers busy this share of
+    # the last half second or more, or yield_backlog frames waiting in the intake queue — no batch is shadowed and
+    # no queued one started. yield_busy = 1 and yield_backlog = 0: never yield (only a full queue skips).
+    yield_busy: float = Field(default=0.75, gt=0, le=1)
+    yield_backlog: int = Field(default=8, ge=0)
+    nice: int = Field(default=10, ge=0, le=19)  # the shadow thread's CPU priority below production's (Linux)
+    audit: bool = (
+        True  # keep disagreeing frames, with both verdicts, in the audit archive (when audit.enabled)
+    )
 
 
 class MetricsSettings(_Section):
@@ -431,14 +472,34 @@ class Settings(LineSettings):
     publisher: PublisherSettings = PublisherSettings()
     audit: AuditSettings = AuditSettings()
     security: SecuritySettings = SecuritySettings()
+    control: ControlSettings = ControlSettings()
+    shadow: ShadowSettings = ShadowSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
     def _distinct_endpoints(self) -> Settings:
-        cam = self.sources.camera
-        if cam.enabled and cam.endpoint == self.publisher.endpoint and not cam.endpoint.endswith(":*"):
-            raise ValueError(f"sources.camera.endpoint and publisher.endpoint are both {cam.endpoint}")
+        bound = [("publisher.endpoint", self.publisher.endpoint)]
+        if self.sources.camera.enabled:
+            bound.append(("sources.camera.endpoint", self.sources.camera.endpoint))
+        if self.control.enabled:
+            bound.append(("control.endpoint", self.control.endpoint))
+        for i, (key, endpoint) in enumerate(bound):
+            for other, endpoint2 in bound[i + 1 :]:
+                if endpoint == endpoint2 and not endpoint.endswith(":*"):
+                    raise ValueError(f"{other} and {key} are both {endpoint}")
+        return self
+
+    @model_validator(mode="after")
+    def _control_not_exposed(self) -> Settings:
+        # The control socket changes the model that decides every part: never reachable from the network
+        # without CURVE and a list of allowed operator keys.
+        c = self.control
+        if c.enabled and self.security.control_clients is None and not is_loopback(c.endpoint):
+            raise ValueError(
+                f"control.endpoint {c.endpoint} is reachable from the network without CURVE: use ipc:// or a "
+                "loopback address, or set security.control_clients (with the other security keys)"
+            )
         return self
 
 

@@ -1,10 +1,16 @@
-"""Notice the model package being replaced on disk while the daemon serves the one it loaded at start.
+"""Notice the model package being replaced on disk while the daemon serves, and (when asked) load it.
 
-The daemon keeps serving what it loaded (and verified): a deployment that copies a new package over the old
-one must not change verdicts half-way through a shift, and a half-copied file must not crash anything. What
-it does is say so: a warning log line naming both models, ``inspectd_model_package_changed`` = 1 while the
-package on disk differs from the one served, and ``inspectd_model_package_changes_total``. Restart the daemon
-to serve the new package (hot reload is later work).
+What production decides with never changes because a file changed: a deployment that copies a new package
+over the old one must not change verdicts half-way through a shift, and a half-copied file must not crash
+anything. What the watcher does, by ``model.watch_action``:
+
+- ``log`` (the default): say so. A warning naming the model in production and the state on disk,
+  ``inspectd_model_package_changed`` = 1 while the package on disk differs from production's, and
+  ``inspectd_model_package_changes_total``.
+- ``load`` / ``shadow``: that too, and once the package on disk is consistent (its ``model.onnx`` matches its
+  ``model.json``) load it as the candidate, beside production (daemon/lifecycle.py: verified, checked and warmed
+  up; with ``shadow`` it then shadow-scores production's frames). Promoting it stays an operator's decision
+  (``inspectd model promote``). A package that is refused is not tried again until it changes again.
 
 A cheap ``stat`` of ``model.onnx`` and ``model.json`` (following a ``current -> v7`` symlink) every
 ``model.watch_s``; only when that changes are the files hashed, on this thread, never on the verdict path.
@@ -15,17 +21,20 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from daemon.logs import get_logger
-from engine.package import META_NAME, ONNX_NAME, ModelPackage, sha256_file
+from daemon.models import LoadInProgress, ModelError
+from engine.package import META_NAME, ONNX_NAME, sha256_file
 
 log = get_logger(__name__)
 
 _Stat = tuple[int, int, int, int] | None  # (device, inode, size, mtime_ns) or None when missing
+Served = tuple[str, str, str]  # production's (ONNX sha256, model.json sha256, model id)
 
 
 def _stat(path: Path) -> _Stat:
@@ -45,21 +54,31 @@ def _sha_or_none(path: Path) -> str | None:
 
 class PackageWatcher:
     def __init__(
-        self, package: ModelPackage, registry: CollectorRegistry, line: str, *, interval_s: float
+        self,
+        directory: Path,
+        served: Callable[[], Served],
+        registry: CollectorRegistry,
+        line: str,
+        *,
+        interval_s: float,
+        on_new: Callable[[Path], None] | None = None,
     ) -> None:
-        self.package = package
+        """``served``: what production is now; ``on_new``: load a consistent new package in ``directory`` (a
+        ModelError means refused; LoadInProgress: try again at the next look)."""
+        self.directory = Path(directory)
         self.interval_s = interval_s
         self.line = line
-        self._onnx, self._meta = package.directory / ONNX_NAME, package.directory / META_NAME
-        # What is being served: the ONNX digest model.json vouched for at load (verified unless
-        # model.verify_sha256 is off), and model.json's own bytes as they are now, just after the load.
-        self._served_onnx = package.meta.onnx_sha256 or _sha_or_none(self._onnx)
-        self._served_meta = _sha_or_none(self._meta)
-        self._fingerprint = self._stats()
+        self._served = served
+        self._on_new = on_new
+        self._onnx, self._meta = self.directory / ONNX_NAME, self.directory / META_NAME
+        onnx_sha, json_sha, _ = served()
+        self._disk: tuple[str | None, str | None] = (onnx_sha, json_sha)  # as loaded at start
+        self._offered: tuple[str | None, str | None] = self._disk  # the last state handed to on_new
+        self._fingerprint: tuple[_Stat, _Stat] | None = self._stats()
         self.changed = False
         self.changed_gauge = Gauge(
             "inspectd_model_package_changed",
-            "1 while the model package on disk differs from the one being served (restart to load it).",
+            "1 while the model package on disk differs from the one in production.",
             ["line"],
             registry=registry,
         )
@@ -91,29 +110,45 @@ class PackageWatcher:
             try:
                 self.check()
             except Exception:  # never take the daemon down over a check that only informs
-                log.exception("model package check failed", path=str(self.package.directory))
+                log.exception("model package check failed", path=str(self.directory))
 
     def check(self) -> bool:
-        """One look at the package on disk; True when it differs from the one being served."""
+        """One look at the package on disk; True when it differs from production's."""
         fingerprint = self._stats()
-        if fingerprint == self._fingerprint:
-            return self.changed
-        self._fingerprint = fingerprint
-        onnx_sha, meta_sha = _sha_or_none(self._onnx), _sha_or_none(self._meta)
-        changed = onnx_sha != self._served_onnx or meta_sha != self._served_meta
-        if changed:
+        seen = fingerprint != self._fingerprint
+        if seen:
+            self._fingerprint = fingerprint
+            self._disk = (_sha_or_none(self._onnx), _sha_or_none(self._meta))
+        onnx_sha, json_sha, model_id = self._served()
+        changed = self._disk != (onnx_sha, json_sha)
+        if seen and changed:
             self.changes.labels(self.line).inc()
+            on_disk = self._describe_on_disk(self._disk[0])
             log.warning(
-                "model package changed on disk; still serving the model loaded at start (restart to load it)",
-                path=str(self.package.directory),
-                serving=self.package.meta.model_id,
-                on_disk=self._describe_on_disk(onnx_sha),
+                "model package changed on disk; production unchanged"
+                + ("" if self._on_new else " (inspectd model load DIR, or model.watch_action = load)"),
+                path=str(self.directory),
+                serving=model_id,
+                on_disk=on_disk,
             )
-        elif self.changed:
-            log.info("model package on disk is the served one again", path=str(self.package.directory))
+            if self._on_new is not None and on_disk["state"] == "consistent" and self._disk != self._offered:
+                self._load()
+        elif seen and self.changed:
+            log.info("model package on disk is the served one again", path=str(self.directory))
         self.changed = changed
         self.changed_gauge.labels(self.line).set(1 if changed else 0)
         return changed
+
+    def _load(self) -> None:
+        assert self._on_new is not None
+        try:
+            self._on_new(self.directory)
+        except LoadInProgress:
+            self._fingerprint = None  # look again next time
+            return
+        except ModelError:
+            pass  # refused (logged by the lifecycle): not tried again until the package changes
+        self._offered = self._disk
 
     def _describe_on_disk(self, onnx_sha: str | None) -> dict[str, Any]:
         """What is there now, including whether it is even a consistent package (a copy may be half done)."""

@@ -106,11 +106,6 @@ class Backend(abc.ABC):
         """Whether inference runs on this machine's CPU cores (the daemon's thread layout follows it)."""
         return True
 
-    def with_threads(self, threads: int, max_batch: int = 1) -> Backend | None:
-        """Another, not yet entered instance of this backend computing on ``threads`` CPU threads, or None
-        when this backend has no such setting (the daemon's lone-frame session)."""
-        return None
-
     def describe(self) -> dict[str, str]:
         """Labels for ``inspectd_model_info`` and logs."""
         return {"backend": self.name, "precision": self.precision, "model": self.package.meta.model_id}

@@ -38,6 +38,10 @@ class PackageError(ValueError):
     """A model package that cannot be served; the message says which file/field and why."""
 
 
+class IntegrityError(PackageError):
+    """The package's ``model.onnx`` is not the file its ``model.json`` vouches for (or it vouches for none)."""
+
+
 class Call(IntEnum):
     """What the operating point says about a score (the daemon turns it into a verdict and its reason)."""
 
@@ -297,9 +301,9 @@ def load_package(directory: str | Path, *, verify: bool = True) -> ModelPackage:
     if verify:
         actual = sha256_file(onnx_path)
         if not meta.onnx_sha256:
-            raise PackageError(f"{meta_path} has no onnx_sha256; refusing an unverifiable package")
+            raise IntegrityError(f"{meta_path} has no onnx_sha256; refusing an unverifiable package")
         if actual != meta.onnx_sha256:
-            raise PackageError(
+            raise IntegrityError(
                 f"{onnx_path} sha256 {actual[:16]}… does not match model.json onnx_sha256 "
                 f"{meta.onnx_sha256[:16]}…; the package was modified or is incomplete"
             )

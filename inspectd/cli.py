@@ -17,6 +17,10 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("daemon.commands.serve", "run the inspection daemon"),
     "check-config": ("daemon.commands.check_config", "validate the configuration and print it"),
+    "model": (
+        "daemon.commands.model",
+        "change a running daemon's model: load, shadow, promote, roll back (no restart)",
+    ),
     "camera": ("tools.commands.camera", "simulated camera: push frames to the daemon"),
     "watch": ("tools.commands.watch", "print verdicts live and report gaps"),
     "plc-bridge": (

@@ -135,7 +135,7 @@ class RunResult:
 def replay_settings(settings: Settings, *, metrics_port: int | None = None) -> Settings:
     """The station's settings, minus what a replay must not share with a daemon running beside it: its own
     loopback verdict socket (no CURVE: only this process subscribes), no sources, no audit archive, metrics
-    only on request, and one model for the whole replay (no package watching)."""
+    only on request, and one model for the whole replay (no package watching, no control socket)."""
     return settings.model_copy(
         update={
             "model": settings.model.model_copy(update={"watch_s": 0.0}),
@@ -150,6 +150,7 @@ def replay_settings(settings: Settings, *, metrics_port: int | None = None) -> S
                 update={"endpoint": "tcp://127.0.0.1:*", "heartbeat_ms": 100.0}
             ),
             "audit": settings.audit.model_copy(update={"enabled": False}),
+            "control": settings.control.model_copy(update={"enabled": False}),
             "metrics": settings.metrics.model_copy(
                 update={"enabled": metrics_port is not None, "port": metrics_port or 0}
             ),

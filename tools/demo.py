@@ -177,6 +177,7 @@ def daemon_settings(cfg: DemoConfig, package: Path) -> Settings:
         "model": {"path": str(package), "intra_op_threads": 1},
         "sources": {"camera": {"endpoint": "tcp://127.0.0.1:*"}},
         "publisher": {"endpoint": "tcp://127.0.0.1:*"},
+        "control": {"enabled": False},  # one model for the demo
         "metrics": {"host": "127.0.0.1", "port": port},
         "batching": {"preprocess_threads": 1},
         "logging": {"format": "json", "level": "WARNING"},

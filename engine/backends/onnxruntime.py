@@ -107,12 +107,6 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(str(exc)) from None
         return path
 
-    def with_threads(self, threads: int, max_batch: int = 1) -> OnnxRuntimeBackend | None:
-        if self.device != "cpu" or self.options.providers is not None:
-            return None
-        options = self.options.model_copy(update={"intra_op_threads": threads})
-        return OnnxRuntimeBackend(self.package, max_batch=max_batch, options=options)
-
     def _open(self) -> None:
         import onnxruntime as ort
 

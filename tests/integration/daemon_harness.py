@@ -74,6 +74,7 @@ def daemon_settings(model_dir: Path | None, **overrides: Any) -> Settings:
         "model": {"path": str(model_dir) if model_dir else None, "intra_op_threads": 1},
         "sources": {"camera": {"endpoint": EPHEMERAL}},
         "publisher": {"endpoint": EPHEMERAL, "heartbeat_ms": 50, "linger_ms": 1000},
+        "control": {"endpoint": EPHEMERAL},
         "metrics": {"port": 0},
         # One inference worker unless a test asks for the automatic layout: a test that injects a backend
         # scripts that one instance, and replicas of it would not follow the script.

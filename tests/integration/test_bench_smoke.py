@@ -116,3 +116,52 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
     text = md.read_text()
     assert "**Headline**" in text and "| machine limit (fp32, raw) |" in text
     assert text in capsys.readouterr().out  # the same tables are printed
+
+
+@pytest.mark.timeout(240)
+def test_bench_shadow_reports_the_cost_of_shadow_scoring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny_package(tmp_path / "pkg", input_size=(64, 64))
+    out = tmp_path / "shadow.json"
+    rc = main(
+        [
+            "bench",
+            "--shadow-only",
+            "--model",
+            str(tmp_path / "pkg"),
+            "--count",
+            "2",
+            "--seconds",
+            "1",
+            "--shadow-rate",
+            "10",
+            "--max-batch",
+            "2",
+            "--deadline-ms",
+            "2000",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    s = json.loads(out.read_text())["shadow"]
+    assert "error" not in s and s["exit_code"] == 0 and s["seq_gaps"] == 0
+    assert s["candidate"].startswith("tiny-shadow@")
+    for phase in ("without", "with"):
+        for kind in ("rate", "saturation"):
+            p = s[phase][kind]
+            assert p["sent"] > 0 and p["core_ms_per_frame"] is not None and p["core_ms_per_frame"] >= 0
+    # Without a candidate nothing is offered; with one, what it scored is a share of what production decided.
+    assert s["without"]["rate"]["offered"] == 0 and s["without"]["saturation"]["sampled_share"] is None
+    w = s["with"]
+    assert w["rate"]["offered"] > 0 and 0 <= w["rate"]["scored"] <= w["rate"]["offered"]
+    assert 0.0 <= s["sampled_share_at_saturation"] <= 1.0
+    assert s["sampled_share_at_saturation"] == w["saturation"]["sampled_share"]
+    assert s["shadow_core_ms_per_frame"] == round(
+        w["rate"]["core_ms_per_frame"] - s["without"]["rate"]["core_ms_per_frame"], 2
+    )
+    assert "shadow_thread_core_ms_per_frame" in s  # None only if it never scored (yielding all along)
+    text = capsys.readouterr().out
+    assert "**Shadow scoring**" in text and "sampled share at saturation" in text

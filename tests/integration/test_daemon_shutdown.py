@@ -42,6 +42,8 @@ endpoint = "tcp://127.0.0.1:*"
 [publisher]
 endpoint = "tcp://127.0.0.1:*"
 heartbeat_ms = 50
+[control]
+endpoint = "tcp://127.0.0.1:*"
 [metrics]
 port = 0
 [batching]

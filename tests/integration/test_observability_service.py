@@ -128,6 +128,7 @@ def test_serve_speaks_sd_notify_and_stops_cleanly_on_sigterm(tmp_path: Path) -> 
         "INSPECTD_AUDIT__PATH": str(tmp_path / "audit"),
         "INSPECTD_SOURCES__CAMERA__ENDPOINT": EPHEMERAL,
         "INSPECTD_PUBLISHER__ENDPOINT": EPHEMERAL,
+        "INSPECTD_CONTROL__ENDPOINT": EPHEMERAL,  # the example's is an ipc path under the unit's /run/inspectd
         "INSPECTD_METRICS__PORT": str(metrics_port),
         "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
         "WATCHDOG_USEC": str(int(watchdog_s * 1e6)),

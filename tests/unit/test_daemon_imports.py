@@ -13,6 +13,7 @@ def test_daemon_modules_import_without_torch_or_training() -> None:
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None\n"
         "import daemon.app, daemon.commands.serve, daemon.commands.check_config, daemon.commands.keys\n"
+        "import daemon.commands.model, daemon.control, daemon.lifecycle, daemon.loading, daemon.shadow\n"
         "import daemon.sources.folder, daemon.sources.camera, engine.backends.onnxruntime\n"
         "import tools.commands.camera, tools.commands.watch, tools.camera_sim, tools.demo, tools.synth\n"
         "import replay.command, replay.runner, replay.selection, replay.output, replay.report_html\n"

@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from daemon.pipeline import Pipeline, replica
+from daemon.models import backend_like
+from daemon.pipeline import Pipeline
 from daemon.settings import AUTO_CPU_WORKERS, Backpressure, BatchingSettings, Settings
 from daemon.types import Frame, Reason
 from engine.backend import Backend, BackendOptions
@@ -137,7 +138,7 @@ def test_auto_thread_layout(
 
 def test_replica_is_a_fresh_backend_with_the_same_package_batch_and_options(package: ModelPackage) -> None:
     b = SlowBackend(package, max_batch=4, options={"delay_s": 0.5})
-    r = replica(b)
+    r = backend_like(b)
     assert type(r) is SlowBackend and r is not b
     assert (r.package, r.max_batch, r.options) == (b.package, 4, SlowOptions(delay_s=0.5))
     assert r.options is b.options  # frozen: shared, never copied

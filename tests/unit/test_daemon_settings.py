@@ -25,6 +25,30 @@ def test_defaults_match_the_issue() -> None:
     assert (s.metrics.host, s.metrics.port) == ("127.0.0.1", 9108)
     assert s.sources.camera.backpressure is Backpressure.REJECT_NEWEST
     assert s.sources.folder.backpressure is Backpressure.BLOCK
+    # issue 15: a control socket on loopback beside the other two; the package watcher only logs by default
+    assert (s.control.enabled, s.control.endpoint) == (True, "tcp://127.0.0.1:5557")
+    assert s.model.watch_action == "log"
+
+
+def test_control_may_listen_on_the_network_only_with_curve(tmp_path: Path) -> None:
+    keys = {name: tmp_path / name for name in ("server.key_secret", "cams", "plcs", "operators")}
+    security = {
+        "server_secret_key": str(keys["server.key_secret"]),
+        "camera_clients": str(keys["cams"]),
+        "subscriber_clients": str(keys["plcs"]),
+    }
+    with pytest.raises(ConfigError, match="control.endpoint tcp://10.0.0.5:5557 is reachable"):
+        load_settings(None, {"control": {"endpoint": "tcp://10.0.0.5:5557"}, "security": security})
+    s = load_settings(
+        None,
+        {
+            "control": {"endpoint": "tcp://10.0.0.5:5557"},
+            "security": {**security, "control_clients": str(keys["operators"])},
+        },
+    )
+    assert s.security.control_clients == keys["operators"]
+    for local in ("ipc:///run/inspectd/control.sock", "tcp://localhost:5557", "tcp://[::1]:5557"):
+        assert load_settings(None, {"control": {"endpoint": local}}).control.endpoint == local
 
 
 def test_precedence_override_over_env_over_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,6 +74,15 @@ def test_precedence_override_over_env_over_toml(tmp_path: Path, monkeypatch: pyt
         ("line = 'a b'\n", "line id 'a b'"),
         ("[batching]\nmax_batch = 0\n", "batching.max_batch"),
         ("[metrics]\ndrift_window = 50\n", "metrics: Value error, metrics.drift_min_parts"),
+        # issue 15: the control socket changes the model, so it never listens on the network without CURVE
+        ("[control]\nendpoint = 'tcp://0.0.0.0:5557'\n", "control.endpoint tcp://0.0.0.0:5557 is reachable"),
+        (
+            "[control]\nendpoint = 'tcp://127.0.0.1:5556'\n",
+            "control.endpoint and publisher.endpoint are both",
+        ),
+        ("[security]\ncontrol_clients = '/etc/inspectd/operators'\n", "security.control_clients needs CURVE"),
+        ("[model]\nwatch_action = 'promote'\n", "model.watch_action"),
+        ("[shadow]\nscore_tolerance = 0\n", "shadow.score_tolerance"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, toml: str, key: str) -> None:
@@ -194,6 +227,7 @@ def test_options_that_bypassed_loading_fail_start_up_as_a_configuration_error(tm
             "model": {"path": str(tmp_path / "pkg")},
             "sources": {"camera": {"endpoint": "tcp://127.0.0.1:*"}},
             "publisher": {"endpoint": "tcp://127.0.0.1:*"},
+            "control": {"endpoint": "tcp://127.0.0.1:*"},
             "metrics": {"enabled": False},
         },
     )

@@ -218,6 +218,12 @@ def test_dashboard_covers_what_operators_asked_for() -> None:
         "line:inspectd_pose_failures:ratio_rate15m",
         'inspectd_part_measurement{line=~"$line", measurement="length_px"}',
         'inspectd_gauge_band{line=~"$line", measurement="length_px"}',
+        # issue 15: model updates on a running line
+        'inspectd_model_info{line=~"$line", role="production"}',
+        "inspectd_shadow_disagreements_total",
+        "line:inspectd_shadow_flips:ratio_rate10m",
+        "inspectd_shadow_sampled_ratio",
+        "inspectd_model_switches_total",
     ):
         assert needle in text, needle
 
@@ -281,6 +287,7 @@ def test_required_alerts_exist() -> None:
         "InspectdDeadlineMissesRising",
         "InspectdNotReady",
         "InspectdTargetDown",
+        "InspectdShadowDisagreementHigh",
     } <= set(alerts)
     for name, rule in alerts.items():
         # Alertmanager routes by these two (deploy/alertmanager/alertmanager.yml)
@@ -305,6 +312,19 @@ def test_inspection_outcomes_in_the_rules_are_the_daemons() -> None:
     assert (
         'reason=~"model|grey_zone|out_of_tolerance"' in text["line:inspectd_inspected_reject:ratio_rate15m"]
     )
+
+
+def test_shadow_flip_kinds_in_the_rules_are_the_daemons() -> None:
+    # The alert counts verdict flips; the kinds it names must be exactly the daemon's kinds other than "score".
+    from daemon.models import DISAGREEMENT_KINDS
+
+    rule = {r["record"]: r["expr"] for r in _rules() if "record" in r}[
+        "line:inspectd_shadow_flips:ratio_rate10m"
+    ]
+    (kinds,) = re.findall(r'kind=~"([^"]+)"', rule)
+    assert set(kinds.split("|")) == set(DISAGREEMENT_KINDS) - {"score"}
+    # Every production verdict → candidate verdict change has a kind (PASS and REJECT, both ways).
+    assert {"pass_reject", "reject_pass"} <= set(DISAGREEMENT_KINDS)
 
 
 def test_promtool_check_config_and_rules() -> None:

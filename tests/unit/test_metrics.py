@@ -178,7 +178,7 @@ def test_http_endpoint_serves_metrics_and_probes() -> None:
         base = f"http://127.0.0.1:{server.port}"
         body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
         assert (
-            'inspectd_model_info{backend="onnxruntime",line="L1",model="tiny@abc",precision="fp32"} 1.0'
+            'inspectd_model_info{backend="onnxruntime",line="L1",model="tiny@abc",precision="fp32",role="production"} 1.0'
             in body
         )
         assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
