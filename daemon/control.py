@@ -33,7 +33,7 @@ import zmq
 
 from daemon.logs import get_logger
 from daemon.models import ModelError
-from daemon.peers import PeerMonitor
+from daemon.peers import PeerMonitor, bind_server
 from daemon.security import configure_client
 from daemon.settings import ControlSettings
 from daemon.threads import StageThread
@@ -117,16 +117,10 @@ class ControlServer(StageThread):
         self._sock = ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, settings.max_request_bytes)
-        if secure is not None:  # CURVE server (daemon.security): only operator keys get an answer
-            secure(self._sock, "control")
-        if monitor is not None:
-            monitor.watch(self._sock, "control")
-        try:
-            self._sock.bind(settings.endpoint)
-        except zmq.ZMQError:
-            self._sock.close(linger=0)
-            raise
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # CURVE server when configured (daemon.security): only operator keys get an answer.
+        self.endpoint: str = bind_server(
+            self._sock, settings.endpoint, "control", secure=secure, monitor=monitor
+        )
         if self.endpoint.startswith("ipc://") and not self.endpoint.startswith("ipc://@"):
             os.chmod(self.endpoint[len("ipc://") :], IPC_MODE)
 

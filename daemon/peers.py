@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -126,3 +127,26 @@ class PeerMonitor:
             )
         else:
             log.info("peer event", socket=name, peer_event=event)
+
+
+def bind_server(
+    sock: zmq.Socket[Any],
+    endpoint: str,
+    role: str,
+    *,
+    secure: Callable[[zmq.Socket[Any], str], None] | None = None,
+    monitor: PeerMonitor | None = None,
+) -> str:
+    """Make ``sock`` the daemon's ``role`` server: CURVE first when configured (daemon.security), so no peer is
+    ever accepted unauthenticated; watched for peer events; bound. Returns the bound endpoint (an ephemeral
+    ``tcp://127.0.0.1:*`` resolved); a failed bind closes the socket and raises."""
+    if secure is not None:
+        secure(sock, role)
+    if monitor is not None:
+        monitor.watch(sock, role)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)

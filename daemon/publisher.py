@@ -20,7 +20,7 @@ from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.ledger import Settled
 from daemon.logs import get_logger
 from daemon.metrics import MetricsSink
-from daemon.peers import PeerMonitor
+from daemon.peers import PeerMonitor, bind_server
 from daemon.settings import PublisherSettings
 from daemon.threads import StageThread
 from daemon.types import Frame, Reason, Verdict
@@ -70,16 +70,10 @@ class VerdictPublisher(StageThread):
         self._sock = ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
         self._sock.setsockopt(zmq.LINGER, settings.linger_ms)
-        if secure is not None:  # CURVE server (daemon.security): only authorised subscribers get verdicts
-            secure(self._sock, "publisher")
-        if monitor is not None:
-            monitor.watch(self._sock, "publisher")
-        try:
-            self._sock.bind(settings.endpoint)
-        except zmq.ZMQError:
-            self._sock.close(linger=0)
-            raise
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # CURVE server when configured (daemon.security): only authorised subscribers get verdicts.
+        self.endpoint: str = bind_server(
+            self._sock, settings.endpoint, "publisher", secure=secure, monitor=monitor
+        )
 
     def start(self) -> None:
         self._spawn(self._run, "publisher")

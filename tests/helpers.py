@@ -143,3 +143,16 @@ def pipeline_for(settings, package, backend, metrics=None):  # type: ignore[no-u
         if metrics is not None
         else Metrics(CollectorRegistry(), "t", process_collector=False),
     )
+
+
+def settled_items(p, n, timeout=10.0):  # type: ignore[no-untyped-def]
+    """Up to ``n`` settled items from a Pipeline's publish queue (fewer if ``timeout`` seconds pass first)."""
+    import time
+
+    out = []
+    end = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < end:
+        item = p.settled.get(timeout=max(0.01, end - time.monotonic()))
+        if item is not None:
+            out.append(item)
+    return out

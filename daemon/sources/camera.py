@@ -26,7 +26,7 @@ import zmq
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.image_policy import InputPolicy, InputRejected
 from daemon.logs import get_logger
-from daemon.peers import PeerMonitor
+from daemon.peers import PeerMonitor, bind_server
 from daemon.settings import CameraSettings
 from daemon.sources import Intake
 from daemon.types import Frame
@@ -77,16 +77,9 @@ class CameraSource:
         sock.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         sock.setsockopt(zmq.LINGER, 0)  # unreceived frames were never accepted: nothing to flush
-        if self._secure is not None:
-            self._secure(sock, "camera")
-        if self._monitor is not None:
-            self._monitor.watch(sock, "camera")
-        try:
-            sock.bind(self.settings.endpoint)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = bind_server(
+            sock, self.settings.endpoint, "camera", secure=self._secure, monitor=self._monitor
+        )
         self._sock = sock  # owned by the receive thread from here on
         self._thread = threading.Thread(
             target=self._run, args=(intake,), name=f"source-{self.name}", daemon=True

@@ -15,14 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from daemon import pipeline as pipeline_mod  # noqa: E402
-from daemon.pipeline import Pipeline  # noqa: E402
 from daemon.settings import Backpressure, ConfigError, Settings  # noqa: E402
 from daemon.types import Frame, Reason  # noqa: E402
 from engine.backend import Backend  # noqa: E402
 from engine.package import ModelPackage, load_package  # noqa: E402
 from engine.preprocess import Preprocessor, device_preprocessor  # noqa: E402
 from engine.preprocess_torch import MAX_LEVELS, MAX_SHARE  # noqa: E402
-from tests.helpers import pipeline_for, tiny_package  # noqa: E402
+from tests.helpers import pipeline_for, settled_items, tiny_package  # noqa: E402
 from tests.model_support import patch_params, rendered_screws  # noqa: E402
 
 
@@ -70,16 +69,6 @@ def _settings(device: str) -> Settings:
     )
 
 
-def _settled(p: Pipeline, n: int, timeout: float = 60.0) -> list[Any]:
-    out = []
-    end = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < end:
-        item = p.settled.get(timeout=max(0.01, end - time.monotonic()))
-        if item is not None:
-            out.append(item)
-    return out
-
-
 @pytest.mark.timeout(120)
 def test_the_batch_is_preprocessed_on_the_device_and_every_frame_gets_its_verdict(
     package: ModelPackage, monkeypatch: pytest.MonkeyPatch
@@ -105,7 +94,7 @@ def test_the_batch_is_preprocessed_on_the_device_and_every_frame_gets_its_verdic
     try:
         for f in frames:
             p.submit(f, Backpressure.BLOCK)
-        items = _settled(p, len(frames))
+        items = settled_items(p, len(frames), timeout=60.0)
     finally:
         p.drain(10.0)
     by_id = {i.verdict.frame_id: i for i in items}
@@ -141,7 +130,7 @@ def test_a_failing_device_stage_rejects_its_frames_with_engine_error(
             p.submit(
                 Frame("camera", i, f"f{i}", time.monotonic(), time.time(), image=img), Backpressure.BLOCK
             )
-        items = _settled(p, 3)
+        items = settled_items(p, 3, timeout=60.0)
     finally:
         p.drain(10.0)
     assert len(items) == 3 and all(i.verdict.reason is Reason.ENGINE_ERROR for i in items)

@@ -17,7 +17,7 @@ from daemon.settings import AUTO_CPU_WORKERS, Backpressure, BatchingSettings, Se
 from daemon.types import Frame, Reason
 from engine.backend import Backend, BackendOptions
 from engine.package import ModelPackage, load_package
-from tests.helpers import pipeline_for, tiny_package
+from tests.helpers import pipeline_for, settled_items, tiny_package
 
 
 class SlowOptions(BackendOptions):
@@ -73,16 +73,6 @@ def frames(n: int) -> list[Frame]:
     return [Frame("camera", i, f"f{i}", time.monotonic(), time.time(), image=img) for i in range(n)]
 
 
-def settled(p: Pipeline, n: int, timeout: float = 10.0) -> list[Any]:
-    out = []
-    end = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < end:
-        item = p.settled.get(timeout=max(0.01, end - time.monotonic()))
-        if item is not None:
-            out.append(item)
-    return out
-
-
 @pytest.mark.timeout(30)
 def test_two_workers_run_batches_side_by_side_and_decide_every_frame_once(package: ModelPackage) -> None:
     SlowBackend.threads.clear()
@@ -95,7 +85,7 @@ def test_two_workers_run_batches_side_by_side_and_decide_every_frame_once(packag
     try:
         for f in frames(12):
             p.submit(f, Backpressure.BLOCK)
-        items = settled(p, 12)
+        items = settled_items(p, 12)
     finally:
         p.drain(5.0)
     assert sorted(i.verdict.frame_id for i in items) == sorted(f"f{i}" for i in range(12))
