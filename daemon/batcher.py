@@ -135,11 +135,6 @@ class BatchQueue:
             with self._lock:
                 self._waiting -= 1
 
-    @property
-    def waiting(self) -> int:
-        """How many workers wait for a batch now."""
-        return self._waiting
-
     def worker_free(self) -> bool:
         """A worker waits with nothing queued for it: a batch closed now is inferred now."""
         return self._waiting > self._q.qsize()
