@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,42 @@ def ready_server(name: str, argv: list[str], base: str, log: Path, timeout_s: fl
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+SHIPPED_ENTRY_POINT = "/opt/inspectd/venv/bin/inspectd"  # where systemd/*.service expect the installed CLI
+
+
+def venv_entry_point() -> Path:
+    entry = Path(sys.executable).parent / "inspectd"
+    if not entry.is_file():
+        pytest.fail(f"{entry} missing: the package must be installed in the test environment (make venv)")
+    return entry
+
+
+def assert_unit_verifies(unit: Path, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` on a copy of ``unit`` pointed at this environment's entry point (the shipped
+    path exists only on an installed station): it exits 0 on unknown keys and unparsable values, printing
+    them, so any line about our units fails."""
+    analyze = require_tool("systemd-analyze")
+    text = unit.read_text(encoding="utf-8")
+    assert text.count(SHIPPED_ENTRY_POINT) == 1
+    copy = tmp_path / unit.name
+    copy.write_text(text.replace(SHIPPED_ENTRY_POINT, str(venv_entry_point())), encoding="utf-8")
+    out = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=50)
+    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if "inspectd" in ln]
+    assert out.returncode == 0 and not complaints, out.stdout + out.stderr
+
+
+def assert_exposure_at_most(unit: Path, max_exposure: float) -> None:
+    """``systemd-analyze security --offline``: the unit's overall exposure level is at most ``max_exposure``."""
+    analyze = require_tool("systemd-analyze")
+    threshold = int(max_exposure * 10)  # systemd-analyze counts in tenths
+    out = subprocess.run(
+        [analyze, "security", "--offline=yes", f"--threshold={threshold}", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
+    assert match, out.stdout + out.stderr
+    assert float(match.group(1)) <= max_exposure and out.returncode == 0, out.stdout[-2000:]

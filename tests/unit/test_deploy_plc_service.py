@@ -8,8 +8,6 @@ which the unit does not restart) naming the key.
 
 from __future__ import annotations
 
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,21 @@ import pytest
 from daemon.settings import load_settings
 from inspectd.cli import main
 from plc.settings import load_plc_settings
-from tests.deploy_support import REPO, require_tool
+from tests.deploy_support import (
+    REPO,
+    SHIPPED_ENTRY_POINT,
+    assert_exposure_at_most,
+    assert_unit_verifies,
+)
 from tests.unit.test_deploy_service import (
     EXAMPLE_TOML,
     MAX_EXPOSURE,
     _seconds,
-    _venv_entry_point,
     unit_entries,
 )
 
 UNIT = REPO / "systemd" / "inspectd-plc-bridge.service"
 EXAMPLE = REPO / "systemd" / "plc-bridge.toml"
-SHIPPED_ENTRY_POINT = "/opt/inspectd/venv/bin/inspectd"
 
 
 def values(section: str, key: str) -> list[str]:
@@ -65,35 +66,12 @@ def test_unit_runs_the_bridge_with_the_example_config_as_a_restartable_notify_se
 
 @pytest.mark.timeout(60)
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    analyze = require_tool("systemd-analyze")
-    text = UNIT.read_text(encoding="utf-8")
-    assert text.count(SHIPPED_ENTRY_POINT) == 1
-    unit = tmp_path / UNIT.name
-    unit.write_text(text.replace(SHIPPED_ENTRY_POINT, str(_venv_entry_point())), encoding="utf-8")
-    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=50)
-    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if "inspectd" in ln]
-    assert out.returncode == 0 and not complaints, out.stdout + out.stderr
+    assert_unit_verifies(UNIT, tmp_path)
 
 
 @pytest.mark.timeout(60)
 def test_systemd_security_exposure_is_low() -> None:
-    analyze = require_tool("systemd-analyze")
-    out = subprocess.run(
-        [
-            analyze,
-            "security",
-            "--offline=yes",
-            f"--threshold={int(MAX_EXPOSURE * 10)}",
-            "--no-pager",
-            str(UNIT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=50,
-    )
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
-    assert match, out.stdout + out.stderr
-    assert float(match.group(1)) <= MAX_EXPOSURE and out.returncode == 0, out.stdout[-2000:]
+    assert_exposure_at_most(UNIT, MAX_EXPOSURE)
 
 
 def test_example_config_is_valid_and_follows_the_daemons_example() -> None:

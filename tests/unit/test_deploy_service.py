@@ -18,14 +18,19 @@ from pathlib import Path
 import pytest
 
 from daemon.settings import MetricsSettings, load_settings
-from tests.deploy_support import REPO, require_tool
+from tests.deploy_support import (
+    REPO,
+    SHIPPED_ENTRY_POINT,
+    assert_exposure_at_most,
+    assert_unit_verifies,
+    require_tool,
+)
 
 UNIT = REPO / "systemd" / "inspectd.service"
 EXAMPLE_TOML = REPO / "systemd" / "inspectd.toml"
 EXAMPLE_ENV = REPO / "systemd" / "inspectd.env.example"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
-SHIPPED_ENTRY_POINT = "/opt/inspectd/venv/bin/inspectd"
 MAX_EXPOSURE = 4.0
 
 
@@ -61,13 +66,6 @@ def _seconds(value: str) -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(min|ms|s|h|)", value)
     assert match, f"unsupported time span {value!r}"
     return float(match.group(1)) * units[match.group(2)]
-
-
-def _venv_entry_point() -> Path:
-    entry = Path(sys.executable).parent / "inspectd"
-    if not entry.is_file():
-        pytest.fail(f"{entry} missing: the package must be installed in the test environment (make venv)")
-    return entry
 
 
 # --- the unit ------------------------------------------------------------------------------------------
@@ -147,31 +145,12 @@ def test_unit_memory_max_is_set_and_covers_what_the_example_settings_allow() -> 
 
 @pytest.mark.timeout(60)
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    analyze = require_tool("systemd-analyze")
-    # The shipped path exists only on an installed station; point a copy at this environment's entry point.
-    text = UNIT.read_text(encoding="utf-8")
-    assert text.count(SHIPPED_ENTRY_POINT) == 1
-    unit = tmp_path / "inspectd.service"
-    unit.write_text(text.replace(SHIPPED_ENTRY_POINT, str(_venv_entry_point())), encoding="utf-8")
-    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=50)
-    # verify exits 0 on unknown keys and unparsable values, printing them: any line about our unit fails.
-    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if "inspectd" in ln]
-    assert out.returncode == 0 and not complaints, out.stdout + out.stderr
+    assert_unit_verifies(UNIT, tmp_path)
 
 
 @pytest.mark.timeout(60)
 def test_systemd_security_exposure_is_low() -> None:
-    analyze = require_tool("systemd-analyze")
-    threshold = int(MAX_EXPOSURE * 10)  # systemd-analyze counts in tenths
-    out = subprocess.run(
-        [analyze, "security", "--offline=yes", f"--threshold={threshold}", "--no-pager", str(UNIT)],
-        capture_output=True,
-        text=True,
-        timeout=50,
-    )
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
-    assert match, out.stdout + out.stderr
-    assert float(match.group(1)) <= MAX_EXPOSURE and out.returncode == 0, out.stdout[-2000:]
+    assert_exposure_at_most(UNIT, MAX_EXPOSURE)
 
 
 # --- example configuration -----------------------------------------------------------------------------
