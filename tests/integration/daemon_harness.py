@@ -19,6 +19,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from daemon.app import App
+from daemon.security import generate_keys
 from daemon.settings import Settings, deep_update
 from daemon.subscriber import VerdictSubscriber
 from daemon.wire import camera_message
@@ -244,3 +245,18 @@ class ScriptedBackend(Backend):
             self.fail_batches -= 1
             raise BackendError("scripted failure")
         return batch.reshape(batch.shape[0], -1).mean(axis=1).astype(np.float32)
+
+
+def curve_keys(root: Path) -> dict[str, Path]:
+    """A station's CURVE keys as ``inspectd keys generate`` writes them: the server's pair; one camera, one
+    subscriber and one operator key in their allow-list folders (``cameras``, ``subscribers``, ``operators``);
+    and an ``intruder`` key that no folder allows."""
+    out: dict[str, Path] = {}
+    out["server_public"], out["server_secret"] = generate_keys(root / "server", "server")
+    _, out["cam"] = generate_keys(root / "cameras", "cam1")
+    _, out["plc"] = generate_keys(root / "subscribers", "plc1")
+    _, out["operator"] = generate_keys(root / "operators", "op1")
+    _, out["intruder"] = generate_keys(root / "elsewhere", "intruder")
+    for name in ("cameras", "subscribers", "operators"):
+        out[name] = root / name
+    return out

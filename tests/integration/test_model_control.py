@@ -21,13 +21,18 @@ import pytest
 import zmq
 
 from daemon.control import ControlClient, ControlError, ControlRefused
-from daemon.security import generate_keys
 from daemon.settings import to_toml
 from engine.gauges import Band, GaugeSet
 from engine.package import Decision, ModelPackage, load_package, write_meta
 from engine.pose import PoseParams, estimate_pose
 from tests.helpers import tiny_package, wait_until
-from tests.integration.daemon_harness import CameraPusher, VerdictCollector, daemon_settings, running_app
+from tests.integration.daemon_harness import (
+    CameraPusher,
+    VerdictCollector,
+    curve_keys,
+    daemon_settings,
+    running_app,
+)
 from tests.integration.model_support import model_cli
 from tools.synth import render_screw
 from training.gauge_fit import learn_bands
@@ -39,16 +44,7 @@ IMG = np.full((64, 64), 90, np.uint8)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("keys")
-    out: dict[str, Path] = {}
-    out["server_public"], out["server_secret"] = generate_keys(root / "server", "server")
-    _, out["cam"] = generate_keys(root / "cameras", "cam1")
-    _, out["plc"] = generate_keys(root / "subscribers", "plc1")
-    _, out["operator"] = generate_keys(root / "operators", "op1")
-    _, out["intruder"] = generate_keys(root / "elsewhere", "intruder")
-    for name in ("cameras", "subscribers", "operators"):
-        out[name] = root / name
-    return out
+    return curve_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.mark.timeout(90)

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon.security import configure_client, generate_keys
+from daemon.security import configure_client
 from daemon.wire import camera_message
 from engine.package import ModelPackage
 from tests.helpers import wait_until
-from tests.integration.daemon_harness import daemon_settings, running_app
+from tests.integration.daemon_harness import curve_keys, daemon_settings, running_app
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +32,7 @@ IMG = np.full((64, 64), 90, np.uint8)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("keys")
-    out: dict[str, Path] = {}
-    out["server_public"], out["server_secret"] = generate_keys(root / "server", "server")
-    _, out["cam"] = generate_keys(root / "cameras", "cam1")
-    _, out["plc"] = generate_keys(root / "subscribers", "plc1")
-    _, out["intruder"] = generate_keys(root / "elsewhere", "intruder")
-    out["cameras"], out["subscribers"] = root / "cameras", root / "subscribers"
-    return out
+    return curve_keys(tmp_path_factory.mktemp("keys"))
 
 
 def curve_settings(package: ModelPackage, keys: dict[str, Path], **extra: Any) -> Any:
