@@ -92,6 +92,35 @@ def _view_of(v: Any) -> tuple[int, int, int, int, int] | None:
     return None if not any(t) else (t[0], t[1], t[2], t[3], t[4])
 
 
+def register_views(
+    v: torch.Tensor, ref: torch.Tensor, align: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thread-phase registration: (B, 1, h, w) views → the views moved along the axis so their thread lines up
+    with ``ref``, and each view's shift (B,) in pixels.
+
+    ``align`` = (first, last, max_shift): the view's columns first:last (the regular thread, away from the head
+    and the tapered tip) are compared with ``ref`` (1, 1, h, last − first; mean-free) at every shift within
+    ± max_shift (about half a thread pitch: the phase is only defined modulo one pitch). The best shift d moves
+    the view by −d (column j takes column j + d; the edge column fills in), so the thread's crests sit where the
+    reference has them. One correlation (a convolution with a fixed kernel), an ArgMax and a GatherElements:
+    it exports to ONNX and TensorRT like the rest of the memory."""
+    first, last, s = align
+    corr = F.conv2d(v[..., first - s : last + s], ref)  # (B, 1, 1, 2s + 1): the score of each shift
+    d = corr.flatten(1).argmax(1) - s  # (B,)
+    w = v.shape[-1]
+    idx = (torch.arange(w, device=v.device)[None, :] + d[:, None]).clamp(0, w - 1)  # (B, w)
+    return torch.gather(v, 3, idx[:, None, None, :].expand(-1, v.shape[1], v.shape[2], -1)), d
+
+
+def _align_of(a: Any) -> tuple[int, int, int] | None:
+    if a is None:
+        return None
+    t = tuple(int(i) for i in (a.tolist() if hasattr(a, "tolist") else a))
+    if len(t) != 3:
+        raise ValueError(f"a patch memory's align has 3 entries (first, last, max_shift), got {t}")
+    return None if not any(t) else (t[0], t[1], t[2])
+
+
 class PatchMemory(nn.Module):
     kernel: torch.Tensor
     bank: torch.Tensor
@@ -107,6 +136,8 @@ class PatchMemory(nn.Module):
     top_k: torch.Tensor
     residual: torch.Tensor
     view: torch.Tensor
+    align: torch.Tensor
+    align_ref: torch.Tensor
 
     def __init__(
         self,
@@ -122,6 +153,8 @@ class PatchMemory(nn.Module):
         top_k: int = 1,
         residual: bool = False,
         view: tuple[int, int, int, int, int] | None = None,
+        align: tuple[int, int, int] | None = None,  # (first, last, max_shift): see register_views
+        align_ref: torch.Tensor | None = None,  # (1, 1, view height, last − first), mean-free
     ) -> None:
         super().__init__()
         gh, gw = mask.shape
@@ -154,6 +187,19 @@ class PatchMemory(nn.Module):
             raise ValueError(f"view (top, bottom, left, right, pool) must be a non-empty region, got {view}")
         self.register_buffer("view", torch.tensor(view or (0, 0, 0, 0, 0), dtype=torch.int64))
         self._view = _view_of(view)
+        # Thread-phase registration of the view before its patches are coded (all zero = none).
+        if align is not None:
+            first, last, shift_max = align
+            if not 1 <= shift_max <= first < last or align_ref is None:
+                raise ValueError(
+                    f"align (first, last, max_shift) needs max_shift ≤ first < last, got {align}"
+                )
+            if tuple(align_ref.shape) != (1, 1, align_ref.shape[2], last - first):
+                raise ValueError(f"align_ref {tuple(align_ref.shape)} must be (1, 1, h, {last - first})")
+        self.register_buffer("align", torch.tensor(align or (0, 0, 0), dtype=torch.int64))
+        ref = align_ref if align is not None and align_ref is not None else torch.zeros(1, 1, 1, 1)
+        self.register_buffer("align_ref", ref.to(f32).contiguous())
+        self._align = _align_of(align)
         self._residual = bool(residual)
         self._top_k = int(top_k)
         self._grid = (int(gh), int(gw))
@@ -184,6 +230,8 @@ class PatchMemory(nn.Module):
             int(state["top_k"]),
             bool(state["residual"]) if "residual" in state else False,
             _view_of(state.get("view")),
+            _align_of(state.get("align")),  # packages from before registration have neither
+            state.get("align_ref"),
         )
 
     @property
@@ -193,7 +241,10 @@ class PatchMemory(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) normalised crops → (B, K, gh, gw) patch codes (the projection may run in FP16; the
         residual norm runs in FP32)."""
-        x = self.crop(x.to(self.kernel.dtype))
+        return self.codes(self.crop(x.to(self.kernel.dtype)))
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) views (already cropped and registered) → (B, K, gh, gw) patch codes."""
         f = F.conv2d(x, self.kernel, stride=self._stride)
         if self._residual:
             f = torch.cat([f, self.fp32(self.residual_norm, x, f).to(f.dtype)], 1)
@@ -205,8 +256,28 @@ class PatchMemory(nn.Module):
         return f
 
     def crop(self, x: torch.Tensor) -> torch.Tensor:
-        """The part of the (B, 1, H, W) input this memory looks at (its ``view``)."""
-        return crop_view(x, self._view)
+        """The part of the (B, 1, H, W) input this memory looks at (its ``view``), registered when it aligns."""
+        return self._crop_and_shift(x)[0]
+
+    def _crop_and_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        v = crop_view(x, self._view)
+        if self._align is None:
+            return v, None
+        tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]  # not re-exported
+        if not tracing and v.shape[-1] < self._align[1] + self._align[2]:
+            raise ValueError(f"view {tuple(v.shape[2:])} too narrow for align {self._align}")
+        moved, d = self.fp32(register_views, v, self.align_ref, self._align)
+        return moved.to(v.dtype), d
+
+    def unshift(self, heat: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """(B, gh, gw) cells of registered views → where they lie in the view as it came (the registration moved
+        it by −d pixels; cells that come from outside the grid are 0)."""
+        gw = heat.shape[-1]
+        cells = torch.div(d + self._stride // 2, self._stride, rounding_mode="floor")
+        src = torch.arange(gw, device=heat.device)[None, :] - cells[:, None]  # (B, gw)
+        inside = ((src >= 0) & (src < gw)).to(heat.dtype)
+        idx = src.clamp(0, gw - 1)[:, None, :].expand(-1, heat.shape[1], -1)
+        return torch.gather(heat, 2, idx) * inside[:, None, :]
 
     def residual_norm(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """(B, 1, gh, gw): the norm of each mean-free patch outside the kept components.
@@ -292,7 +363,10 @@ class PatchMemory(nn.Module):
 
     def with_heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) logits and the (B, gh, gw) map of z-scores above 0 on the part: where it looks unlike any good screw."""
-        logit, heat = self.fp32(self._logit_and_map, self.features(x))
+        v, d = self._crop_and_shift(x.to(self.kernel.dtype))
+        logit, heat = self.fp32(self._logit_and_map, self.codes(v))
+        if d is not None:
+            heat = self.unshift(heat, d)
         return logit.to(x.dtype), heat.to(x.dtype)
 
     def _logit_and_map(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,7 +81,10 @@ def patch_package(directory: Path, *, seed: int = 3, screws: Screws | None = Non
     h, w = PATCH_INPUT
     members = [
         replace(small, view=(0, h, 0, w - w % 2, 2)),
-        replace(small, view=(12, h - 12, 110, w, 1), residual=True, sd_pool=3),
+        # the thread band, registered to a reference thread phase as the default preset's is
+        replace(
+            small, view=(12, h - 12, 110, w, 1), residual=True, sd_pool=3, window=(1, 0), align=(15, 115, 8)
+        ),
     ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

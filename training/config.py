@@ -137,11 +137,23 @@ class TrainConfig:
             unknown = sorted(set(member) - known)
             if unknown:
                 raise ValueError(f"patch_members[{i}]: unknown setting(s) {unknown}; known: {sorted(known)}")
-            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in member.items() if k not in REGION}
+            kw = {
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in member.items()
+                if k not in REGION and k != "align"
+            }
             view = None
+            t, b, left, r = member.get("region", (0.0, 1.0, 0.0, 1.0))
+            pool = int(member.get("pool", 1))
             if any(k in member for k in REGION):
-                t, b, left, r = member.get("region", (0.0, 1.0, 0.0, 1.0))
-                view = (round(t * h), round(b * h), round(left * w), round(r * w), int(member.get("pool", 1)))
+                view = (round(t * h), round(b * h), round(left * w), round(r * w), pool)
+            if member.get("align") is not None:
+                # (first, last, max_shift) as fractions of the member's view width → view pixels
+                a = member["align"]
+                if not isinstance(a, (list, tuple)) or len(a) != 3:
+                    raise ValueError(f"patch_members[{i}].align must be [first, last, max_shift] (fractions)")
+                vw = (round(r * w) - round(left * w)) // pool
+                kw["align"] = tuple(max(1, round(float(f) * vw)) for f in a)
             out.append(replace(base, view=view, **kw))
         return out
 
@@ -235,10 +247,19 @@ CNN = TrainConfig(
 )
 # The default: two patch memories on the full-resolution pose crop (320×1000), fused: one on the whole crop at
 # half resolution, one on the thread band at full resolution (where `thread_side` damage is a few pixels), each
-# with the residual-norm feature, the pooled per-cell spread, a 100-patch coreset per cell and a ±1 cell search. Chosen on repeated
+# with the residual-norm feature, the pooled per-cell spread and a 100-patch coreset per cell; the whole crop with
+# a ±1 cell search, the thread band registered to a reference thread phase, in 8-pixel patches, searched ±1 row
+# only. Chosen on repeated
 # stratified 5-fold of screws-300 (python -m training.variants; docs/training.md section 9): it ranks NG above
 # OK far better than either ResNet18 preset, needs no NG images to fit and fits in about a minute.
 PATCH_MEMBER: dict[str, Any] = {"bank_size": 100}
+THREAD_ALIGNED: dict[str, Any] = {
+    "patch": 8,
+    "stride": 4,
+    "dims": 16,
+    "window": [1, 0],
+    "align": [0.107, 0.821, 0.0607],
+}
 PATCH = TrainConfig(
     input_size=(320, 1000),
     patch_window=(1, 1),  # ± 1 column: as good as ± 2 on screws-300 with the thread band, a third cheaper
@@ -246,7 +267,9 @@ PATCH = TrainConfig(
     patch_residual=True,
     patch_members=(
         {"pool": 2, **PATCH_MEMBER},  # the whole crop at half resolution
-        {"region": [0.15, 0.85, 0.44, 1.0], **PATCH_MEMBER},  # the thread band, tip end, at full resolution
+        # The thread band, tip end, at full resolution, registered to a reference thread phase (on its columns
+        # 0.107–0.821, within ± 0.0607 of its width: about half a pitch) and coded in 8-pixel patches.
+        {"region": [0.15, 0.85, 0.44, 1.0], **PATCH_MEMBER, **THREAD_ALIGNED},
     ),
 )
 PRESETS: dict[str, TrainConfig] = {

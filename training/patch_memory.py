@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.patch_model import PatchEnsemble, PatchMemory, crop_view
+from engine.patch_model import PatchEnsemble, PatchMemory, crop_view, register_views
 from training.augment import part_alpha
 
 CHUNK = 16  # images per distance batch: (L, CHUNK, N) floats stay a few hundred MB
@@ -43,6 +43,9 @@ class PatchSettings:
     # > 0: keep this many stored patches per grid cell, chosen by greedy k-centre (PatchCore's coreset) from
     # the good images' patches and their moved copies; inference cost falls in proportion. 0 = keep all.
     bank_size: int = 0
+    # (first, last, max_shift) in view pixels: register each view's thread phase (engine.patch_model.
+    # register_views) on its columns first:last within ± max_shift before coding; None = no registration.
+    align: tuple[int, int, int] | None = None
 
 
 def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
@@ -97,6 +100,18 @@ def _pool(sd: torch.Tensor, k: int) -> torch.Tensor:
     return F.max_pool2d(flat, k, stride=1, padding=k // 2).reshape(shape)
 
 
+def _align_reference(views: torch.Tensor, align: tuple[int, int, int], rounds: int = 3) -> torch.Tensor:
+    """The reference thread (1, 1, h, last − first; mean-free) the views are registered to: start from the first
+    good view, then ``rounds`` times register every good view to it and take their mean."""
+    first, last, _ = align
+    ref = views[:1]
+    for _ in range(rounds):
+        window = ref[..., first:last] - ref[..., first:last].mean()
+        moved = [register_views(views[i : i + CHUNK], window, align)[0] for i in range(0, len(views), CHUNK)]
+        ref = torch.cat(moved).mean(0, keepdim=True)
+    return (ref[..., first:last] - ref[..., first:last].mean()).contiguous()
+
+
 def _move_along_axis(x: torch.Tensor, px: int) -> torch.Tensor:
     """(N, 1, H, W) moved ``px`` columns towards the tip; the first column is repeated into the gap."""
     if px <= 0:
@@ -124,13 +139,20 @@ def fit(
         raise ValueError(f"a patch memory needs at least 3 good training images, got {n}")
     if min(height, width) < s.patch:
         raise ValueError(f"input {height}×{width} is smaller than one {s.patch}-pixel patch")
+    ref: torch.Tensor | None = None
+    if s.align is not None:
+        first, last, shift_max = s.align
+        if not 1 <= shift_max <= first < last <= width - shift_max:
+            raise ValueError(
+                f"align {s.align}: need 1 ≤ max_shift ≤ first < last ≤ view width {width} − max_shift"
+            )
+        ref = _align_reference(crop_view(x, s.view), s.align)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n, generator=g)[: min(n, s.pca_images)]
-    patches = (
-        F.unfold(crop_view(x[pick], s.view), s.patch, stride=s.stride)
-        .permute(0, 2, 1)
-        .reshape(-1, s.patch * s.patch)
-    )
+    pca_views = crop_view(x[pick], s.view)
+    if ref is not None and s.align is not None:
+        pca_views = register_views(pca_views, ref, s.align)[0]
+    patches = F.unfold(pca_views, s.patch, stride=s.stride).permute(0, 2, 1).reshape(-1, s.patch * s.patch)
     patches = patches - patches.mean(1, keepdim=True)
     dims = min(s.dims, patches.shape[1])
     # Exact PCA from the (D × D) covariance: deterministic, unlike pca_lowrank's random projections.
@@ -150,6 +172,8 @@ def fit(
         s.stride,
         residual=s.residual,
         view=s.view,
+        align=s.align,
+        align_ref=ref,
     )
     pool = s.view[4] if s.view else 1
 
@@ -157,13 +181,21 @@ def fit(
         return torch.cat([probe.features(t[i : i + CHUNK]) for i in range(0, len(t), CHUNK)])
 
     with torch.no_grad():
-        feats = features(x)
-        # The thread's phase slides its pattern along the axis by any amount; the search moves in whole grid
-        # cells. Crops moved by a fraction of a cell fill in between, so a good thread finds a close twin.
-        moved = [feats] + [
-            features(_move_along_axis(x, round(k * s.stride * pool / s.axial_phases)))
-            for k in range(1, s.axial_phases)
-        ]
+        if s.align is None:
+            feats = features(x)
+            # The thread's phase slides its pattern along the axis by any amount; the search moves in whole
+            # grid cells. Crops moved by a fraction of a cell fill in between, so a good thread finds a twin.
+            moved = [feats] + [
+                features(_move_along_axis(x, round(k * s.stride * pool / s.axial_phases)))
+                for k in range(1, s.axial_phases)
+            ]
+        else:  # registered views; the moved copies are of those (a registration would undo the move)
+            views = torch.cat([probe.crop(x[i : i + CHUNK]) for i in range(0, n, CHUNK)])
+            feats = probe.codes(views)
+            moved = [feats] + [
+                probe.codes(_move_along_axis(views, round(k * s.stride / s.axial_phases)))
+                for k in range(1, s.axial_phases)
+            ]
     gh, gw = feats.shape[2:]
     bank = (
         torch.cat(moved, 0)
@@ -198,6 +230,8 @@ def fit(
         top_k=min(s.top_k, int(mask.sum())),
         residual=s.residual,
         view=s.view,
+        align=s.align,
+        align_ref=ref,
     )
     log(
         f"patch memory: {n} good images × {len(moved)} axial phase(s), {gh}×{gw} cells of {s.patch}² patches, "

@@ -59,6 +59,9 @@ HALF: dict[str, Any] = {"pool": 2}  # a member on the whole crop at half resolut
 THREAD: dict[str, Any] = {"region": [0.15, 0.85, 0.44, 1.0]}  # the thread band (tip end) at full resolution
 HEAD: dict[str, Any] = {"region": [0.0, 1.0, 0.0, 0.32]}  # the head and neck at full resolution
 TUNED = {"sd_pool": 3, "residual": True}
+# Thread-phase registration of the thread band on its regular part (band columns 60:460 of 560 at 320×1000)
+# within ± 34 px, about half a thread pitch; registered, the band needs no column search.
+ALIGNED = {"align": [0.107, 0.821, 0.0607], "window": [1, 0]}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},  # the default preset as it is now
     "single_half": SINGLE,  # the default before this table: one memory on the 160×500 crop
@@ -144,6 +147,43 @@ VARIANTS: dict[str, dict[str, Any]] = {
             {**HALF, "bank_size": 100, **TUNED},
             {**THREAD, "bank_size": 100, **TUNED},
             {**HEAD, "bank_size": 100, **TUNED},
+        ],
+    },
+    "half+thread_aligned": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, **TUNED, **ALIGNED},
+        ],
+    },
+    "half+thread_aligned_p8": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, **TUNED, **ALIGNED},
+        ],
+    },
+    "half+thread_aligned_p8+head": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, **TUNED, **ALIGNED},
+            {**HEAD, "bank_size": 100, **TUNED},
+        ],
+    },
+    "half+thread_p8": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, "window": [1, 1], **TUNED},
+        ],
+    },
+    "half+thread+thread_aligned": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, **TUNED, **ALIGNED},
         ],
     },
     "half+thread_p24_tuned": {

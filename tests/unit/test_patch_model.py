@@ -565,3 +565,78 @@ def test_the_coreset_keeps_distinct_codes_and_a_full_size_one_changes_nothing() 
     assert thin.bank.shape[2] == 6 and np.isfinite(loo_thin).all()
     # Each good image, left out, is farther from the thinned memory than from the full one on average.
     assert float(thin.mu.mean()) >= float(whole.mu.mean())
+
+
+# ---- thread-phase registration ------------------------------------------------------------------------------
+
+ALIGN = (20, 76, 6)  # columns 20:76 of the 96-pixel input (the regular 'thread'), ± half its 12-pixel pitch
+
+
+def test_registration_finds_the_shift_and_moves_the_view_back() -> None:
+    from engine.patch_model import register_views
+
+    ref_img = torch.from_numpy(_x(_screws(1, seed=4)))  # (1, 1, H, W)
+    window = ref_img[..., 20:76] - ref_img[..., 20:76].mean()
+    shifted = [torch.roll(ref_img, d, dims=3) for d in (-5, -2, 0, 3, 6)]  # content moved d columns
+    moved, d = register_views(torch.cat(shifted), window, ALIGN)
+    assert d.tolist() == [-5, -2, 0, 3, 6]
+    # Away from the edges (which roll wrapped around), each view is back where the reference has it.
+    torch.testing.assert_close(moved[..., 10:86], ref_img.expand(5, -1, -1, -1)[..., 10:86])
+
+
+def test_an_aligned_memory_registers_the_phase_and_its_map_stays_on_the_defect(tmp_path: Path) -> None:
+    good = _screws(24, seed=1)
+    s = replace(SMALL, window=(1, 0), align=ALIGN)
+    model, loo = fit(_x(good), good, s, log=_quiet)
+    assert model.align.tolist() == list(ALIGN) and tuple(model.align_ref.shape) == (1, 1, H, 56)
+    plain, _ = fit(_x(good), good, replace(SMALL, window=(1, 0)), log=_quiet)
+    fresh = _screws(8, seed=99)
+    bad = fresh.copy()
+    bad[:, 20:26, 40:46] = 250
+    with torch.no_grad():
+        z_good = model(torch.from_numpy(_x(fresh)))[:, 0].numpy()
+        z_bad, heat = model.with_heatmap(torch.from_numpy(_x(bad)))
+    assert float(z_bad.min()) > max(float(z_good.max()), float(loo.max()))
+    # Without a column search the plain memory meets a new phase between its stored ones; registered, a good
+    # part's patches lie closer to their nearest stored twins.
+    with torch.no_grad():
+        near = [
+            float((m.distances(m.features(torch.from_numpy(_x(fresh)))) * m.mask).mean())
+            for m in (model, plain)
+        ]
+    assert near[0] < near[1]
+    for b in range(len(bad)):  # the map is put back where the view was before its registration
+        peak = np.unravel_index(int(np.argmax(heat[b].numpy())), tuple(heat.shape[1:]))
+        assert abs(peak[0] * 4 + 4 - 23) <= 8 and abs(peak[1] * 4 + 4 - 43) <= 8
+    again = model_from_state(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(torch.from_numpy(_x(bad))), model(torch.from_numpy(_x(bad))))
+    x = _x(np.concatenate([_screws(5, seed=7), bad[:4]]))
+    _assert_onnxruntime_equals_torch(model, x, tmp_path, "patch-aligned")
+
+
+def test_a_state_from_before_registration_loads_unaligned(
+    fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
+) -> None:
+    model, _, good = fitted
+    old = {k: v for k, v in model.state_dict().items() if k not in ("align", "align_ref")}
+    again = PatchMemory.from_state(old)
+    assert again.align.tolist() == [0, 0, 0]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again(torch.from_numpy(_x(good[:3]))), model(torch.from_numpy(_x(good[:3])))
+        )
+
+
+def test_config_align_is_fractions_of_the_member_view() -> None:
+    cfg = TrainConfig(
+        input_size=(H, W),
+        patch_members=({"pool": 2}, {"region": [8 / H, 40 / H, 0.0, 1.0], "align": [0.25, 0.75, 0.0625]}),
+    )
+    half, band = cfg.patch_members_settings()
+    assert half.align is None and band.align == (24, 72, 6)
+    with pytest.raises(ValueError, match=r"patch_members\[0\]\.align"):
+        TrainConfig(input_size=(H, W), patch_members=({"align": [0.2, 0.8]},)).patch_members_settings()
+    good = _screws(6, seed=2)
+    with pytest.raises(ValueError, match="align"):
+        fit(_x(good), good, replace(SMALL, align=(4, 95, 6)), log=_quiet)  # the search leaves the view
