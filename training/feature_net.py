@@ -82,9 +82,13 @@ class FeatureNet(nn.Module):
         """(B, 1, H, W) → (B, gh, gw) damage logits per cell."""
         return self.head(self.maps(x))[:, 0]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The memory's patch features: the maps, each 3 × 3 average pooled (a cell sees its neighbours)."""
-        return F.avg_pool2d(self.maps(x), 3, stride=1, padding=1, count_include_pad=False)
+    def features(self, x: torch.Tensor, local: int = 3) -> torch.Tensor:
+        """The memory's patch features: the maps, each ``local`` × ``local`` average pooled (a cell sees its
+        neighbours, as PatchCore); 1 = the maps as they are."""
+        m = self.maps(x)
+        return (
+            m if local <= 1 else F.avg_pool2d(m, local, stride=1, padding=local // 2, count_include_pad=False)
+        )
 
 
 def _layer(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -154,14 +158,27 @@ def train_net(
     return net.eval()
 
 
-def net_features(net: FeatureNet, x: np.ndarray | torch.Tensor, shift_px: int = 0) -> torch.Tensor:
+def net_features(
+    net: FeatureNet, x: np.ndarray | torch.Tensor, shift_px: int = 0, local: int = 3
+) -> torch.Tensor:
     """(N, 1, H, W) crops → (N, C, gh, gw) memory features; ``shift_px`` moves the input towards the tip first
     (the thread phase copies the memory stores)."""
     t = torch.as_tensor(x, dtype=torch.float32)
     if shift_px > 0:
         t = torch.cat([t[..., :1].expand(*t.shape[:-1], shift_px), t[..., :-shift_px]], dim=-1)
     with torch.no_grad():
-        return torch.cat([net.features(t[i : i + CHUNK]) for i in range(0, len(t), CHUNK)])
+        return torch.cat([net.features(t[i : i + CHUNK], local) for i in range(0, len(t), CHUNK)])
+
+
+def head_scores(
+    net: FeatureNet, x: np.ndarray | torch.Tensor, mask: torch.Tensor, top_k: int = 4
+) -> np.ndarray:
+    """(N,) the damage head's own verdict: the mean of the ``top_k`` largest cell logits on the part."""
+    t = torch.as_tensor(x, dtype=torch.float32)
+    with torch.no_grad():
+        cells = torch.cat([net(t[i : i + CHUNK]) for i in range(0, len(t), CHUNK)])
+    masked = torch.where(mask > 0, cells, torch.full_like(cells, -1e4)).flatten(1)
+    return masked.topk(top_k, dim=1).values.mean(1).numpy()
 
 
 def cell_mask(parts: np.ndarray, grid: tuple[int, int], share: float = 0.6) -> torch.Tensor:

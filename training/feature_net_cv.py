@@ -30,7 +30,15 @@ from engine.dataset import discover
 from engine.preprocess import Preprocessor
 from engine.split import make_kfold
 from training.config import PRESETS
-from training.feature_net import NetSettings, cell_mask, fit_memory, memory_logits, net_features, train_net
+from training.feature_net import (
+    NetSettings,
+    cell_mask,
+    fit_memory,
+    head_scores,
+    memory_logits,
+    net_features,
+    train_net,
+)
 from training.images import load_images, normalised
 from training.metrics import auroc
 from training.patch_memory import fit
@@ -102,12 +110,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     pos = {s.path: i for i, s in enumerate(ds.samples)}
     parts = np.stack([part_mask(p) for p in imgs.pixels])
     half_s, thread_s = cfg.patch_members_settings()
-    mem_s = replace(
-        thread_s,
-        dims=0,
-        residual=False,
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.memory).items()},
-    )
+    # Memory readouts of each trained net: name suffix → (PatchSettings overrides, local pooling).
+    readouts = {k: dict(v) for k, v in json.loads(args.memory).items()} or {"": {}}
+    mem_settings = {
+        k: (
+            replace(
+                thread_s,
+                **{
+                    "dims": 0,
+                    "residual": False,
+                    **{a: tuple(b) if isinstance(b, list) else b for a, b in v.items() if a != "local"},
+                },
+            ),
+            int(v.get("local", 3)),
+        )
+        for k, v in readouts.items()
+    }
     (t, b), (left, right) = ROWS, COLS
     m = ns.shift
     band_big = x[:, 0, t - m : b + m, left:right]
@@ -157,20 +175,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             train_s = time.monotonic() - t0
             t0 = time.monotonic()
-            feats = [net_features(net, band[ok])] + [
-                net_features(net, band[ok], round(8 * ns.pool * k / mem_s.axial_phases))
-                for k in range(1, mem_s.axial_phases)
-            ]
-            grid = tuple(feats[0].shape[2:])
-            mask = cell_mask(parts[ok, t:b, left:right], grid, mem_s.mask_share)
-            mem, loo, proj = fit_memory(feats, mask, mem_s)
-            logits[args.tag] = (memory_logits(mem, net_features(net, band[test]), proj), loo)
+            tags = []
+            for suffix, (ms, local) in mem_settings.items():
+                feats = [net_features(net, band[ok], local=local)] + [
+                    net_features(net, band[ok], round(8 * ns.pool * k / ms.axial_phases), local)
+                    for k in range(1, ms.axial_phases)
+                ]
+                grid = tuple(feats[0].shape[2:])
+                mask = cell_mask(parts[ok, t:b, left:right], grid, ms.mask_share)
+                mem, loo, proj = fit_memory(feats, mask, ms)
+                tag = args.tag + suffix
+                logits[tag] = (memory_logits(mem, net_features(net, band[test], local=local), proj), loo)
+                tags.append(tag)
+            # The damage head alone, standardised on the fit side's OK parts (which it was trained on: its
+            # logit scale is optimistic, its ranking of held-out parts is not).
+            h_ok, h_test = head_scores(net, band[ok], mask), head_scores(net, band[test], mask)
+            mu, sd = float(h_ok.mean()), float(h_ok.std()) or 1.0
+            logits[args.tag + "_head"] = ((h_test - mu - 3 * sd) / sd, (h_ok - mu - 3 * sd) / sd)
             mem_fit_s = time.monotonic() - t0
-            for name, members in (
-                (f"half+{args.tag}", ("pca_half", args.tag)),
-                ("half+pca_thread", ("pca_half", "pca_thread")),
-                (f"half+pca_thread+{args.tag}", ("pca_half", "pca_thread", args.tag)),
-            ):
+            combos = [("half+pca_thread", ("pca_half", "pca_thread"))]
+            for tag in tags:
+                combos += [
+                    (f"half+{tag}", ("pca_half", tag)),
+                    (f"half+pca_thread+{tag}", ("pca_half", "pca_thread", tag)),
+                ]
+            for name, members in combos:
                 logits[name] = (
                     np.mean([logits[k][0] for k in members], 0),
                     np.mean([logits[k][1] for k in members], 0),
@@ -196,7 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(json.dumps(info[-1]), flush=True)
     gauges = np.concatenate(gauge_rows)
-    results: dict[str, Any] = {"net": asdict(ns), "memory": asdict(mem_s), "folds": info, "members": {}}
+    results: dict[str, Any] = {
+        "net": asdict(ns),
+        "memory": {k: [asdict(v[0]), v[1]] for k, v in mem_settings.items()},
+        "folds": info,
+        "members": {},
+    }
     for name, parts_ in rows.items():
         arr = np.concatenate(parts_)
         np.save(args.out / f"{name}_r{args.first_repeat}-{args.first_repeat + args.repeats - 1}.npy", arr)
