@@ -10,6 +10,20 @@ fitted on the same OK parts; today's two PCA members (half-resolution crop, thre
 parts with training.patch_memory.fit. Held-out logits of every member and of the ensembles (mean of member
 logits, each standardised on its good parts' leave-one-out logits) are saved as ``NAME.npy``, rows
 (repeat, fold, dataset index, logit), and summarised as training.variants does.
+
+Measured (5-fold, split seed 0, width 16, full resolution, 500 steps, 96-dim 3 × 3-pooled features; the
+thread-band members alone also face head defects they cannot see, so compare them on thread_side):
+
+| member | AUROC per fold | pooled | FRR @ recall 1 | thread_side AUROC | OK above thread_side009 |
+|---|---|---|---|---|---|
+| PCA thread band (today) | 0.901 ± 0.039 | 0.899 | 0.752 | 0.956 | 22 |
+| CNN thread band | 0.912 ± 0.041 | 0.906 | 0.640 | 0.907 | 116 |
+| PCA half + PCA thread (today's default) | 0.988 ± 0.005 | 0.986 | 0.116 | 0.963 | 29 |
+| PCA half + CNN thread | 0.977 ± 0.019 | 0.979 | 0.324 | 0.940 | 81 |
+| PCA half + PCA thread + CNN thread | 0.983 ± 0.014 | 0.982 | 0.152 | 0.962 | 38 |
+
+The learned features lose to the PCA codes where it matters (thread_side), and the ensemble with them is worse
+than today's default. Command: ``--net '{"steps": 500, "width": 16, "pool": 1}' --tag cnn_w16 --threads 1``.
 """
 
 from __future__ import annotations
