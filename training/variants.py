@@ -163,6 +163,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
             {**THREAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, **TUNED, **ALIGNED},
         ],
     },
+    "half+thread_aligned_p8_top16": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {
+                **THREAD,
+                "bank_size": 100,
+                "patch": 8,
+                "stride": 4,
+                "dims": 16,
+                "top_k": 16,
+                **TUNED,
+                **ALIGNED,
+            },
+        ],
+    },
     "half+thread_aligned_p8+head": {
         **FULL,
         "patch_members": [
