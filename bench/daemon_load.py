@@ -137,6 +137,7 @@ class LoadClient:
         t_measure = t0 + warmup_s
         t_end = t_measure + seconds
         cpu0 = cpu_bench0 = 0.0
+        scrape0: dict[str, float] = {}
         measuring = False
         w = float(window or 1)
         windows: list[float] = []
@@ -148,6 +149,7 @@ class LoadClient:
             if not measuring and now >= t_measure:
                 measuring, t_measure = True, now
                 cpu0, cpu_bench0 = daemon.cpu_seconds(), time.process_time()
+                scrape0 = daemon.scrape()
             if now >= t_end:
                 break
             if not window and now >= next_adapt:
@@ -159,6 +161,7 @@ class LoadClient:
         t_stop = time.monotonic()
         cpu = daemon.cpu_seconds() - cpu0 if measuring else 0.0
         cpu_bench = time.process_time() - cpu_bench0 if measuring else 0.0
+        scrape1 = daemon.scrape() if measuring else {}
         self._finish(phase, drain_s)
         wall = t_stop - t_measure
         # Throughput: inspected verdicts that arrived inside the measured interval.
@@ -177,6 +180,10 @@ class LoadClient:
             daemon_cores=round(cpu / wall, 2) if ok else 0.0,
             daemon_core_ms_per_img=round(1000 * cpu / inspected, 2) if inspected else None,
             loadgen_cores=round(cpu_bench / wall, 2) if ok else 0.0,
+            thread_core_ms_per_img=_per_img(
+                daemon.thread_cpu(scrape0), daemon.thread_cpu(scrape1), inspected
+            ),
+            batches=_batch_mix(scrape0, scrape1),
         )
         return out
 
@@ -231,6 +238,36 @@ class LoadClient:
         :class:`~daemon.sequence.SequenceTracker`'s rule."""
         with self._sub.lock:
             return len(self._sub.sequence.gaps)
+
+
+def _per_img(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """Core-ms per inspected frame spent by each daemon thread between two scrapes (largest first)."""
+    if not n or not after:
+        return {}
+    spent = {k: 1000.0 * (v - before.get(k, 0.0)) / n for k, v in after.items()}
+    return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
+def _batch_mix(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """How full the inference batches were between two scrapes (``inspectd_batch_size``): the mean, and the
+    share of batches of 1 and of at most 2 frames."""
+    delta = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("inspectd_batch_size_")}
+    n = sum(v for k, v in delta.items() if k.startswith("inspectd_batch_size_count"))
+    if not n:
+        return {}
+    frames = sum(v for k, v in delta.items() if k.startswith("inspectd_batch_size_sum"))
+    out = {"mean": round(frames / n, 2)}
+    for le in ("1.0", "2.0"):
+        out[f"share_le{le[0]}"] = round(
+            sum(
+                v
+                for k, v in delta.items()
+                if k.startswith("inspectd_batch_size_bucket") and f'le="{le}"' in k
+            )
+            / n,
+            3,
+        )
+    return out
 
 
 def _little(phase: _Phase, now: float, w: float, target_s: float, max_window: int) -> float:

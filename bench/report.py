@@ -158,6 +158,7 @@ def markdown(r: dict[str, Any]) -> str:
         [[k, v["wall_ms"], v["core_ms"]] for k, v in r["stages"].items()],
     )
     out.append("")
+    out += _threads(r)
     out.append("**Backends** (img/s · ms/batch · core-ms/img)")
     out.append("")
     sizes = sorted({int(b) for v in r["backends"].values() for b in v.get("batch", {})})
@@ -222,6 +223,35 @@ def markdown(r: dict[str, Any]) -> str:
     out.append(f"GPU: {r['gpu']['reason'] if not r['gpu']['measured'] else 'see JSON'}.")
     out += _profile(r["daemon"].get("profile", {}))
     return "\n".join(out) + "\n"
+
+
+def _threads(r: dict[str, Any]) -> list[str]:
+    """Where the daemon's CPU went at saturation, per thread (``inspectd_thread_cpu_seconds_total``), beside the
+    machine limit's terms: what each stage cost in the daemon against what it costs alone."""
+    sat = r["daemon"].get("saturation", {})
+    cols = [(enc, sat[enc].get("thread_core_ms_per_img") or {}) for enc in ("raw", "png") if enc in sat]
+    cols = [(enc, t) for enc, t in cols if t]
+    if not cols:
+        return []
+    names = list(dict.fromkeys(k for _, t in cols for k in t))
+    rows = [[k, *(_fmt(t.get(k), 2) for _, t in cols)] for k in names]
+    rows.append(["**total**", *(_fmt(sum(t.values()), 2) for _, t in cols)])
+    mix = [sat[enc].get("batches") or {} for enc, _ in cols]
+    rows.append(["mean batch (share of batches of 1 / ≤ 2)", *(
+        f"{m['mean']:.2f} ({m['share_le1']:.0%} / {m['share_le2']:.0%})" if m else "–" for m in mix
+    )])  # fmt: skip
+    limit = r.get("machine_limit", {})
+    terms = [f"{enc}: " + " + ".join(f"{k} {v:g}" for k, v in limit[enc]["terms_core_ms"].items())
+             for enc, _ in cols if enc in limit]  # fmt: skip
+    out = [
+        "**Where the daemon's CPU goes at saturation** (core-ms per inspected frame, by thread: "
+        "`inspectd_thread_cpu_seconds_total` scraped at the start and end of the phase; the machine limit "
+        f"charges {'; '.join(terms)})",
+        "",
+    ]
+    out += _table(["thread", *[f"{enc} frames" for enc, _ in cols]], rows)
+    out.append("")
+    return out
 
 
 def _profile(profiles: dict[str, Any]) -> list[str]:

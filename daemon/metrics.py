@@ -15,17 +15,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from daemon.drift import DriftMonitor, PartImage
@@ -268,6 +271,8 @@ class Metrics:
         )  # fmt: skip
         if process_collector:
             ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
+            if ThreadCpuCollector.available():
+                r.register(ThreadCpuCollector(line))  # the same CPU seconds, by the thread that spent them
         # Without a package (tests, a sink built early) every drift gauge still exists, as NaN / "no reference".
         # Registered through a forwarder: a promote or rollback hands the drift windows to the new production's
         # monitor (set_drift) without a scrape ever seeing the gauges missing.
@@ -397,6 +402,59 @@ class Metrics:
 
 if TYPE_CHECKING:  # mypy proves that the Prometheus metrics are what the stages report to
     _METRICS_ARE_A_SINK: type[MetricsSink] = Metrics
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_NUMBERED = re.compile(r"[-_]\d+$")  # inference-1, preprocess_0 → one role per pool
+
+
+def thread_role(name: str) -> str:
+    """The label a thread's CPU time is counted under: its name without a pool's number."""
+    return _NUMBERED.sub("", name)
+
+
+def _task_cpu_s(tid: int | str) -> float | None:
+    """user + system CPU seconds of one task of this process (Linux /proc), None when it is gone."""
+    try:
+        text = Path(f"/proc/self/task/{tid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces or parentheses
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+class ThreadCpuCollector:
+    """``inspectd_thread_cpu_seconds_total{thread}``: the process's CPU time by the thread that spent it, read
+    from /proc at scrape time only (nothing on the frame path). Python threads are counted under their role
+    (``inference``, ``preprocess``, ``batcher``, ``source-camera``, ``publisher``…, pools summed); ``other`` is
+    the rest of the process total: native library threads (ZeroMQ's I/O thread, ONNX Runtime's pools when it
+    runs them) and threads that have ended. Per frame, ``rate(…[1m]) / rate(inspectd_frames_received_total[1m])``
+    is each stage's core-seconds per frame: where a saturated station's CPU goes."""
+
+    def __init__(self, line: str) -> None:
+        self._line = line
+
+    @staticmethod
+    def available() -> bool:
+        return Path("/proc/self/task").is_dir() and _task_cpu_s(threading.get_native_id()) is not None
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "inspectd_thread_cpu_seconds",
+            "CPU time (user + system) by the daemon thread that spent it; other = native library threads "
+            "and ended threads.",
+            labels=["line", "thread"],
+        )
+        total = _task_cpu_s("..")  # /proc/self/task/../stat = /proc/self/stat: every thread, ended ones too
+        by_role: dict[str, float] = collections.defaultdict(float)
+        for t in threading.enumerate():
+            if t.native_id is not None and (s := _task_cpu_s(t.native_id)) is not None:
+                by_role[thread_role(t.name)] += s
+        if total is not None:
+            by_role["other"] = max(0.0, total - sum(by_role.values()))
+        for role, seconds in sorted(by_role.items()):
+            family.add_metric([self._line, role], seconds)
+        yield family
 
 
 class _Forward:

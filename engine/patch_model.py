@@ -83,6 +83,18 @@ def crop_view(x: torch.Tensor, view: tuple[int, int, int, int, int] | None) -> t
     return F.avg_pool2d(x, pool) if pool > 1 else x
 
 
+def searched_cells(mask: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """Flat indices of the bank cells a search over ``offsets`` reaches from the cells where ``mask`` > 0 (the
+    query at cell m meets the bank at m + (dy, dx)), ascending."""
+    gh, gw = mask.shape
+    on = mask > 0
+    need = torch.zeros(gh, gw, dtype=torch.bool)
+    for dy, dx in offsets:
+        src = on[max(-dy, 0) : gh - max(dy, 0), max(-dx, 0) : gw - max(dx, 0)]
+        need[max(dy, 0) : gh - max(-dy, 0), max(dx, 0) : gw - max(-dx, 0)] |= src
+    return need.flatten().nonzero().flatten()
+
+
 def _view_of(v: Any) -> tuple[int, int, int, int, int] | None:
     if v is None:
         return None
@@ -126,6 +138,9 @@ class PatchMemory(nn.Module):
     bank: torch.Tensor
     bank_sq: torch.Tensor
     bank_m2: torch.Tensor
+    bank_aug: torch.Tensor
+    cell_idx: torch.Tensor
+    cell_pos: torch.Tensor
     mask: torch.Tensor
     offsets: torch.Tensor
     stride: torch.Tensor
@@ -204,6 +219,17 @@ class PatchMemory(nn.Module):
         self._top_k = int(top_k)
         self._grid = (int(gh), int(gw))
         self._offsets = [(int(dy), int(dx)) for dy, dx in self.offsets.tolist()]
+        # What inference searches: only the bank cells some scored cell's window reaches (the mask grown by the
+        # offsets; about half the grid: the rest is background no score reads), with |b|² folded into the
+        # product as one more feature row: [q, 1] · [−2b; |b|²] = |b|² − 2 q·b, so the (cells, n_off·B, N)
+        # product takes one pass (MatMul) instead of two (MatMul, Add). Derived, not saved. See _searched().
+        cells = searched_cells(self.mask, self._offsets)
+        pos = torch.full((gh * gw,), len(cells), dtype=torch.int64)  # grid cell → its row; the rest → FAR row
+        pos[cells] = torch.arange(len(cells))
+        self.register_buffer("cell_idx", cells, persistent=False)
+        self.register_buffer("cell_pos", pos, persistent=False)
+        aug = torch.cat([self.bank_m2, self.bank_sq], 1).index_select(0, cells).contiguous()
+        self.register_buffer("bank_aug", aug, persistent=False)  # (C, K + 1, N)
         self._stride = int(stride)
         self._patch = int(kernel.shape[-1])
         self.fp32 = Fp32Island()  # no parameters: the state dict keys are unchanged
@@ -311,20 +337,7 @@ class PatchMemory(nn.Module):
             shifted.append(q[:, :, max(-dy, 0) : max(-dy, 0) + gh, max(-dx, 0) : max(-dx, 0) + gw])
         n_off = len(shifted)
         qf = torch.cat(shifted, 0).reshape(n_off * b, k, cells).permute(2, 0, 1)  # (L, n_off·B, K)
-        # |q − b|² = |q|² + (|b|² − 2 q·b): only the bracket varies along the bank, so |q|² is added after the
-        # min. Two passes over the (L, n_off·B, N) product (MatMul, Add) instead of four, and half the peak
-        # memory: that tensor is ~31 MB per image (ONNX Runtime's arena held ~200 MB per image in a batch).
-        d = torch.bmm(qf, self.bank_m2) + self.bank_sq  # (L, n_off·B, N)
-        if exclude is not None and origin is not None:
-            # A thinned bank keeps different images' patches at each cell: ``origin`` (L, N) names the good
-            # image of each kept column, ``exclude`` (B,) each query's own image.
-            ids = exclude.reshape(b).repeat(n_off)  # (n_off·B,), in qf's row order
-            d = d.masked_fill(origin[:, None, :] == ids[None, :, None], FAR)
-        elif exclude is not None:
-            cols = exclude.reshape(b, -1).repeat(n_off, 1)  # (n_off·B, m), in qf's row order
-            rows = torch.arange(n_off * b).unsqueeze(1).expand_as(cols)
-            d[:, rows, cols] = FAR
-        dmin = d.min(2).values + (qf * qf).sum(2)  # (L, n_off·B)
+        dmin = self._searched(qf) if exclude is None else self._all_cells(qf, b, n_off, exclude, origin)
         dmin = dmin.permute(1, 0).reshape(n_off * b, 1, gh, gw)  # at bank cell m + (dy, dx)
         best: torch.Tensor | None = None
         for i, (dy, dx) in enumerate(self._offsets):
@@ -336,6 +349,35 @@ class PatchMemory(nn.Module):
             best = di if best is None else torch.minimum(best, di)
         assert best is not None
         return best[:, 0]
+
+    def _searched(self, qf: torch.Tensor) -> torch.Tensor:
+        """(L, n_off·B, K) shifted codes → (L, n_off·B) squared distance to the nearest bank patch of each bank
+        cell, computed on the searched cells only (FAR elsewhere: no scored cell reads them).
+
+        |q − b|² = |q|² + (|b|² − 2 q·b): only the bracket varies along the bank, so |q|² is added after the
+        min, and the bracket is one product with the augmented bank. One pass over the (C, n_off·B, N) product;
+        its MatMul streams the bank from memory once per batch, which is most of what a batch of one costs."""
+        q = qf.index_select(0, self.cell_idx)  # (C, n_off·B, K)
+        d = torch.bmm(F.pad(q, (0, 1), value=1.0), self.bank_aug)  # (C, n_off·B, N)
+        dc = d.min(2).values + (q * q).sum(2)  # (C, n_off·B)
+        return F.pad(dc, (0, 0, 0, 1), value=FAR).index_select(0, self.cell_pos)  # (L, n_off·B)
+
+    def _all_cells(
+        self, qf: torch.Tensor, b: int, n_off: int, exclude: torch.Tensor, origin: torch.Tensor | None
+    ) -> torch.Tensor:
+        """As :meth:`_searched`, on every cell of the grid and with each query's own bank columns excluded
+        (leave-one-out while fitting: the spreads are per cell, background included)."""
+        d = torch.bmm(qf, self.bank_m2) + self.bank_sq  # (L, n_off·B, N)
+        if origin is not None:
+            # A thinned bank keeps different images' patches at each cell: ``origin`` (L, N) names the good
+            # image of each kept column, ``exclude`` (B,) each query's own image.
+            ids = exclude.reshape(b).repeat(n_off)  # (n_off·B,), in qf's row order
+            d = d.masked_fill(origin[:, None, :] == ids[None, :, None], FAR)
+        else:
+            cols = exclude.reshape(b, -1).repeat(n_off, 1)  # (n_off·B, m), in qf's row order
+            rows = torch.arange(n_off * b).unsqueeze(1).expand_as(cols)
+            d[:, rows, cols] = FAR
+        return d.min(2).values + (qf * qf).sum(2)  # (L, n_off·B)
 
     def z_of(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, K, gh, gw) codes → (B, gh, gw) z-scores."""
@@ -349,7 +391,8 @@ class PatchMemory(nn.Module):
     def score_of(self, z: torch.Tensor) -> torch.Tensor:
         """(B, gh, gw) z-map → (B,) logit: the mean of the ``top_k`` largest z where the part lies (a lone
         odd cell — a speck, a glint — counts for 1/top_k of a defect that spans several)."""
-        masked = (z * self.mask + (self.mask - 1.0) * FAR).flatten(1)
+        # Selected, not multiplied: off the part z is not searched (and may be huge), and inf · 0 is NaN.
+        masked = torch.where(self.mask > 0, z, -FAR).flatten(1)
         top = masked.max(1).values if self._top_k == 1 else masked.topk(self._top_k, dim=1).values.mean(1)
         return (top - self.shift) / self.scale
 
@@ -371,7 +414,7 @@ class PatchMemory(nn.Module):
 
     def _logit_and_map(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.z_of(feats)
-        return self.score_of(z), torch.clamp(z, min=0.0) * self.mask
+        return self.score_of(z), torch.where(self.mask > 0, torch.clamp(z, min=0.0), 0.0)
 
 
 class PatchEnsemble(nn.Module):

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +34,7 @@ from pydantic import BaseModel
 from daemon.settings import to_toml
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_THREAD_LABEL = re.compile(r'thread="([^"]*)"')
 
 
 class LogLines:
@@ -258,6 +261,34 @@ class DaemonProcess:
         text = Path(f"/proc/{self.pid}/stat").read_text()
         fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+    def scrape(self, timeout: float = 2.0) -> dict[str, float]:
+        """One real scrape of its metrics endpoint: ``'name{labels}'`` → value (empty when it serves no metrics
+        or cannot be reached)."""
+        port = self.ready.get("metrics_port")
+        if not port:
+            return {}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[key] = float(value)
+        return out
+
+    @staticmethod
+    def thread_cpu(samples: dict[str, float]) -> dict[str, float]:
+        """CPU seconds by the thread that spent them (``inspectd_thread_cpu_seconds_total``) in a scrape."""
+        out: dict[str, float] = {}
+        for key, value in samples.items():
+            if key.startswith("inspectd_thread_cpu_seconds_total{") and (m := _THREAD_LABEL.search(key)):
+                out[m.group(1)] = value
+        return out
 
     def _status(self) -> dict[str, str]:
         out: dict[str, str] = {}

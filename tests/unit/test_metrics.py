@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +15,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from daemon.drift import PartImage
-from daemon.metrics import SCORE_BUCKETS, Metrics, MetricsServer, MetricsSink, score_buckets
+from daemon.metrics import (
+    SCORE_BUCKETS,
+    Metrics,
+    MetricsServer,
+    MetricsSink,
+    ThreadCpuCollector,
+    score_buckets,
+    thread_role,
+)
 from daemon.types import Frame, Outcome, Reason, Verdict
 from engine.package import Decision
 
@@ -188,6 +198,51 @@ def test_http_endpoint_serves_metrics_and_probes() -> None:
         ready["v"] = True
         assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
     finally:
+        server.stop()
+
+
+def _thread_cpu(body: str) -> dict[str, float]:
+    pairs = re.findall(r'inspectd_thread_cpu_seconds_total\{line="L1",thread="([^"]+)"\} (\S+)', body)
+    return {name: float(v) for name, v in pairs}
+
+
+@pytest.mark.skipif(not ThreadCpuCollector.available(), reason="needs Linux /proc/self/task")
+def test_cpu_time_is_scraped_by_the_thread_that_spent_it() -> None:
+    """A pool's threads are counted under one role; the roles add up to the process's CPU time."""
+    assert [thread_role(n) for n in ("inference", "inference-1", "preprocess_0", "source-camera")] == [
+        "inference", "inference", "preprocess", "source-camera",
+    ]  # fmt: skip
+    reg = CollectorRegistry()
+    Metrics(reg, "L1")
+    server = MetricsServer(reg, "127.0.0.1", 0, ready=lambda: True)
+    server.start()
+    stop = threading.Event()
+    spun = [threading.Event(), threading.Event()]
+
+    def spin(done: threading.Event) -> None:
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.3 and not stop.is_set():
+            pass
+        done.set()
+        stop.wait()  # stays alive, idle, until scraped
+
+    names = ("inference", "inference-1")
+    workers = [threading.Thread(target=spin, args=(e,), name=n) for n, e in zip(names, spun, strict=True)]
+    try:
+        for w in workers:
+            w.start()
+        assert all(e.wait(30) for e in spun)  # each has spent its 0.3 s of CPU
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        by_thread = _thread_cpu(body)
+        process = float(re.findall(r"^process_cpu_seconds_total (\S+)", body, re.M)[0])
+        assert 0.55 <= by_thread["inference"] <= 0.9  # the two threads' 0.3 s each, in one role
+        assert "inference-1" not in by_thread and "other" in by_thread
+        assert sum(by_thread.values()) == pytest.approx(process, abs=0.05)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
         server.stop()
 
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from engine.model import CamHead, model_from_state  # noqa: E402
 from engine.package import Decision, load_package  # noqa: E402
-from engine.patch_model import PatchEnsemble, PatchMemory, crop_view  # noqa: E402
+from engine.patch_model import FAR, PatchEnsemble, PatchMemory, crop_view, searched_cells  # noqa: E402
 from engine.preprocess import PreprocessParams  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.export import export_package  # noqa: E402
@@ -67,6 +67,40 @@ def test_a_copy_shifted_by_whole_cells_is_found_only_inside_the_window() -> None
         d_narrow = narrow.distances(narrow.features(query))[0, :, 4:]
     assert float(d_wide.max()) < 1e-3
     assert float(d_narrow.min()) > 1.0
+
+
+def test_searched_cells_are_the_mask_grown_by_the_window() -> None:
+    mask = torch.zeros(5, 7)
+    mask[2, 3] = 1.0
+    cells = searched_cells(mask, [(0, 0), (1, 0), (-1, 0), (0, 2)])
+    assert [(int(c) // 7, int(c) % 7) for c in cells] == [(1, 3), (2, 3), (2, 5), (3, 3)]
+    edge = torch.zeros(5, 7)
+    edge[0, 6] = 1.0  # a window that leaves the grid reaches no cell there
+    assert [int(c) for c in searched_cells(edge, [(-1, 0), (0, 1), (1, 0)])] == [13]
+
+
+def test_inference_searches_only_what_the_score_reads_and_finds_the_same_distances(
+    fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
+) -> None:
+    """The served search (the mask grown by the window, |b|² folded into the product) equals the full grid's
+    on every scored cell, at a fraction of the bank; off the part it is not searched and no score reads it."""
+    model, _, _ = fitted
+    x = torch.from_numpy(_x(np.concatenate([_screws(3, seed=7), _screws(1, seed=9)])))
+    everywhere = PatchMemory.from_state({**model.state_dict(), "mask": torch.ones_like(model.mask)})
+    with torch.no_grad():
+        feats = model.features(x)
+        served = model.distances(feats)
+        full = everywhere.distances(feats)
+        on = model.mask > 0
+        torch.testing.assert_close(served[:, on], full[:, on], rtol=1e-6, atol=1e-5)
+        assert bool((served[:, ~on] <= FAR).all())
+        z, heat = model.with_heatmap(x)
+        assert bool(torch.isfinite(z).all()) and float(heat[:, ~on].abs().max()) == 0.0
+    assert model.bank_aug.shape[0] == len(searched_cells(model.mask, model._offsets)) >= int(on.sum())
+    left = model.mask.clone()
+    left[:, left.shape[1] // 2 :] = 0.0  # a part that lies in the left half only
+    smaller = PatchMemory.from_state({**model.state_dict(), "mask": left})
+    assert smaller.bank_aug.shape[0] < model.mask.numel()  # the bank the search streams shrinks with it
 
 
 def test_leave_one_out_equals_a_memory_without_that_image(
