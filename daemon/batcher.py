@@ -4,14 +4,17 @@ Batches form while the inference workers are busy (as a dynamic batcher does), s
 load makes it and never waits for company the line does not send. A batch closes when
 
 - it is full (``max_batch`` frames), or
-- an inference worker is free to take it and ``max_wait`` has passed since its first frame (a lone frame on an
-  idle daemon goes on at once: ``max_wait`` is shorter than its preprocessing, which runs meanwhile), or
+- an inference worker is free to take it, ``max_wait`` has passed since its first frame and every frame in it
+  is preprocessed, or
 - its most urgent frame must go now to be inferred before its deadline: two inference times before it, one
   to wait for a worker, one of its own,
 
 whichever comes first. Each frame's preprocessing is handed to the pool the moment it joins the batch (writing
-straight into its row), so waiting and preprocessing overlap. The batcher takes a free buffer *before* it takes
-frames: while every buffer is busy, frames wait in the intake queue, where the backpressure policy sees them.
+straight into its row), so waiting and preprocessing overlap. A batch stays open while its frames are being
+preprocessed: the worker would wait for them anyway, so frames that arrive meanwhile join at no cost to the
+first one's latency, and a worker only ever takes a batch it can infer at once (a lone frame on an idle daemon
+goes the moment its preprocessing ends, as before). The batcher takes a free buffer *before* it takes frames:
+while every buffer is busy, frames wait in the intake queue, where the backpressure policy sees them.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ class Batch:
         self.futures: list[Future[None]] = []
         self.t_closed = 0.0
         self.finish = finish  # the batch's own step after the per-frame ones (GPU preprocessing), if any
+
+    def preprocessed(self) -> bool:
+        """Every frame's preprocessing task has finished (the batch's own ``finish`` step is the worker's)."""
+        return all(f.done() for f in self.futures)
 
     def wait_preprocessed(self) -> None:
         for f in self.futures:
@@ -215,14 +222,15 @@ class MicroBatcher(StageThread):
         while len(batch.jobs) < self.limit.value:
             now = self._now()
             free = self.out.worker_free()
-            if now >= close_by or (free and now >= go_at):
+            if now >= close_by or (free and now >= go_at and batch.preprocessed()):
                 # The batch is going: frames already queued still join, without waiting.
                 job = self._next(timeout=0.0)
                 if job is None:
                     break
             else:
-                # Wait for a frame, for the time to go, or (woken by the intake) for a worker to become free.
-                job = self._next(timeout=(min(go_at, close_by) if free else close_by) - now)
+                # Wait for a frame, for the time to go, or (woken by the intake) for a worker to become free
+                # or a frame's preprocessing to end.
+                job = self._next(timeout=(min(go_at, close_by) if free and now < go_at else close_by) - now)
                 if job is None:
                     continue
             self._add(batch, job)
@@ -248,4 +256,9 @@ class MicroBatcher(StageThread):
         if self._executor is None:
             self._preprocess(job, row)
         else:
-            batch.futures.append(self._executor.submit(self._preprocess, job, row))
+            future = self._executor.submit(self._preprocess, job, row)
+            future.add_done_callback(self._prepared)
+            batch.futures.append(future)
+
+    def _prepared(self, _: Future[None]) -> None:
+        self.intake.wake()  # a batch waiting for its preprocessing may go now

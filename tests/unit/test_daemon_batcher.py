@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -158,3 +159,48 @@ def test_a_wake_before_the_wait_is_not_lost() -> None:
     t0 = time.monotonic()
     assert intake.get(timeout=5.0) is None
     assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.timeout(20)
+def test_a_batch_stays_open_while_its_frames_are_preprocessed_and_goes_when_they_are() -> None:
+    """A worker is free, but the first frame is still being preprocessed: the worker would wait for it anyway,
+    so a frame that arrives meanwhile joins the batch, and the batch goes the moment both are preprocessed
+    (no later: a lone frame on an idle daemon is not held for company)."""
+    ledger = Ledger(
+        max_latency_s=10.0, expire=lambda j, r: DECIDER.reject(j.frame, r), monotonic=time.monotonic
+    )
+    intake = IntakeQueue(64)
+    slow_s = 0.3
+
+    def slow_fill(job: Job, row: np.ndarray) -> None:
+        time.sleep(slow_s)  # a PNG decode, stretched
+        fill(job, row)
+
+    batcher = MicroBatcher(
+        intake, BufferPool(3, 4, (4, 4)), ledger, slow_fill, ThreadPoolExecutor(2), max_batch=4,
+        max_wait_s=0.001, monotonic=time.monotonic,
+    )  # fmt: skip
+    batcher.start()
+    got: list[Batch | None] = []
+    worker = threading.Thread(target=lambda: got.append(batcher.out.get(timeout=10)))
+    worker.start()  # a free worker, waiting before the first frame arrives
+    t0 = time.monotonic()
+    first = submit(ledger, intake, 1)
+    time.sleep(slow_s / 3)  # the first frame is in preprocessing, past max_wait
+    second = submit(ledger, intake, 1, start=1)
+    worker.join(10)
+    (b,) = got
+    assert b is not None and [j.key for j in b.jobs] == [j.key for j in first + second]
+    assert b.preprocessed() and all(j.ok for j in b.jobs)  # the worker infers at once, without waiting
+    assert time.monotonic() - t0 < slow_s * 2.5  # both ran side by side on the pool: ~1.33 × slow_s
+    # Alone, a frame goes as soon as it is preprocessed.
+    lone: list[Batch | None] = []
+    worker = threading.Thread(target=lambda: lone.append(batcher.out.get(timeout=10)))
+    worker.start()
+    t0 = time.monotonic()
+    submit(ledger, intake, 1, start=2)
+    worker.join(10)
+    assert lone[0] is not None and len(lone[0].jobs) == 1
+    assert slow_s <= time.monotonic() - t0 < slow_s + 0.5
+    intake.close()
+    batcher.join(5)
