@@ -57,7 +57,7 @@ _MATCHERS = re.compile(r"\{([^}]*)\}")
 _RANGE = re.compile(r"\[[^\]]*\]")
 _IDENT = re.compile(r"(?<![\w$.])([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?")
 _LABEL_VALUES = re.compile(r"^\s*label_values\(\s*([A-Za-z_:][\w:]*)\s*(?:\{[^}]*\})?\s*,\s*(\w+)\s*\)\s*$")
-_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "atan2"}
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "atan2", "group_left", "group_right"}
 
 
 def promql_names(expr: str) -> tuple[set[str], set[str]]:
@@ -92,6 +92,11 @@ def promql_names(expr: str) -> tuple[set[str], set[str]]:
         ),
         ('sum without (reason) (x:y:z{verdict!="PASS", a=~"b"})', {"x:y:z"}, {"reason", "verdict", "a"}),
         ("label_values(inspectd_ready, line)", {"inspectd_ready"}, {"line"}),
+        (
+            "sum by (line, thread) (rate(a[1m])) / on (line) group_left sum by (line) (rate(b[1m]))",
+            {"a", "b"},
+            {"line", "thread"},
+        ),
     ],
 )
 def test_promql_names_finds_metrics_and_labels(expr: str, metrics: set[str], labels: set[str]) -> None:
