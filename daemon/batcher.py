@@ -178,6 +178,7 @@ class MicroBatcher(StageThread):
         self._now = monotonic
         self._est_infer_s = est_infer_s
         self._finish = finish
+        self._awaiting_prep = False  # the open batch waits only for its frames' preprocessing
         self._thread: threading.Thread | None = None
         self.batches = 0
 
@@ -222,7 +223,7 @@ class MicroBatcher(StageThread):
         while len(batch.jobs) < self.limit.value:
             now = self._now()
             free = self.out.worker_free()
-            if now >= close_by or (free and now >= go_at and batch.preprocessed()):
+            if now >= close_by or (free and now >= go_at and self._prepared_now(batch)):
                 # The batch is going: frames already queued still join, without waiting.
                 job = self._next(timeout=0.0)
                 if job is None:
@@ -235,6 +236,7 @@ class MicroBatcher(StageThread):
                     continue
             self._add(batch, job)
             close_by = min(close_by, self._close_by(job))
+        self._awaiting_prep = False
         batch.t_closed = self._now()
         return batch
 
@@ -260,5 +262,13 @@ class MicroBatcher(StageThread):
             future.add_done_callback(self._prepared)
             batch.futures.append(future)
 
+    def _prepared_now(self, batch: Batch) -> bool:
+        # From here until the batch goes, a frame's preprocessing ending wakes the batcher (and only then: a
+        # wake per frame at saturation would cost more than it saves). Future.done() is true before its
+        # callbacks run, so no ending is missed between this flag and the check.
+        self._awaiting_prep = True
+        return batch.preprocessed()
+
     def _prepared(self, _: Future[None]) -> None:
-        self.intake.wake()  # a batch waiting for its preprocessing may go now
+        if self._awaiting_prep:
+            self.intake.wake()  # the open batch may go now
