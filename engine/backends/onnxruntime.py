@@ -6,6 +6,8 @@ Options: :class:`OnnxRuntimeOptions`.
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +26,13 @@ CPU_EP = "CPUExecutionProvider"
 # An execution provider as onnxruntime takes it: its name, or (name, provider options).
 Provider = str | tuple[str, dict[str, str | int | float | bool]]
 
+# ONNX Runtime's CPU layout transformer (blocked NCHWc convolutions): 1.4 × faster for the ResNet18, 1.15 × slower
+# for the patch memory, whose thread registration is one convolution with a 160 × 714 kernel (docs/benchmarks.md,
+# run 9). With ``disabled_optimizers`` unset, a CPU session is timed both ways once per model file and process.
+NCHWC = "NchwcTransformer"
+_LAYOUT: dict[str, tuple[str, ...]] = {}  # model sha256 → the optimizers to disable, as measured
+_LAYOUT_LOCK = threading.Lock()
+
 
 class OnnxRuntimeOptions(BackendOptions):
     """``model.options`` of the ``onnxruntime`` backend."""
@@ -41,6 +50,10 @@ class OnnxRuntimeOptions(BackendOptions):
     # is copied straight into our host buffer), off on CPU, where measurement showed no gain (``session.run``
     # already wraps the numpy input without a copy; see docs/gpu.md).
     io_binding: bool | None = None
+    # ONNX Runtime graph optimizers to switch off, by name (e.g. ["NchwcTransformer"]). None = automatic: on the
+    # CPU, whichever of with and without the NCHWc layout transformer runs the model faster, timed at load (a few
+    # batch-1 runs each, once per model file in the process); [] = ONNX Runtime's full set.
+    disabled_optimizers: tuple[str, ...] | None = None
 
     @field_validator("device", mode="before")
     @classmethod
@@ -73,6 +86,7 @@ class OnnxRuntimeBackend(Backend):
         self._out_buf: np.ndarray | None = None
         self._model_file = self.options.model_file or package.onnx_path.name
         self.device = self.options.device
+        self.disabled_optimizers: tuple[str, ...] = ()  # as opened (chosen at load when not configured)
         io_binding = self.options.io_binding
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
 
@@ -81,7 +95,10 @@ class OnnxRuntimeBackend(Backend):
         return "int8" if "int8" in self._model_file else "fp32"
 
     def describe(self) -> dict[str, str]:
-        return {**super().describe(), "device": self.device}
+        out = {**super().describe(), "device": self.device}
+        if self.disabled_optimizers:
+            out["disabled_optimizers"] = ",".join(self.disabled_optimizers)
+        return out
 
     def _providers(self, ort: Any) -> list[Any]:
         if self.options.providers:
@@ -128,8 +145,11 @@ class OnnxRuntimeBackend(Backend):
                     f"{path} changed on disk since the package was loaded (sha256 {actual[:16]}… ≠ "
                     f"{self.package.meta.onnx_sha256[:16]}…); restart inspectd to serve the new package"
                 )
+        disabled = self.options.disabled_optimizers
         try:
-            session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
+            session = ort.InferenceSession(
+                model_bytes, sess_options=so, providers=providers, disabled_optimizers=list(disabled or ())
+            )
         except Exception as exc:  # ORT raises its own exception types for bad models
             raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from None
         if self.device == "cuda" and session.get_providers()[0] != CUDA_EP:
@@ -153,11 +173,38 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(
                 f"{path} outputs are {outputs}; model.json says {self.package.meta.output_name!r}"
             )
+        if disabled is None:  # the model is checked: now time its layouts (and reopen it if the other wins)
+            disabled = self._fastest_layout(ort, model_bytes, so, providers, session)
+            if disabled:
+                session = ort.InferenceSession(
+                    model_bytes, sess_options=so, providers=providers, disabled_optimizers=list(disabled)
+                )
+        self.disabled_optimizers = tuple(disabled)
         self._session = session
         self._outputs = [self.package.meta.output_name]
         if self.io_binding:
             self._binding = session.io_binding()
             self._out_buf = np.empty((self.max_batch,), dtype=np.float32)
+
+    def _fastest_layout(
+        self, ort: Any, model: bytes, so: Any, providers: list[Any], full: Any
+    ) -> tuple[str, ...]:
+        """The optimizers to disable for this model on this machine: NCHWc or none, whichever runs batch 1 faster
+        (median of 5 runs after 2 warm-up runs each; ``full`` is the session with every optimizer). Decided once
+        per model file in the process, so the inference workers' replicas and a backend re-created after an
+        error open the same graph."""
+        if self.device != "cpu":
+            return ()  # the layout transformer is the CPU provider's
+        key = hashlib.sha256(model).hexdigest()
+        with _LAYOUT_LOCK:
+            if key not in _LAYOUT:
+                x = {self.input_spec.name: np.zeros((1, *self.input_spec.shape), np.float32)}
+                with_nchwc = _median_run_s(full, x)
+                other = ort.InferenceSession(
+                    model, sess_options=so, providers=providers, disabled_optimizers=[NCHWC]
+                )
+                _LAYOUT[key] = (NCHWC,) if _median_run_s(other, x) < with_nchwc else ()
+            return _LAYOUT[key]
 
     def _close(self) -> None:
         self._binding = None
@@ -201,3 +248,14 @@ class OnnxRuntimeBackend(Backend):
         b.bind_output(self._outputs[0], "cpu", 0, np.float32, [n], out.ctypes.data)
         self._session.run_with_iobinding(b)
         return out.copy()
+
+
+def _median_run_s(session: Any, feed: dict[str, np.ndarray], warmup: int = 2, runs: int = 5) -> float:
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[runs // 2]

@@ -101,7 +101,7 @@ def test_a_misspelt_option_is_refused_by_name(tmp_path: Path) -> None:
 
     tiny_package(tmp_path / "pkg", input_size=(32, 32))
     pkg = load_package(tmp_path / "pkg")
-    known = "cuda_device_id, device, intra_op_threads, io_binding, model_file, providers"
+    known = "cuda_device_id, device, disabled_optimizers, intra_op_threads, io_binding, model_file, providers"
     with pytest.raises(OptionsError) as exc:
         create_backend("onnxruntime", pkg, intra_op_thread=1)
     assert str(exc.value) == (
@@ -129,3 +129,37 @@ def test_a_misspelt_option_is_refused_by_name(tmp_path: Path) -> None:
         assert isinstance(b, OnnxRuntimeBackend) and isinstance(b.options, OnnxRuntimeOptions)
         assert (b.options.intra_op_threads, b.io_binding) == (1, True)
         b.infer(np.zeros((2, 1, 32, 32), np.float32))
+
+
+def test_the_layout_is_timed_once_per_model_and_the_faster_graph_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``disabled_optimizers`` unset, a CPU session is opened both ways and timed; the faster choice is kept
+    for every backend on that model file (the workers' replicas, a re-created backend), and a configured list is
+    used as given, untimed. Either graph gives the same logits."""
+    import engine.backends.onnxruntime as ort_backend
+
+    tiny_package(tmp_path / "pkg", input_size=(32, 32))
+    pkg = load_package(tmp_path / "pkg")
+    timed: list[int] = []
+    costs = iter([0.020, 0.012])  # with NCHWc, then without: without is faster here
+
+    def fake_median(session: Any, feed: dict[str, np.ndarray]) -> float:
+        timed.append(1)
+        return next(costs)
+
+    monkeypatch.setattr(ort_backend, "_median_run_s", fake_median)
+    monkeypatch.setattr(ort_backend, "_LAYOUT", {})
+    x = np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32)
+    with (
+        create_backend("onnxruntime", pkg, max_batch=4) as a,
+        create_backend("onnxruntime", pkg, max_batch=4) as b,
+    ):
+        assert a.disabled_optimizers == b.disabled_optimizers == (ort_backend.NCHWC,)
+        assert a.describe()["disabled_optimizers"] == "NchwcTransformer"
+        fast = a.infer(x)
+    assert len(timed) == 2  # once per model, not per backend
+    with create_backend("onnxruntime", pkg, max_batch=4, disabled_optimizers=[]) as full:
+        assert full.disabled_optimizers == () and "disabled_optimizers" not in full.describe()
+        np.testing.assert_allclose(full.infer(x), fast, rtol=1e-5, atol=1e-5)
+    assert len(timed) == 2
