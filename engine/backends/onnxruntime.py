@@ -199,11 +199,15 @@ class OnnxRuntimeBackend(Backend):
         with _LAYOUT_LOCK:
             if key not in _LAYOUT:
                 x = {self.input_spec.name: np.zeros((1, *self.input_spec.shape), np.float32)}
-                with_nchwc = _median_run_s(full, x)
-                other = ort.InferenceSession(
-                    model, sess_options=so, providers=providers, disabled_optimizers=[NCHWC]
-                )
-                _LAYOUT[key] = (NCHWC,) if _median_run_s(other, x) < with_nchwc else ()
+                try:
+                    with_nchwc = _median_run_s(full, x)
+                    other = ort.InferenceSession(
+                        model, sess_options=so, providers=providers, disabled_optimizers=[NCHWC]
+                    )
+                    without = _median_run_s(other, x)
+                except Exception:  # a model that cannot run: the warm-up reports it, with its own message
+                    return ()
+                _LAYOUT[key] = (NCHWC,) if without < with_nchwc else ()
             return _LAYOUT[key]
 
     def _close(self) -> None:

@@ -146,7 +146,7 @@ def test_settings_are_frozen() -> None:
 @pytest.mark.parametrize(
     "backend, options, message",
     [
-        ("onnxruntime", "intra_op_thread = 2", "model.options.intra_op_thread: unknown option 'intra_op_thread' for the onnxruntime backend (did you mean 'intra_op_threads'?); its options are: cuda_device_id, device, intra_op_threads, io_binding, model_file, providers"),
+        ("onnxruntime", "intra_op_thread = 2", "model.options.intra_op_thread: unknown option 'intra_op_thread' for the onnxruntime backend (did you mean 'intra_op_threads'?); its options are: cuda_device_id, device, disabled_optimizers, intra_op_threads, io_binding, model_file, providers"),
         ("tensorrt", 'precison = "fp16"', "model.options.precison: unknown option 'precison' for the tensorrt backend (did you mean 'precision'?); its options are: allow_ungated, device, engine_file, opt_batch, precision, rebuild, warmup_batch_sizes, workspace_mb"),
         ("torch", 'devise = "cpu"', "model.options.devise: unknown option 'devise' for the torch backend (did you mean 'device'?); its options are: batch_buckets, cuda_graphs, device, precision, threads, weights"),
         ("tensorrt", 'opt_batch = "eight"', "model.options.opt_batch: option 'opt_batch' of the tensorrt backend: Input should be a valid integer"),
