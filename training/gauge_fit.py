@@ -41,7 +41,9 @@ from engine.pose import Measurements
 # two miss, so each would only add false-reject risk on parts not yet seen (every band rejects ~1 % of new OK
 # parts by construction of its quantiles, before the margin).
 DEFAULT_BANDS: tuple[str, ...] = ("length_px", "straightness_px")
-DEFAULT_ONE_SIDED: Mapping[str, Literal["low", "high"]] = {"straightness_px": "high"}
+# A crest tip can only fall short of its neighbours by more than an intact thread does, never by less: the crest
+# dip band has only an upper limit whenever it is chosen.
+DEFAULT_ONE_SIDED: Mapping[str, Literal["low", "high"]] = {"straightness_px": "high", "crest_dip_px": "high"}
 DEFAULT_K = 5  # folds of the OK false-reject estimate
 MIN_OK = 20  # below this the 0.5 %/99.5 % quantiles are just the extreme parts, and k-fold folds hold ~4
 
@@ -74,7 +76,7 @@ def learn_bands(
     """Bands ``[quantile(q[0]) − margin, quantile(q[1]) + margin]`` from OK parts' measurements.
 
     ``one_sided`` maps a measurement to the one side that is limited (``"high"``: only too large is a defect);
-    ``None`` uses ``DEFAULT_ONE_SIDED`` (straightness), ``{}`` makes every band two-sided. The area band's margin
+    ``None`` uses ``DEFAULT_ONE_SIDED`` (straightness, crest dip), ``{}`` makes every band two-sided. The area band's margin
     is ``margin_px`` × the median length: a margin-wide strip along the whole part.
     """
     sides = DEFAULT_ONE_SIDED if one_sided is None else one_sided
