@@ -41,7 +41,7 @@ from engine.preprocess import Preprocessor, load_gray
 from engine.split import make_kfold
 from training.calibrate import calibrate
 from training.config import PRESETS, TrainConfig
-from training.gauge_fit import DEFAULT_BANDS, DEFAULT_ONE_SIDED, kfold_flags, learn_bands
+from training.gauge_fit import DEFAULT_BANDS, kfold_flags, learn_bands
 from training.images import load_images, normalised
 from training.metrics import auroc
 
@@ -212,19 +212,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # How model and gauges make the decision, evaluated on the same fitted models (``--decisions``): the gauge bands
 # learnt on each fold's fit-side OK parts, and measurements fused into the score (each z-normalised on the
 # fit-side OK parts and added to the model's logit, whose scale is set by the same parts).
+NO_CREST = ("length_px", "straightness_px")  # the default bands before the crest dip
 DECISIONS: dict[str, dict[str, Any]] = {
-    "default": {},  # the default bands (length, straightness), nothing fused
-    "crest_band": {
-        "bands": (*DEFAULT_BANDS, "crest_dip_px"),
-        "one_sided": {**DEFAULT_ONE_SIDED, "crest_dip_px": "high"},
-    },
-    "crest_fused": {"fuse": ("crest_dip_px",)},
-    "crest_fused_half": {"fuse": ("crest_dip_px",), "fuse_weight": 0.5},
-    "crest_band+fused": {
-        "bands": (*DEFAULT_BANDS, "crest_dip_px"),
-        "one_sided": {**DEFAULT_ONE_SIDED, "crest_dip_px": "high"},
-        "fuse": ("crest_dip_px",),
-    },
+    "default": {},  # training.gauge_fit's default bands, nothing fused
+    "no_crest": {"bands": NO_CREST},
+    "crest_band": {"bands": (*NO_CREST, "crest_dip_px")},
+    "crest_fused": {"bands": NO_CREST, "fuse": ("crest_dip_px",)},
+    "crest_fused_half": {"bands": NO_CREST, "fuse": ("crest_dip_px",), "fuse_weight": 0.5},
+    "crest_band+fused": {"bands": (*NO_CREST, "crest_dip_px"), "fuse": ("crest_dip_px",)},
 }
 
 
