@@ -337,7 +337,8 @@ def _median1d(x: np.ndarray, k: int) -> np.ndarray:
     if k <= 1 or len(x) < k:
         return x
     padded = np.pad(x, k // 2, mode="edge")
-    return np.median(np.lib.stride_tricks.sliding_window_view(padded, k), axis=1)
+    out: np.ndarray = np.median(np.lib.stride_tricks.sliding_window_view(padded, k), axis=1)
+    return out
 
 
 def _crest_tips(prof: np.ndarray, pitch_range: tuple[float, float]) -> np.ndarray:
