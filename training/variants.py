@@ -16,6 +16,10 @@ it. The summary gives, pooled over all held-out scores:
 - the same at each fold's own calibrated threshold (what the procedure train → calibrate → deploy delivers);
 - per defect type: AUROC against the OK parts and recall at the calibrated thresholds.
 
+``--decisions`` evaluates other ways for model and gauges to decide (DECISIONS: other bands, measurements fused
+into the score) on the same fitted models and folds, one summary row each; ``--first-repeat`` continues an
+earlier run with the next split seeds.
+
 Pooled logits mix the folds' models; each model's logit scale is set by its own good parts (leave-one-out), so
 pooling is meaningful, and the per-fold AUROC is reported beside it. Only the patch memory is supported (the
 ResNet18 presets take minutes per fold; ``inspectd train --folds`` covers them).
