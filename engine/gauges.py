@@ -26,6 +26,7 @@ UNITS: dict[str, str] = {
     "tip_width_px": "px",
     "straightness_px": "px",
     "area_px2": "px2",
+    "crest_dip_px": "px",
 }
 MEASUREMENTS: tuple[str, ...] = tuple(UNITS)
 # Defaults of a GaugeSet's learning parameters (training.gauge_fit explains them).

@@ -64,6 +64,16 @@ class PoseParams:
     # across parts whatever their length, and only the tip end moves).
     anchor: str = "centre"
     head_margin_px: float = 10.0
+    # Thread-crest dip (``crest_dip_px``): both flanks' outlines are read along the axis over this fraction of
+    # the length from the head face (the threaded part, run-in and point excluded) from a strip of
+    # ±``crop_height``/2 px across the axis. A flank's edge is the outermost step darker inwards by at least
+    # ``crest_edge_step`` gray levels over 2 px within ``crest_search_px`` inside the silhouette: on the flank
+    # that lies in the part's own cast shadow the silhouette's threshold takes in the shadow, the step does not.
+    crest_region: tuple[float, float] = (0.47, 0.92)
+    crest_edge_step: float = 8.0
+    crest_search_px: int = 45
+    crest_median_px: int = 11  # median along the axis (odd): removes narrow outward spikes (dust, shadow)
+    crest_pitch_px: tuple[float, float] = (50.0, 90.0)  # the thread pitch is searched in this range
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.work_scale <= 1.0:
@@ -100,17 +110,35 @@ class PoseParams:
                 f"{self.crop_width - self.max_length_px:g}]: a plausible part would be cut by the crop"
             )
 
+        lo, hi = self.crest_region
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"pose.crest_region must satisfy 0 ≤ start < end ≤ 1, got {self.crest_region}")
+        if not self.crest_edge_step > 0.0 or self.crest_search_px < 1:
+            raise ValueError("pose.crest_edge_step must be > 0 and pose.crest_search_px ≥ 1")
+        if self.crest_median_px < 1 or self.crest_median_px % 2 == 0:
+            raise ValueError(f"pose.crest_median_px must be an odd integer ≥ 1, got {self.crest_median_px}")
+        if not 2.0 <= self.crest_pitch_px[0] < self.crest_pitch_px[1]:
+            raise ValueError(f"pose.crest_pitch_px must satisfy 2 ≤ low < high, got {self.crest_pitch_px}")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("crest_region", "crest_pitch_px"):
+            d[k] = list(d[k])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PoseParams:
+        """Missing keys take their defaults (a package written before a parameter existed still loads)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(
                 f"unknown pose parameter(s) {unknown}; this inspectd understands {sorted(known)}"
             )
+        d = dict(d)
+        for k in ("crest_region", "crest_pitch_px"):
+            if k in d:
+                d[k] = tuple(float(v) for v in d[k])
         return cls(**d)
 
 
@@ -124,6 +152,9 @@ class Measurements:
     width_profile: tuple[float, ...]  # mean perpendicular width in ``profile_bins`` equal bins, head → tip
     straightness_px: float  # max distance of the smoothed medial axis from the principal axis
     area_px2: float  # silhouette area, holes filled
+    # Largest amount by which a thread crest tip falls short of the line through its two neighbours on the same
+    # flank (``_crest_dip``); NaN where it was not measured (measurements from before it existed, too few crests).
+    crest_dip_px: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -132,11 +163,14 @@ class Measurements:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Measurements:
-        """The inverse of :meth:`to_dict` (training caches measurements beside the crops as JSON)."""
+        """The inverse of :meth:`to_dict` (training caches measurements beside the crops as JSON). Dicts written
+        before ``crest_dip_px`` existed load with it NaN (not measured)."""
         known = {f.name for f in fields(cls)}
-        if set(d) != known:
+        optional = {"crest_dip_px"}
+        if not known - optional <= set(d) <= known:
             raise ValueError(f"measurements need exactly the keys {sorted(known)}, got {sorted(d)}")
         return cls(
+            crest_dip_px=float(d.get("crest_dip_px", math.nan)),
             length_px=float(d["length_px"]),
             head_width_px=float(d["head_width_px"]),
             tip_width_px=float(d["tip_width_px"]),
@@ -299,6 +333,95 @@ def _envelope(
     return p_min, float(pa.max()), qmin, qmax
 
 
+def _median1d(x: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1 or len(x) < k:
+        return x
+    padded = np.pad(x, k // 2, mode="edge")
+    out: np.ndarray = np.median(np.lib.stride_tricks.sliding_window_view(padded, k), axis=1)
+    return out
+
+
+def _crest_tips(prof: np.ndarray, pitch_range: tuple[float, float]) -> np.ndarray:
+    """Heights of the crest tips along one flank profile (distance of the edge from the axis, 1 px per step).
+
+    The pitch is the autocorrelation's peak in ``pitch_range`` (parabolic sub-pixel), the phase the maximum of the
+    profile folded at that pitch; each crest's height is the profile's maximum within ± pitch/4 of its predicted
+    place, so a crushed crest still gets a height (its stub's, or the root's) instead of vanishing.
+    """
+    n = len(prof)
+    lo, hi = math.floor(pitch_range[0]), math.ceil(pitch_range[1])
+    if n < 2 * hi:
+        return np.empty(0)
+    q = prof - prof.mean()
+    full = np.correlate(q, q, "full")[n - 1 :]  # lag 0, 1, …
+    ac = full[lo : hi + 1] / (n - np.arange(lo, hi + 1))
+    j = int(np.argmax(ac))
+    pitch = float(lo + j)
+    if 0 < j < len(ac) - 1:
+        curv = ac[j - 1] - 2.0 * ac[j] + ac[j + 1]
+        if curv < 0:
+            pitch += 0.5 * (ac[j - 1] - ac[j + 1]) / curv
+    nb = max(1, round(pitch))
+    bins = np.minimum((np.arange(n) % pitch / pitch * nb).astype(np.intp), nb - 1)
+    fold = np.bincount(bins, weights=prof, minlength=nb) / np.maximum(np.bincount(bins, minlength=nb), 1)
+    smooth = np.convolve(np.concatenate([fold[-3:], fold, fold[:3]]), np.ones(7) / 7.0, "valid")
+    x0 = (int(np.argmax(smooth)) + 0.5) * pitch / nb
+    centres = np.arange(x0, n, pitch)
+    lo_i = np.rint(centres - pitch / 4.0).astype(np.intp)
+    hi_i = np.rint(centres + pitch / 4.0).astype(np.intp) + 1
+    keep = (lo_i >= 0) & (hi_i <= n)
+    if not keep.any():
+        return np.empty(0)
+    # Windows a pitch apart and half a pitch wide never overlap: one reduceat over [lo, hi) pairs.
+    bounds = np.stack([lo_i[keep], hi_i[keep]], axis=1).ravel()
+    return np.maximum.reduceat(np.append(prof, -np.inf), bounds)[::2]
+
+
+def _crest_dip(
+    gray: np.ndarray, head: np.ndarray, angle_deg: float, length: float, threshold: float, p: PoseParams
+) -> float:
+    """``crest_dip_px``: the largest amount, in px, by which a thread crest tip falls short of the mean of its two
+    neighbours on the same flank (a crest crushed, bent over or broken off), over both flanks; NaN when a flank
+    shows fewer than 3 crests.
+
+    A strip along the threaded part (``crest_region``), ±crop_height/2 across the axis, is cut from the frame by
+    a rotation (head left, as ``normalise``); per column and flank the edge is the outermost inward darkening step
+    (≥ ``crest_edge_step`` over 2 px) within ``crest_search_px`` inside the outermost pixel below the silhouette's
+    threshold. The profiles are median-filtered along the axis, and the crest tips read at the thread pitch.
+    """
+    a = math.radians(angle_deg)
+    ca, sa = math.cos(a), math.sin(a)
+    s0 = math.floor(p.crest_region[0] * length)
+    n = max(1, math.floor(p.crest_region[1] * length) - s0)
+    h = p.crop_height
+    cy = (h - 1) / 2.0
+    hx, hy = float(head[0]), float(head[1])
+    # Row i = the cross-section s0 + i px from the head face, column j = j − cy px across the axis (as the crop's
+    # rows: the upper flank at small j). Rows, not columns, so that every per-section scan runs along memory.
+    m = np.array([[-sa, ca, sa * hx - ca * hy + cy], [ca, sa, -(ca * hx + sa * hy) - s0]])
+    strip = cv2.warpAffine(gray, m, (h, n), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    # Gaussian σ = 1 px, then the central difference across the axis: > 0 where it gets darker towards +j.
+    gauss = cv2.getGaussianKernel(9, 1.0)
+    step = cv2.sepFilter2D(strip, cv2.CV_32F, np.convolve(gauss.ravel(), [1.0, 0.0, -1.0]), gauss)
+    dark = _below(strip, threshold)
+    seen = dark.any(axis=1)
+    top = np.argmax(dark, axis=1)
+    bot = h - 1 - np.argmax(dark[:, ::-1], axis=1)
+    reach = np.arange(-2, p.crest_search_px + 1)
+    rows = np.arange(n)[:, None]
+    dip = -math.inf
+    for outer, sign in ((top, 1), (bot, -1)):
+        cols = np.clip(outer[:, None] + sign * reach, 0, h - 1)  # outermost first
+        hit = sign * step[rows, cols] > p.crest_edge_step
+        edge = np.where(hit.any(axis=1), cols[np.arange(n), np.argmax(hit, axis=1)], outer)
+        dist = np.where(seen, sign * (cy - edge), 0.0)
+        tips = _crest_tips(_median1d(dist, p.crest_median_px), p.crest_pitch_px)
+        if len(tips) < 3:
+            return math.nan
+        dip = max(dip, float(np.max(0.5 * (tips[:-2] + tips[2:]) - tips[1:-1])))
+    return dip
+
+
 def estimate_pose(gray: np.ndarray, params: PoseParams = PoseParams()) -> Pose:
     """Pose and measurements of the one part in a 2-D uint8 frame (dark part on a light background).
 
@@ -395,6 +518,7 @@ def estimate_pose(gray: np.ndarray, params: PoseParams = PoseParams()) -> Pose:
         width_profile=tuple(float(x) for x in profile),
         straightness_px=straightness,
         area_px2=float(width.sum()),
+        crest_dip_px=_crest_dip(gray, head, angle, length, co.threshold, p),
     )
     return Pose(
         centre=(float(centre[0]), float(centre[1])),

@@ -111,9 +111,13 @@ def load_images(
 
 
 def _read_measurements(path: Path) -> Measurements | None:
-    """Cached measurements, or None when there are none (or the file is unreadable: they are measured again)."""
+    """Cached measurements, or None when there are none (or the file is unreadable, or was written before a
+    measurement existed: they are measured again)."""
     try:
-        return Measurements.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if "crest_dip_px" not in d:
+            return None
+        return Measurements.from_dict(d)
     except (OSError, ValueError, TypeError, AttributeError):
         return None
 

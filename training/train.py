@@ -40,7 +40,7 @@ from torch import nn
 
 from engine.dataset import DataError, Dataset, discover, subset
 from engine.drift import ScoreReference
-from engine.gauges import GaugeSet, outside_any
+from engine.gauges import GaugeSet, outside_any, values
 from engine.model import build_model, model_from_state
 from engine.pose import Measurements
 from engine.preprocess import Preprocessor
@@ -48,7 +48,7 @@ from engine.split import Split, make_kfold, make_split
 from training.augment import augment
 from training.calibrate import Calibration, calibrate
 from training.config import TrainConfig
-from training.gauge_fit import MIN_OK, fit_gauge_set
+from training.gauge_fit import DEFAULT_BANDS, MIN_OK, fit_gauge_set
 from training.images import Images, load_images, normalised
 from training.metrics import auroc
 
@@ -621,8 +621,14 @@ def fit_gauges(setup: RunSetup, prep: Prepared) -> Gauging:
         for s, m in zip(samples, measured, strict=True):
             if s.label == 1:
                 ng.setdefault(s.group, []).append(m)
+    # A band is learnt only on what every OK part has a value of: parts whose thread the crest dip cannot read
+    # (too few crests in the pitch range, e.g. another part type or scale) leave that band out, said in the log.
+    names = [n for n in DEFAULT_BANDS if np.isfinite(values(ok, n)).all()]
+    dropped = [n for n in DEFAULT_BANDS if n not in names]
+    if dropped:
+        setup.log(f"warning: no {', '.join(dropped)} band: not measurable on every OK training part")
     gauges, ok_flags = fit_gauge_set(
-        ok, dict(sorted(ng.items())), pose=cfg.preprocess().pose or {}, seed=cfg.seed
+        ok, dict(sorted(ng.items())), pose=cfg.preprocess().pose or {}, names=names, seed=cfg.seed
     )
     train_reject = outside_any(tr.measurements, gauges.bands)
     train_reject[ok_rows] = ok_flags  # the OK parts the bands were learnt from: judged without themselves

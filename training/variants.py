@@ -16,6 +16,10 @@ it. The summary gives, pooled over all held-out scores:
 - the same at each fold's own calibrated threshold (what the procedure train → calibrate → deploy delivers);
 - per defect type: AUROC against the OK parts and recall at the calibrated thresholds.
 
+``--decisions`` evaluates other ways for model and gauges to decide (DECISIONS: other bands, measurements fused
+into the score) on the same fitted models and folds, one summary row each; ``--first-repeat`` continues an
+earlier run with the next split seeds.
+
 Pooled logits mix the folds' models; each model's logit scale is set by its own good parts (leave-one-out), so
 pooling is meaningful, and the per-fold AUROC is reported beside it. Only the patch memory is supported (the
 ResNet18 presets take minutes per fold; ``inspectd train --folds`` covers them).
@@ -35,13 +39,13 @@ from typing import Any
 import numpy as np
 
 from engine.dataset import Dataset, discover
-from engine.gauges import outside
+from engine.gauges import outside, values
 from engine.pose import Measurements, PoseParams, estimate_pose
 from engine.preprocess import Preprocessor, load_gray
 from engine.split import make_kfold
 from training.calibrate import calibrate
 from training.config import PRESETS, TrainConfig
-from training.gauge_fit import kfold_flags, learn_bands
+from training.gauge_fit import DEFAULT_BANDS, kfold_flags, learn_bands
 from training.images import load_images, normalised
 from training.metrics import auroc
 
@@ -209,6 +213,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# How model and gauges make the decision, evaluated on the same fitted models (``--decisions``): the gauge bands
+# learnt on each fold's fit-side OK parts, and measurements fused into the score (each z-normalised on the
+# fit-side OK parts and added to the model's logit, whose scale is set by the same parts).
+NO_CREST = ("length_px", "straightness_px")  # the default bands before the crest dip
+DECISIONS: dict[str, dict[str, Any]] = {
+    "default": {},  # training.gauge_fit's default bands, nothing fused
+    "no_crest": {"bands": NO_CREST},
+    "crest_band": {"bands": (*NO_CREST, "crest_dip_px")},
+    "crest_fused": {"bands": NO_CREST, "fuse": ("crest_dip_px",)},
+    "crest_fused_half": {"bands": NO_CREST, "fuse": ("crest_dip_px",), "fuse_weight": 0.5},
+    "crest_band+fused": {"bands": (*NO_CREST, "crest_dip_px"), "fuse": ("crest_dip_px",)},
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Scored:
     """One fold of one repeat: held-out logits, the fold's calibrated threshold (logit), gauge flags."""
@@ -270,7 +288,12 @@ def fit_fold(
 
 
 def gauge_flags(
-    meas: Sequence[Measurements | None], labels: np.ndarray, fit_idx: np.ndarray, test_idx: np.ndarray
+    meas: Sequence[Measurements | None],
+    labels: np.ndarray,
+    fit_idx: np.ndarray,
+    test_idx: np.ndarray,
+    names: Sequence[str] = DEFAULT_BANDS,
+    one_sided: dict[str, str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Held-out parts outside the bands learned from the fit side's OK parts, and the calibration parts'
     flags (fit-side NG: the bands; fit-side OK: k-fold, each judged by bands learned without it)."""
@@ -279,15 +302,30 @@ def gauge_flags(
     good = [meas[i] for i in ok]
     if any(m is None for m in good):
         raise ValueError("a fit-side OK part has no pose")
-    bands = learn_bands([m for m in good if m is not None])
+    learn: dict[str, Any] = {"names": names, "one_sided": one_sided}
+    bands = learn_bands([m for m in good if m is not None], **learn)
 
     def out_of(idx: np.ndarray) -> np.ndarray:
         return np.array(
             [meas[i] is None or any(bool(outside([meas[i]], b)[0]) for b in bands) for i in idx], bool
         )
 
-    flags = kfold_flags([m for m in good if m is not None])
+    flags = kfold_flags([m for m in good if m is not None], **learn)
     return out_of(test_idx), np.concatenate([out_of(ng), np.logical_or.reduce(list(flags.values()))])
+
+
+def fused_z(
+    meas: Sequence[Measurements | None], names: Sequence[str], ok_idx: np.ndarray, idx: np.ndarray
+) -> np.ndarray:
+    """Sum over ``names`` of each measurement z-normalised on the OK parts ``ok_idx`` (mean, s.d.), for ``idx``;
+    a part without a pose or with a non-finite value gets +inf (it cannot pass)."""
+    total = np.zeros(len(idx))
+    for name in names:
+        ref = values([m for i in ok_idx if (m := meas[i]) is not None], name)
+        mu, sd = float(np.mean(ref)), max(float(np.std(ref, ddof=1)), 1e-9)
+        v = np.array([np.inf if (m := meas[i]) is None else float(getattr(m, name)) for i in idx])
+        total += np.where(np.isfinite(v), (v - mu) / sd, np.inf)
+    return total
 
 
 def frr_at_full_recall(z: np.ndarray, y: np.ndarray, caught: np.ndarray | None = None) -> float:
@@ -360,7 +398,10 @@ def run_variant(
     folds: int,
     repeats: int,
     log: Callable[[str], None],
-) -> dict[str, Any]:
+    decisions: Sequence[str] = ("default",),
+    first_repeat: int = 0,
+) -> list[dict[str, Any]]:
+    """One summary per decision in ``decisions`` (DECISIONS), all from the same fitted models and folds."""
     cfg = TrainConfig.from_dict(spec, base)
     pre = Preprocessor(cfg.preprocess())
     imgs = load_images(ds, ds.samples, pre)
@@ -369,27 +410,56 @@ def run_variant(
     x = normalised(pre, imgs.pixels)
     labels = np.array([s.label for s in ds.samples])
     pos = {s.path: i for i, s in enumerate(ds.samples)}
-    scored: list[Scored] = []
+    scored: dict[str, list[Scored]] = {d: [] for d in decisions}
     t0 = time.monotonic()
-    for r in range(repeats):
+    for r in range(first_repeat, first_repeat + repeats):
         for f in range(folds):
             sp = make_kfold(ds.samples, folds=folds, fold=f, seed=r)
             fit_idx = np.array([pos[p] for p in sp.train + sp.val])
             test_idx = np.array([pos[p] for p in sp.test])
             part = fit_fold(cfg, x, imgs.pixels, labels, fit_idx, test_idx)
-            z_test, z_cal = part.test, np.concatenate([part.ng, part.loo])
-            g_test, g_cal = gauge_flags(meas, labels, fit_idx, test_idx)
-            n_ng = len(part.ng)
-            y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])
-            cal = calibrate(z_cal, y_cal, target_recall=1.0, gauge_reject=g_cal)
-            fit_s = part.fit_s
-            scored.append(Scored(test_idx, z_test, cal.threshold_logit, g_test, fit_s))
-            log(f"  {name}: repeat {r} fold {f}: AUROC {auroc(z_test, labels[test_idx]):.3f} ({fit_s:.0f} s)")
-    summary = summarise(scored, ds, repeats)
-    summary["variant"] = name
-    summary["config"] = spec
-    summary["seconds"] = round(time.monotonic() - t0, 1)
-    return summary
+            ok_idx = fit_idx[labels[fit_idx] == 0]
+            ng_idx = fit_idx[labels[fit_idx] == 1]
+            for d in decisions:
+                dec = DECISIONS[d]
+                z_test, z_ng, z_loo = part.test, part.ng, part.loo
+                if dec.get("fuse"):
+                    wgt = float(dec.get("fuse_weight", 1.0))
+                    z_test = z_test + wgt * fused_z(meas, dec["fuse"], ok_idx, test_idx)
+                    z_ng = z_ng + wgt * fused_z(meas, dec["fuse"], ok_idx, ng_idx)
+                    z_loo = z_loo + wgt * fused_z(meas, dec["fuse"], ok_idx, ok_idx)
+                z_cal = np.concatenate([z_ng, z_loo])
+                g_test, g_cal = gauge_flags(
+                    meas,
+                    labels,
+                    fit_idx,
+                    test_idx,
+                    names=dec.get("bands", DEFAULT_BANDS),
+                    one_sided=dec.get("one_sided"),
+                )
+                n_ng = len(z_ng)
+                y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])
+                # Fused with a measurement that is +inf (no pose), a part is out of the calibration's finite range.
+                z_cal = np.nan_to_num(z_cal, posinf=1e6)
+                cal = calibrate(z_cal, y_cal, target_recall=1.0, gauge_reject=g_cal)
+                scored[d].append(
+                    Scored(
+                        test_idx, np.nan_to_num(z_test, posinf=1e6), cal.threshold_logit, g_test, part.fit_s
+                    )
+                )
+            log(
+                f"  {name}: repeat {r} fold {f}: AUROC {auroc(part.test, labels[test_idx]):.3f} "
+                f"({part.fit_s:.0f} s)"
+            )
+    out = []
+    for d in decisions:
+        summary = summarise(scored[d], ds, repeats)
+        summary["variant"] = name if d == "default" else f"{name} [{d}]"
+        summary["config"] = spec
+        summary["decision"] = {k: list(v) if isinstance(v, tuple) else v for k, v in DECISIONS[d].items()}
+        summary["seconds"] = round(time.monotonic() - t0, 1)
+        out.append(summary)
+    return out
 
 
 def line(s: dict[str, Any]) -> str:
@@ -432,7 +502,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variant", nargs="+", default=["default"], help=f"any of {list(VARIANTS)}")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument(
+        "--first-repeat", type=int, default=0, help="split seed of the first repeat (continue an earlier run)"
+    )
     ap.add_argument("--out", type=Path, help="append each variant's summary (JSON lines) here")
+    ap.add_argument(
+        "--decisions",
+        nargs="+",
+        default=["default"],
+        help=f"decisions evaluated on the same models, one row each: any of {list(DECISIONS)}",
+    )
     args = ap.parse_args(argv)
     if args.table:
         lines = args.table.read_text(encoding="utf-8").splitlines()
@@ -443,11 +522,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in args.variant if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    unknown = [d for d in args.decisions if d not in DECISIONS]
+    if unknown:
+        ap.error(f"unknown decision(s) {unknown}; known: {list(DECISIONS)}")
     ds = discover(args.data)
     base = PRESETS["default"]
     meas = measure_all(ds, PoseParams.from_dict(dict(base.pose_params)))
     for name in args.variant:
-        s = run_variant(
+        for s in run_variant(
             name,
             VARIANTS[name],
             base,
@@ -456,12 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             folds=args.folds,
             repeats=args.repeats,
             log=lambda m: print(m, flush=True),
-        )
-        print(line(s), flush=True)
-        print("  weakest NG:", s["weakest_ng"], "misses:", s["calibrated_misses"], flush=True)
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(s) + "\n")
+            decisions=args.decisions,
+            first_repeat=args.first_repeat,
+        ):
+            print(line(s), flush=True)
+            print("  weakest NG:", s["weakest_ng"], "misses:", s["calibrated_misses"], flush=True)
+            if args.out:
+                with open(args.out, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(s) + "\n")
     return 0
 
 

@@ -176,7 +176,8 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
     summary = json.loads((run / "run.json").read_text())
     gauges = GaugeSet.from_dict(json.loads((run / "gauges.json").read_text()))
     assert summary["config"]["gauges"] is True and summary["gauges"]["file"] == "gauges.json"
-    assert [b.name for b in gauges.bands] == ["length_px", "straightness_px"] and gauges.n_ok == 24
+    assert [b.name for b in gauges.bands] == ["length_px", "straightness_px", "crest_dip_px"]
+    assert gauges.n_ok == 24
     caught, total = gauges.ng_caught["manipulated_front"]
     assert caught == total > 0  # the shortened fronts of the calibration set, judged by the bands
     cal = summary["calibration"]
@@ -224,6 +225,7 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
     assert report["summary"]["by_source"]["ng"]["gauges"] == 1 and report["model"]["gauges"] == [
         "length_px",
         "straightness_px",
+        "crest_dip_px",
     ]
 
 

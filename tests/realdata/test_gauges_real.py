@@ -78,7 +78,7 @@ def test_gauges_kfold(real: Real) -> None:
     out = _kfold_outside(real)
     out["defaults (any)"] = np.logical_or.reduce([out[n] for n in DEFAULT_BANDS])
     types = sorted(set(real.kinds) - {"ok"})
-    print(f"\n{FOLDS}-fold, bands [q0.5 % − 2 px, q99.5 % + 2 px] (straightness: high only)")
+    print(f"\n{FOLDS}-fold, bands [q0.5 % − 2 px, q99.5 % + 2 px] (straightness, crest dip: high only)")
     print(f"  {'band':16s} {'OK rejected':>12s}" + "".join(f"  {t[:17]:>17s}" for t in types))
     for name, flags in out.items():
         cells = [f"{int(flags[kinds == t].sum())}/{int((kinds == t).sum())}" for t in ["ok", *types]]

@@ -48,13 +48,13 @@ def test_the_default_model_on_real_screws_ranks_ng_above_ok_on_its_held_back_tes
 def test_the_default_package_is_the_whole_inspection_and_catches_every_test_ng(
     default_run: tuple[Path, ModelPackage], realdata: Path, tmp_path: Path
 ) -> None:
-    """The package holds the length and straightness bands learnt from the training OK parts, its threshold
+    """The package holds the length, straightness and crest-dip bands learnt from the training OK parts, its threshold
     was calibrated with them (45 NG / 225 OK: 0 escapes bound the escape rate below 6.4 %), and through ONNX
     Runtime, gauges applied, every NG of the untouched test split is rejected."""
     _, pkg = default_run
     assert pkg.meta.gauges is not None
     gauges = GaugeSet.from_dict(pkg.meta.gauges)
-    assert [b.name for b in gauges.bands] == ["length_px", "straightness_px"]
+    assert [b.name for b in gauges.bands] == ["length_px", "straightness_px", "crest_dip_px"]
     assert gauges.pose == pkg.meta.preprocess.pose and gauges.n_ok == 200
     cal = pkg.meta.calibration
     assert cal["gauges"] is True and cal["recall"] == 1.0 and (cal["n_ng"], cal["n_ok"]) == (45, 225)

@@ -26,8 +26,10 @@ from training.gauge_fit import DEFAULT_BANDS, fit_gauge_set, kfold_cost, kfold_f
 N_OK, N_SHORT = 40, 10
 
 
-def _m(length: float = 910.0, straight: float = 5.0, head: float = 284.0, tip: float = 100.0) -> Measurements:
-    return Measurements(length, head, tip, (1.0,) * 4, straight, 1.1e5)
+def _m(
+    length: float = 910.0, straight: float = 5.0, head: float = 284.0, tip: float = 100.0, crest: float = 0.5
+) -> Measurements:
+    return Measurements(length, head, tip, (1.0,) * 4, straight, 1.1e5, crest)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,7 @@ def test_length_band_catches_shortened_fronts_and_passes_ok(
     cost = kfold_cost(ok, k=5, seed=0)
     assert set(cost) == set(DEFAULT_BANDS)
     assert cost["length_px"] <= 0.05 and cost["straightness_px"] <= 0.05, cost
+    assert cost["crest_dip_px"] <= 0.05, cost
 
 
 def test_kfold_judges_each_part_by_bands_learned_without_it() -> None:
@@ -82,7 +85,12 @@ def test_fit_gauge_set_gives_the_bands_their_costs_and_honest_ok_flags() -> None
     gauges, flags = fit_gauge_set(ok, ng, pose=PoseParams().to_dict(), q=(0.0, 1.0), margin_px=1.0, seed=3)
     assert gauges.bands == learn_bands(ok, q=(0.0, 1.0), margin_px=1.0)
     assert flags.tolist() == [False] * 29 + [True]
-    assert gauges.false_reject_estimate == {"length_px": 1 / 30, "straightness_px": 0.0, "any": 1 / 30}
+    assert gauges.false_reject_estimate == {
+        "length_px": 1 / 30,
+        "straightness_px": 0.0,
+        "crest_dip_px": 0.0,
+        "any": 1 / 30,
+    }
     assert gauges.ng_caught == {"manipulated_front": [1, 2], "scratch_head": [1, 1]}
     assert (gauges.n_ok, gauges.kfold, gauges.quantiles) == (30, 5, (0.0, 1.0))
     assert outside_any(ng["manipulated_front"] + ng["scratch_head"], gauges.bands).tolist() == [
@@ -96,8 +104,10 @@ def test_fit_gauge_set_gives_the_bands_their_costs_and_honest_ok_flags() -> None
 # ----------------------------------------------------------------------------------------- band arithmetic
 def test_bands_are_quantiles_plus_margin_and_straightness_is_one_sided() -> None:
     ok = [_m(900.0 + i, straight=float(i % 10)) for i in range(101)]  # lengths 900…1000
-    length, straight = learn_bands(ok, q=(0.01, 0.99), margin_px=3.0)
+    length, straight, crest = learn_bands(ok, q=(0.01, 0.99), margin_px=3.0)
     assert (length.name, length.unit) == ("length_px", "px")
+    assert crest.name == "crest_dip_px" and crest.low is None  # one-sided: only a deeper dip is a defect
+    assert crest.high == pytest.approx(0.5 + 3.0, abs=0.01)
     assert length.low == pytest.approx(901.0 - 3.0, abs=0.01) and length.high == pytest.approx(
         999.0 + 3.0, abs=0.01
     )
@@ -112,7 +122,7 @@ def test_bands_are_quantiles_plus_margin_and_straightness_is_one_sided() -> None
 
 def test_band_limits_are_rounded_outwards_to_a_hundredth() -> None:
     ok = [_m(900.123456 + 0.0137 * i, straight=3.33333 + 0.01 * i) for i in range(50)]
-    length, straight = learn_bands(ok, q=(0.0, 1.0), margin_px=0.0)
+    length, straight, _ = learn_bands(ok, q=(0.0, 1.0), margin_px=0.0)
     assert length.low is not None and length.high is not None and straight.high is not None
     for limit in (length.low, length.high, straight.high):
         assert limit == round(limit, 2)

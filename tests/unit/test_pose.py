@@ -13,7 +13,16 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.pose import NoPartError, Pose, PoseError, PoseParams, crop_matrix, estimate_pose, normalise
+from engine.pose import (
+    Measurements,
+    NoPartError,
+    Pose,
+    PoseError,
+    PoseParams,
+    crop_matrix,
+    estimate_pose,
+    normalise,
+)
 
 LENGTH = 910.0  # head face → tip, px
 HEAD_W = 260.0
@@ -23,16 +32,20 @@ BUMP_U, BUMP_R = (250.0, 290.0), 58.0  # chiral mark on the flank at y < 0 ("top
 ANGLES = range(0, 360, 30)
 
 
-def _flank(sign: float, phase: float, bump: bool) -> list[tuple[float, float]]:
-    """One side of the outline, head face → tip, y = sign × radius."""
+def _flank(sign: float, phase: float, bump: bool, crush: int | None = None) -> list[tuple[float, float]]:
+    """One side of the outline, head face → tip, y = sign × radius; ``crush``: that crest (0 = the first) is
+    crushed to 30 % of its height above the root."""
     pts = [(0.0, HEAD_W / 2), (12.0, HEAD_W / 2), (110.0, SHANK_R)]
     if bump:
         pts += [(BUMP_U[0], SHANK_R), (BUMP_U[0], BUMP_R), (BUMP_U[1], BUMP_R), (BUMP_U[1], SHANK_R)]
     pts += [(480.0, SHANK_R), (480.0, ROOT_R)]
     u = 480.0 + phase
+    i = 0
     while u + PITCH <= 830.0:  # saw-tooth thread crests
-        pts += [(u + PITCH / 2, CREST_R), (u + PITCH, ROOT_R)]
+        crest = ROOT_R + 0.3 * (CREST_R - ROOT_R) if i == crush else CREST_R
+        pts += [(u + PITCH / 2, crest), (u + PITCH, ROOT_R)]
         u += PITCH
+        i += 1
     pts += [(830.0, ROOT_R), (LENGTH, 0.0)]
     return [(x, sign * r) for x, r in pts]
 
@@ -43,12 +56,14 @@ def draw_screw(
     shape: tuple[int, int] = (1024, 1024),
     seed: int = 0,
     bend_deg: float = 0.0,
+    crush: int | None = None,
 ) -> np.ndarray:
     """A dark screw on a light background with a soft cast shadow; ``angle_deg`` is the head → tip direction.
 
-    ``centre`` is the midpoint of the head face–tip segment; ``bend_deg`` bends the front from u = 700 on.
+    ``centre`` is the midpoint of the head face–tip segment; ``bend_deg`` bends the front from u = 700 on;
+    ``crush`` crushes that crest of the upper flank (0 = the first, at u ≈ 505).
     """
-    upper = _flank(-1.0, 0.0, bump=True)
+    upper = _flank(-1.0, 0.0, bump=True, crush=crush)
     lower = _flank(1.0, PITCH / 2, bump=False)  # a helix: crests alternate between the flanks
     outline = np.array(upper + lower[::-1])
     if bend_deg:
@@ -123,6 +138,42 @@ def test_measurements_are_rotation_invariant(poses: dict[int, tuple[np.ndarray, 
         assert m.width_profile[0] > 2 * m.width_profile[-1]  # profile runs head → tip
         # The thread's zigzag is smoothed out; what is left is the chiral bump (8 px off-centre over 40 px).
         assert m.straightness_px < 6.5, a
+        # Every crest of the intact thread reaches its neighbours' height (to a pixel or two of rounding).
+        assert 0.0 <= m.crest_dip_px < 2.0, a
+
+
+@pytest.mark.parametrize("angle", [0.0, 70.0, 200.0])
+def test_crushed_crest_raises_crest_dip(angle: float) -> None:
+    intact = estimate_pose(draw_screw(angle)).measurements.crest_dip_px
+    crushed = estimate_pose(draw_screw(angle, crush=3)).measurements.crest_dip_px
+    assert intact < 2.0
+    assert crushed > intact + 8.0  # the crest lost 0.7 × 18 ≈ 12.6 px of its height
+
+
+def test_crest_dip_on_engine_synth_thread_damage() -> None:
+    """tools.synth's thread_side defect crushes and bends one crest at the silhouette: the measurement rises by
+    several px on the damaged copy of the same part, in the same pose and light, and stays low on the intact one."""
+    import tools.synth as synth
+
+    for seed in (0, 1, 3):
+        ok, _ = synth.render_screw(seed)
+        ng, _ = synth.render_screw(seed, "thread_side")
+        dip_ok = estimate_pose(ok).measurements.crest_dip_px
+        dip_ng = estimate_pose(ng).measurements.crest_dip_px
+        assert dip_ok < 2.0, seed
+        assert dip_ng > dip_ok + 8.0, seed
+
+
+def test_measurements_from_an_older_dict_load_with_crest_dip_nan() -> None:
+    m = estimate_pose(draw_screw(30.0)).measurements
+    d = json.loads(json.dumps(m.to_dict()))
+    assert Measurements.from_dict(d) == m
+    old = {k: v for k, v in d.items() if k != "crest_dip_px"}  # cached or packaged before the measurement
+    assert math.isnan(Measurements.from_dict(old).crest_dip_px)
+    with pytest.raises(ValueError, match="keys"):
+        Measurements.from_dict({k: v for k, v in d.items() if k != "length_px"})
+    with pytest.raises(ValueError, match="keys"):
+        Measurements.from_dict({**d, "crest_depth_px": 1.0})
 
 
 def test_bent_front_raises_straightness() -> None:
@@ -253,6 +304,13 @@ def test_params_round_trip_and_validation() -> None:
         PoseParams(fill="mirror")
     with pytest.raises(ValueError, match="length"):
         PoseParams(min_length_px=950.0, max_length_px=900.0)
+    with pytest.raises(ValueError, match="crest_region"):
+        PoseParams(crest_region=(0.9, 0.5))
+    with pytest.raises(ValueError, match="crest_median_px"):
+        PoseParams(crest_median_px=4)
+    # A package written before the crest parameters existed: they take their defaults.
+    old = {k: v for k, v in d.items() if not k.startswith("crest_")}
+    assert PoseParams.from_dict(old) == p
 
 
 def test_pose_to_dict_is_json() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.gauge_plot import gauge_figure
-from engine.gauges import DEFAULT_MARGIN_PX, DEFAULT_QUANTILES, MEASUREMENTS, GaugeSet, outside
+from engine.gauges import DEFAULT_MARGIN_PX, DEFAULT_QUANTILES, MEASUREMENTS, GaugeSet, outside, values
 from engine.pose import Measurements, PoseError, PoseParams, estimate_pose
 from training.gauge_fit import (
     DEFAULT_BANDS,
@@ -149,7 +149,13 @@ def report(
 ) -> tuple[GaugeSet, list[str]]:
     """The gauge set for ``chosen`` and the report lines for every gaugeable measurement."""
     ok, ng = measured.ok, measured.ng
-    every = tuple(dict.fromkeys((*chosen, *MEASUREMENTS)))  # chosen first, then the others for comparison
+    # Chosen first, then the others for comparison (those every OK part has a finite value of: a band cannot be
+    # learnt from a value that was not measured, e.g. the crest dip of a part with too few crests).
+    every = tuple(
+        dict.fromkeys(
+            (*chosen, *(n for n in MEASUREMENTS if n in chosen or np.isfinite(values(ok, n)).all()))
+        )
+    )
     bands = {b.name: b for b in learn_bands(ok, names=every, q=q, margin_px=margin, one_sided=one_sided)}
     flags = kfold_flags(ok, k=k, seed=seed, names=every, q=q, margin_px=margin, one_sided=one_sided)
     caught = {n: {t: outside(parts, bands[n]) for t, parts in ng.items()} for n in every}
