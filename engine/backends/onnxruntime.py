@@ -174,9 +174,9 @@ class OnnxRuntimeBackend(Backend):
                 f"{path} outputs are {outputs}; model.json says {self.package.meta.output_name!r}"
             )
         if disabled is None:  # the model is checked: now time its layouts (and reopen it if the other wins)
-            disabled = self._fastest_layout(ort, model_bytes, so, providers, session)
+            disabled, timed = self._fastest_layout(ort, model_bytes, so, providers, session)
             if disabled:
-                session = ort.InferenceSession(
+                session = timed or ort.InferenceSession(
                     model_bytes, sess_options=so, providers=providers, disabled_optimizers=list(disabled)
                 )
         self.disabled_optimizers = tuple(disabled)
@@ -188,27 +188,29 @@ class OnnxRuntimeBackend(Backend):
 
     def _fastest_layout(
         self, ort: Any, model: bytes, so: Any, providers: list[Any], full: Any
-    ) -> tuple[str, ...]:
-        """The optimizers to disable for this model on this machine: NCHWc or none, whichever runs batch 1 faster
-        (median of 5 runs after 2 warm-up runs each; ``full`` is the session with every optimizer). Decided once
-        per model file in the process, so the inference workers' replicas and a backend re-created after an
-        error open the same graph."""
+    ) -> tuple[tuple[str, ...], Any]:
+        """The optimizers to disable for this model on this machine, NCHWc or none, whichever runs batch 1 faster
+        (median of 5 runs after 2 warm-up runs each; ``full`` is the session with every optimizer), and the
+        session without NCHWc when it was opened here to time it (else None). Decided once per model file in the
+        process, so the inference workers' replicas and a backend re-created after an error open the same
+        graph."""
         if self.device != "cpu":
-            return ()  # the layout transformer is the CPU provider's
+            return (), None  # the layout transformer is the CPU provider's
         key = hashlib.sha256(model).hexdigest()
         with _LAYOUT_LOCK:
-            if key not in _LAYOUT:
-                x = {self.input_spec.name: np.zeros((1, *self.input_spec.shape), np.float32)}
-                try:
-                    with_nchwc = _median_run_s(full, x)
-                    other = ort.InferenceSession(
-                        model, sess_options=so, providers=providers, disabled_optimizers=[NCHWC]
-                    )
-                    without = _median_run_s(other, x)
-                except Exception:  # a model that cannot run: the warm-up reports it, with its own message
-                    return ()
-                _LAYOUT[key] = (NCHWC,) if without < with_nchwc else ()
-            return _LAYOUT[key]
+            if key in _LAYOUT:
+                return _LAYOUT[key], None
+            x = {self.input_spec.name: np.zeros((1, *self.input_spec.shape), np.float32)}
+            try:
+                with_nchwc = _median_run_s(full, x)
+                other = ort.InferenceSession(
+                    model, sess_options=so, providers=providers, disabled_optimizers=[NCHWC]
+                )
+                without = _median_run_s(other, x)
+            except Exception:  # a model that cannot run: the warm-up reports it, with its own message
+                return (), None
+            _LAYOUT[key] = (NCHWC,) if without < with_nchwc else ()
+            return _LAYOUT[key], other
 
     def _close(self) -> None:
         self._binding = None

@@ -9,9 +9,11 @@ settings from :func:`daemon_harness.daemon_settings` so they match the in-proces
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import threading
 import time
+from pathlib import Path
 
 from tools.daemon_process import DaemonProcess, LogLines
 
@@ -19,10 +21,28 @@ __all__ = ["LogLines", "RssSampler", "free_port"]  # LogLines: for tests that st
 
 
 def free_port() -> int:
-    """A port that was free a moment ago (for a daemon restarted on the same endpoints)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that was free a moment ago (for a daemon restarted on the same endpoints), below the kernel's
+    ephemeral range. A port from that range can be handed to any outgoing connection as its source port while
+    no daemon listens on it, such as a subscriber reconnecting to that very endpoint, which on loopback then
+    connects to itself, and the restarted daemon cannot bind it (seen once in CI: "Address already in use")."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - 16384), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range (from {low})")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 class RssSampler:
