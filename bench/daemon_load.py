@@ -31,7 +31,7 @@ import zmq
 from daemon.subscriber import VerdictSubscriber
 from daemon.wire import camera_message
 from engine.stats import percentiles
-from tools.daemon_process import DaemonProcess
+from tools.daemon_process import DaemonProcess, Samples
 
 INSPECTED = frozenset({"model", "grey_zone", "out_of_tolerance"})
 PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "n")  # latency_ms and daemon_latency_ms in bench.json
@@ -137,7 +137,7 @@ class LoadClient:
         t_measure = t0 + warmup_s
         t_end = t_measure + seconds
         cpu0 = cpu_bench0 = 0.0
-        scrape0: dict[str, float] = {}
+        scrape0: Samples = {}
         measuring = False
         w = float(window or 1)
         windows: list[float] = []
@@ -248,25 +248,23 @@ def _per_img(before: dict[str, float], after: dict[str, float], n: int) -> dict[
     return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
-def _batch_mix(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def _batch_mix(before: Samples, after: Samples) -> dict[str, float]:
     """How full the inference batches were between two scrapes (``inspectd_batch_size``): the mean, and the
     share of batches of 1 and of at most 2 frames."""
-    delta = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("inspectd_batch_size_")}
-    n = sum(v for k, v in delta.items() if k.startswith("inspectd_batch_size_count"))
+
+    def delta(name: str, **labels: str) -> float:
+        return sum(
+            v - before.get((n, ls), 0.0)
+            for (n, ls), v in after.items()
+            if n == name and labels.items() <= dict(ls).items()
+        )
+
+    n = delta("inspectd_batch_size_count")
     if not n:
         return {}
-    frames = sum(v for k, v in delta.items() if k.startswith("inspectd_batch_size_sum"))
-    out = {"mean": round(frames / n, 2)}
-    for le in ("1.0", "2.0"):
-        out[f"share_le{le[0]}"] = round(
-            sum(
-                v
-                for k, v in delta.items()
-                if k.startswith("inspectd_batch_size_bucket") and f'le="{le}"' in k
-            )
-            / n,
-            3,
-        )
+    out = {"mean": round(delta("inspectd_batch_size_sum") / n, 2)}
+    for le in (1, 2):
+        out[f"share_le{le}"] = round(delta("inspectd_batch_size_bucket", le=f"{le:.1f}") / n, 3)
     return out
 
 

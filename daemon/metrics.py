@@ -413,14 +413,20 @@ def thread_role(name: str) -> str:
     return _NUMBERED.sub("", name)
 
 
-def _task_cpu_s(tid: int | str) -> float | None:
-    """user + system CPU seconds of one task of this process (Linux /proc), None when it is gone."""
-    try:
-        text = Path(f"/proc/self/task/{tid}/stat").read_text()
-    except OSError:
-        return None
+def stat_cpu_seconds(stat: str | Path) -> float:
+    """user + system CPU seconds from a Linux ``/proc/…/stat`` file (a process's: every thread, ended ones too;
+    or one task's). Raises OSError when it cannot be read."""
+    text = Path(stat).read_text()
     fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces or parentheses
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _task_cpu_s(tid: int | str) -> float | None:
+    """CPU seconds of one task of this process, None when it is gone."""
+    try:
+        return stat_cpu_seconds(f"/proc/self/task/{tid}/stat")
+    except OSError:
+        return None
 
 
 class ThreadCpuCollector:

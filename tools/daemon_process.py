@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,12 +28,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, ClassVar
 
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
+from daemon.metrics import stat_cpu_seconds
 from daemon.settings import to_toml
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_THREAD_LABEL = re.compile(r'thread="([^"]*)"')
+# One scrape: (sample name, its labels) → value.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 class LogLines:
@@ -258,13 +259,11 @@ class DaemonProcess:
     # -- what it costs -----------------------------------------------------------------------------------------
     def cpu_seconds(self) -> float:
         """user + system CPU time of every thread of the daemon so far (/proc/PID/stat utime + stime)."""
-        text = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return stat_cpu_seconds(f"/proc/{self.pid}/stat")
 
-    def scrape(self, timeout: float = 2.0) -> dict[str, float]:
-        """One real scrape of its metrics endpoint: ``'name{labels}'`` → value (empty when it serves no metrics
-        or cannot be reached)."""
+    def scrape(self, timeout: float = 2.0) -> Samples:
+        """Every sample of one real scrape of its metrics endpoint, by (name, labels); empty when it serves no
+        metrics or cannot be reached."""
         port = self.ready.get("metrics_port")
         if not port:
             return {}
@@ -273,22 +272,20 @@ class DaemonProcess:
                 text = resp.read().decode()
         except OSError:
             return {}
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[key] = float(value)
-        return out
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     @staticmethod
-    def thread_cpu(samples: dict[str, float]) -> dict[str, float]:
+    def thread_cpu(samples: Samples) -> dict[str, float]:
         """CPU seconds by the thread that spent them (``inspectd_thread_cpu_seconds_total``) in a scrape."""
-        out: dict[str, float] = {}
-        for key, value in samples.items():
-            if key.startswith("inspectd_thread_cpu_seconds_total{") and (m := _THREAD_LABEL.search(key)):
-                out[m.group(1)] = value
-        return out
+        return {
+            dict(labels)["thread"]: value
+            for (name, labels), value in samples.items()
+            if name == "inspectd_thread_cpu_seconds_total"
+        }
 
     def _status(self) -> dict[str, str]:
         out: dict[str, str] = {}
