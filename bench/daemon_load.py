@@ -210,6 +210,7 @@ class LoadClient:
         phase = self._begin(f"{name}-")
         count = max(1, round(fps * seconds))
         period = 1.0 / fps
+        scrape0 = daemon.scrape()
         cpu0 = daemon.cpu_seconds()
         t0 = time.monotonic()
         behind = 0
@@ -225,6 +226,7 @@ class LoadClient:
         self._finish(phase, drain_s)
         out = _summary(phase, encoding)
         out.update(
+            stage_ms=_stage_ms(scrape0, daemon.scrape()),
             fps=round(fps, 2),
             sent_fps=round(len(phase.t_send) / wall, 2) if wall > 0 else 0.0,
             sender_behind=behind,
@@ -248,24 +250,48 @@ def _per_img(before: dict[str, float], after: dict[str, float], n: int) -> dict[
     return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
+def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    """How much the samples of ``name`` (those carrying ``labels``, summed) grew between two scrapes."""
+    return sum(
+        v - before.get((n, ls), 0.0)
+        for (n, ls), v in after.items()
+        if n == name and labels.items() <= dict(ls).items()
+    )
+
+
 def _batch_mix(before: Samples, after: Samples) -> dict[str, float]:
     """How full the inference batches were between two scrapes (``inspectd_batch_size``): the mean, and the
     share of batches of 1 and of at most 2 frames."""
-
-    def delta(name: str, **labels: str) -> float:
-        return sum(
-            v - before.get((n, ls), 0.0)
-            for (n, ls), v in after.items()
-            if n == name and labels.items() <= dict(ls).items()
-        )
-
-    n = delta("inspectd_batch_size_count")
+    n = _delta(before, after, "inspectd_batch_size_count")
     if not n:
         return {}
-    out = {"mean": round(delta("inspectd_batch_size_sum") / n, 2)}
+    out = {"mean": round(_delta(before, after, "inspectd_batch_size_sum") / n, 2)}
     for le in (1, 2):
-        out[f"share_le{le}"] = round(delta("inspectd_batch_size_bucket", le=f"{le:.1f}") / n, 3)
+        out[f"share_le{le}"] = round(
+            _delta(before, after, "inspectd_batch_size_bucket", le=f"{le:.1f}") / n, 3
+        )
     return out
+
+
+def _stage_ms(before: Samples, after: Samples) -> dict[str, float]:
+    """Mean ms per frame in each pipeline stage between two scrapes (``inspectd_stage_seconds``: decode,
+    preprocess, queue, infer, publish) and of the daemon's arrival → published latency; ``other`` is the
+    latency no stage accounts for (hand-offs between threads, the ledger, the decision)."""
+    out: dict[str, float] = {}
+    for (name, labels), _ in after.items():
+        stage = dict(labels).get("stage")
+        if name != "inspectd_stage_seconds_count" or stage is None or stage in out:
+            continue
+        n = _delta(before, after, name, stage=stage)
+        if n:
+            out[stage] = 1000.0 * _delta(before, after, "inspectd_stage_seconds_sum", stage=stage) / n
+    n = _delta(before, after, "inspectd_latency_seconds_count")
+    if not n:
+        return {}
+    out["latency"] = 1000.0 * _delta(before, after, "inspectd_latency_seconds_sum") / n
+    # publish is measured from settling to sending, inside the latency; the rest is the frame's own path.
+    out["other"] = out["latency"] - sum(v for k, v in out.items() if k != "latency")
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def _little(phase: _Phase, now: float, w: float, target_s: float, max_window: int) -> float:

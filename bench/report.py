@@ -211,6 +211,20 @@ def markdown(r: dict[str, Any]) -> str:
         ],
     )
     out.append("")
+    stages = ("decode", "preprocess", "queue", "infer", "publish", "other", "latency")
+    staged = {k: v["stage_ms"] for k, v in r["latency"].items() if v.get("stage_ms")}
+    if staged:
+        out.append(
+            "Where a frame's time goes at each rate (mean ms per frame from `inspectd_stage_seconds`; "
+            "queue: arrival to inference less decode and preprocessing; other: the daemon's latency no "
+            "stage accounts for)"
+        )
+        out.append("")
+        out += _table(
+            ["rate", *stages],
+            [[k, *[_fmt(v.get(s), 2) for s in stages]] for k, v in staged.items()],
+        )
+        out.append("")
     if "shadow" in r:
         out += shadow_table(r["shadow"])
     out.append("**Targets**")

@@ -28,6 +28,7 @@ ResNet18 presets take minutes per fold; ``inspectd train --folds`` covers them).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -191,6 +192,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
             {**HEAD, "bank_size": 100, **TUNED},
         ],
     },
+    # Fitted once with --members-out to screen member subsets and weights (``w=…`` decisions): the default's
+    # two members, the head and neck at full resolution (16- and 8-pixel patches), the unregistered 16-pixel
+    # thread band of the default before.
+    "screen5": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, **TUNED, **ALIGNED},
+            {**HEAD, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, "window": [1, 1], **TUNED},
+            {**HEAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, **TUNED},
+        ],
+    },
     "half+thread_p8": {
         **FULL,
         "patch_members": [
@@ -240,12 +254,23 @@ class Scored:
 
 @dataclass(frozen=True, slots=True)
 class FoldScores:
-    """One model's logits on a fold: the held-out parts, the fit side's NG and its OK parts (leave-one-out)."""
+    """One fold's logits, one row per ensemble member (members × parts): the held-out parts, the fit side's NG
+    and its OK parts (leave-one-out). The ensemble's logit is the members' mean (``fused``)."""
 
     test: np.ndarray
     ng: np.ndarray
     loo: np.ndarray
     fit_s: float
+
+    def fused(self, weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(test, ng, loo) logits of the members weighted by ``weights`` (normalised to sum 1; None = the
+        ensemble's plain mean). A weight 0 leaves a member out."""
+        n = self.test.shape[0]
+        w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, np.float64)
+        if w.shape != (n,) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights {list(w)} do not fit {n} member(s): one non-negative weight each")
+        w = w / w.sum()
+        return tuple(np.tensordot(w, a, axes=1) for a in (self.test, self.ng, self.loo))  # type: ignore[return-value]
 
 
 def measure_all(ds: Dataset, params: PoseParams) -> list[Measurements | None]:
@@ -268,23 +293,30 @@ def fit_fold(
 ) -> FoldScores:
     import torch
 
-    from training.patch_memory import fit_members
+    from training.patch_memory import fit
 
     ok = fit_idx[labels[fit_idx] == 0]
     ng = fit_idx[labels[fit_idx] == 1]
     t0 = time.monotonic()
-    model, loo = fit_members(
-        x[ok], pixels[ok], cfg.patch_members_settings(), seed=cfg.seed, log=lambda _: None
-    )
+    # The members one by one (what training.patch_memory.fit_members does), so each one's logits are kept.
+    fitted = [
+        fit(x[ok], pixels[ok], m, seed=cfg.seed, log=lambda _: None) for m in cfg.patch_members_settings()
+    ]
     fit_s = time.monotonic() - t0
 
     def score(idx: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return np.concatenate(
-                [model(torch.from_numpy(x[idx[i : i + 8]]))[:, 0].numpy() for i in range(0, len(idx), 8)]
+            return np.stack(
+                [
+                    np.concatenate(
+                        [m(torch.from_numpy(x[idx[i : i + 8]]))[:, 0].numpy() for i in range(0, len(idx), 8)]
+                    )
+                    for m, _ in fitted
+                ]
             ).astype(np.float64)
 
-    return FoldScores(score(test_idx), score(ng), loo.astype(np.float64), fit_s)
+    loo = np.stack([lo for _, lo in fitted]).astype(np.float64)
+    return FoldScores(score(test_idx), score(ng), loo, fit_s)
 
 
 def gauge_flags(
@@ -385,23 +417,41 @@ def summarise(scored: list[Scored], ds: Dataset, repeats: int) -> dict[str, Any]
         }
         for i in ng_order
     ]
+    # … and of the NG the gauges do not reject: those set the threshold that catches every NG.
+    ng_pos = np.flatnonzero((y == 1) & ~g)
+    out["weakest_ng_model"] = [
+        {
+            "path": str(ds.samples[int(idx[i])].path),
+            "ok_above": int(len(ok_z) - np.searchsorted(ok_z, z[i], side="right")),
+        }
+        for i in ng_pos[np.argsort(z[ng_pos])[:5]]
+    ]
     return out
 
 
-def run_variant(
+@dataclass(frozen=True, slots=True)
+class Fold:
+    """One fitted fold of one repeat: which parts were fitted and held out, and the members' logits."""
+
+    repeat: int
+    fold: int
+    fit_idx: np.ndarray
+    test_idx: np.ndarray
+    scores: FoldScores
+
+
+def fit_variant(
     name: str,
     spec: dict[str, Any],
     base: TrainConfig,
     ds: Dataset,
-    meas: Sequence[Measurements | None],
     *,
     folds: int,
     repeats: int,
     log: Callable[[str], None],
-    decisions: Sequence[str] = ("default",),
     first_repeat: int = 0,
-) -> list[dict[str, Any]]:
-    """One summary per decision in ``decisions`` (DECISIONS), all from the same fitted models and folds."""
+) -> list[Fold]:
+    """The variant's models on every fold of every repeat (split seeds ``first_repeat`` …)."""
     cfg = TrainConfig.from_dict(spec, base)
     pre = Preprocessor(cfg.preprocess())
     imgs = load_images(ds, ds.samples, pre)
@@ -410,54 +460,107 @@ def run_variant(
     x = normalised(pre, imgs.pixels)
     labels = np.array([s.label for s in ds.samples])
     pos = {s.path: i for i, s in enumerate(ds.samples)}
-    scored: dict[str, list[Scored]] = {d: [] for d in decisions}
-    t0 = time.monotonic()
+    out = []
     for r in range(first_repeat, first_repeat + repeats):
         for f in range(folds):
             sp = make_kfold(ds.samples, folds=folds, fold=f, seed=r)
             fit_idx = np.array([pos[p] for p in sp.train + sp.val])
             test_idx = np.array([pos[p] for p in sp.test])
             part = fit_fold(cfg, x, imgs.pixels, labels, fit_idx, test_idx)
-            ok_idx = fit_idx[labels[fit_idx] == 0]
-            ng_idx = fit_idx[labels[fit_idx] == 1]
-            for d in decisions:
-                dec = DECISIONS[d]
-                z_test, z_ng, z_loo = part.test, part.ng, part.loo
-                if dec.get("fuse"):
-                    wgt = float(dec.get("fuse_weight", 1.0))
-                    z_test = z_test + wgt * fused_z(meas, dec["fuse"], ok_idx, test_idx)
-                    z_ng = z_ng + wgt * fused_z(meas, dec["fuse"], ok_idx, ng_idx)
-                    z_loo = z_loo + wgt * fused_z(meas, dec["fuse"], ok_idx, ok_idx)
-                z_cal = np.concatenate([z_ng, z_loo])
-                g_test, g_cal = gauge_flags(
-                    meas,
-                    labels,
-                    fit_idx,
-                    test_idx,
-                    names=dec.get("bands", DEFAULT_BANDS),
-                    one_sided=dec.get("one_sided"),
-                )
-                n_ng = len(z_ng)
-                y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])
-                # Fused with a measurement that is +inf (no pose), a part is out of the calibration's finite range.
-                z_cal = np.nan_to_num(z_cal, posinf=1e6)
-                cal = calibrate(z_cal, y_cal, target_recall=1.0, gauge_reject=g_cal)
-                scored[d].append(
-                    Scored(
-                        test_idx, np.nan_to_num(z_test, posinf=1e6), cal.threshold_logit, g_test, part.fit_s
-                    )
-                )
+            out.append(Fold(r, f, fit_idx, test_idx, part))
             log(
-                f"  {name}: repeat {r} fold {f}: AUROC {auroc(part.test, labels[test_idx]):.3f} "
+                f"  {name}: repeat {r} fold {f}: AUROC {auroc(part.fused()[0], labels[test_idx]):.3f} "
                 f"({part.fit_s:.0f} s)"
             )
+    return out
+
+
+def save_folds(path: Path, folds: Sequence[Fold]) -> None:
+    """The fitted folds' member logits as one ``.npz`` (``--members-out``), for ``--from-members``."""
+    arrays: dict[str, Any] = {"n": np.array(len(folds))}
+    for i, f in enumerate(folds):
+        arrays[f"{i}.rf"] = np.array([f.repeat, f.fold])
+        arrays[f"{i}.fit_idx"], arrays[f"{i}.test_idx"] = f.fit_idx, f.test_idx
+        sc = f.scores
+        arrays[f"{i}.test"], arrays[f"{i}.ng"], arrays[f"{i}.loo"] = sc.test, sc.ng, sc.loo
+        arrays[f"{i}.fit_s"] = np.array(sc.fit_s)
+    np.savez_compressed(path, **arrays)
+
+
+def load_folds(path: Path) -> list[Fold]:
+    with np.load(path) as z:
+        return [
+            Fold(
+                int(z[f"{i}.rf"][0]),
+                int(z[f"{i}.rf"][1]),
+                z[f"{i}.fit_idx"],
+                z[f"{i}.test_idx"],
+                FoldScores(z[f"{i}.test"], z[f"{i}.ng"], z[f"{i}.loo"], float(z[f"{i}.fit_s"])),
+            )
+            for i in range(int(z["n"]))
+        ]
+
+
+def decision(name: str) -> dict[str, Any]:
+    """A DECISIONS entry, or ``w=1,1,0.5``: the default bands with the members' logits weighted so."""
+    if name in DECISIONS:
+        return DECISIONS[name]
+    if name.startswith("w="):
+        try:
+            return {"weights": tuple(float(v) for v in name[2:].split(","))}
+        except ValueError:
+            pass
+    raise ValueError(f"unknown decision {name!r}; known: {list(DECISIONS)} or w=<weight>,<weight>,…")
+
+
+def decide(
+    name: str,
+    spec: dict[str, Any],
+    ds: Dataset,
+    meas: Sequence[Measurements | None],
+    folds: Sequence[Fold],
+    decisions: Sequence[str] = ("default",),
+) -> list[dict[str, Any]]:
+    """One summary per decision in ``decisions`` (see :func:`decision`), all from the same fitted folds."""
+    labels = np.array([s.label for s in ds.samples])
+    repeats = len({f.repeat for f in folds})
     out = []
     for d in decisions:
-        summary = summarise(scored[d], ds, repeats)
+        dec = decision(d)
+        scored: list[Scored] = []
+        for fo in folds:
+            fit_idx, test_idx = fo.fit_idx, fo.test_idx
+            ok_idx = fit_idx[labels[fit_idx] == 0]
+            ng_idx = fit_idx[labels[fit_idx] == 1]
+            z_test, z_ng, z_loo = fo.scores.fused(dec.get("weights"))
+            if dec.get("fuse"):
+                wgt = float(dec.get("fuse_weight", 1.0))
+                z_test = z_test + wgt * fused_z(meas, dec["fuse"], ok_idx, test_idx)
+                z_ng = z_ng + wgt * fused_z(meas, dec["fuse"], ok_idx, ng_idx)
+                z_loo = z_loo + wgt * fused_z(meas, dec["fuse"], ok_idx, ok_idx)
+            z_cal = np.concatenate([z_ng, z_loo])
+            g_test, g_cal = gauge_flags(
+                meas,
+                labels,
+                fit_idx,
+                test_idx,
+                names=dec.get("bands", DEFAULT_BANDS),
+                one_sided=dec.get("one_sided"),
+            )
+            n_ng = len(z_ng)
+            y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])
+            # Fused with a measurement that is +inf (no pose), a part is out of the calibration's finite range.
+            z_cal = np.nan_to_num(z_cal, posinf=1e6)
+            cal = calibrate(z_cal, y_cal, target_recall=1.0, gauge_reject=g_cal)
+            scored.append(
+                Scored(
+                    test_idx, np.nan_to_num(z_test, posinf=1e6), cal.threshold_logit, g_test, fo.scores.fit_s
+                )
+            )
+        summary = summarise(scored, ds, repeats)
         summary["variant"] = name if d == "default" else f"{name} [{d}]"
         summary["config"] = spec
-        summary["decision"] = {k: list(v) if isinstance(v, tuple) else v for k, v in DECISIONS[d].items()}
-        summary["seconds"] = round(time.monotonic() - t0, 1)
+        summary["decision"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dec.items()}
         out.append(summary)
     return out
 
@@ -510,7 +613,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--decisions",
         nargs="+",
         default=["default"],
-        help=f"decisions evaluated on the same models, one row each: any of {list(DECISIONS)}",
+        help=f"decisions evaluated on the same models, one row each: any of {list(DECISIONS)}, or "
+        "w=1,1,0.5 (the members' logits weighted so; 0 leaves a member out)",
+    )
+    ap.add_argument(
+        "--members-out",
+        type=Path,
+        help="keep every fold's per-member logits here, one DIR/<variant>.npz each (for --from-members)",
+    )
+    ap.add_argument(
+        "--from-members",
+        type=Path,
+        nargs="+",
+        help="decide from --members-out files instead of fitting (the variant is the file's name)",
     )
     args = ap.parse_args(argv)
     if args.table:
@@ -520,29 +635,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data is None:
         ap.error("--data is required (or --table FILE)")
     unknown = [v for v in args.variant if v not in VARIANTS]
-    if unknown:
+    if unknown and not args.from_members:
         ap.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    unknown = [d for d in args.decisions if d not in DECISIONS]
-    if unknown:
-        ap.error(f"unknown decision(s) {unknown}; known: {list(DECISIONS)}")
+    for d in args.decisions:
+        try:
+            decision(d)
+        except ValueError as e:
+            ap.error(str(e))
     ds = discover(args.data)
     base = PRESETS["default"]
     meas = measure_all(ds, PoseParams.from_dict(dict(base.pose_params)))
-    for name in args.variant:
-        for s in run_variant(
-            name,
-            VARIANTS[name],
-            base,
-            ds,
-            meas,
-            folds=args.folds,
-            repeats=args.repeats,
-            log=lambda m: print(m, flush=True),
-            decisions=args.decisions,
-            first_repeat=args.first_repeat,
-        ):
+    runs: list[tuple[str, Callable[[], list[Fold]]]] = []
+    for path in args.from_members or ():
+        runs.append((path.stem, functools.partial(load_folds, path)))
+    for name in [] if args.from_members else args.variant:
+
+        def fitted(name: str = name) -> list[Fold]:
+            folds = fit_variant(
+                name,
+                VARIANTS[name],
+                base,
+                ds,
+                folds=args.folds,
+                repeats=args.repeats,
+                log=lambda m: print(m, flush=True),
+                first_repeat=args.first_repeat,
+            )
+            if args.members_out:
+                args.members_out.mkdir(parents=True, exist_ok=True)
+                save_folds(args.members_out / f"{name}.npz", folds)
+            return folds
+
+        runs.append((name, fitted))
+    for name, get in runs:
+        t0 = time.monotonic()
+        folds = get()
+        seconds = round(time.monotonic() - t0, 1)
+        for s in decide(name, VARIANTS.get(name, {}), ds, meas, folds, args.decisions):
+            s["seconds"] = seconds
             print(line(s), flush=True)
-            print("  weakest NG:", s["weakest_ng"], "misses:", s["calibrated_misses"], flush=True)
+            weakest = [(w["path"].split("/")[-1], w["ok_above"]) for w in s["weakest_ng_model"]]
+            print("  weakest NG the gauges pass (OK above):", weakest, flush=True)
+            print("  misses:", s["calibrated_misses"], flush=True)
             if args.out:
                 with open(args.out, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(s) + "\n")

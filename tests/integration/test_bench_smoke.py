@@ -97,6 +97,11 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
             "p99_over_service",
         } <= row.keys()
         assert row["sent"] > 0
+        # Every frame passed through each stage, and the stages lie inside the daemon's latency.
+        st = row["stage_ms"]
+        assert {"decode", "preprocess", "queue", "infer", "publish", "other", "latency"} <= st.keys()
+        assert all(st[k] >= 0 for k in ("decode", "preprocess", "queue", "infer", "publish"))
+        assert 0 < st["preprocess"] + st["infer"] < st["latency"]
     # The daemon inspected frames at saturation, so it used CPU: 0 cores would mean the measurement is broken.
     assert r["peak_rss_mb"] > 0 and r["cpu"]["daemon_cores_at_saturation"] > 0
     assert r["cpu"]["daemon_cores_at_saturation"] == sat["raw"]["daemon_cores"]
@@ -115,6 +120,7 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
 
     text = md.read_text()
     assert "**Headline**" in text and "| machine limit (fp32, raw) |" in text
+    assert "Where a frame's time goes at each rate" in text
     assert text in capsys.readouterr().out  # the same tables are printed
 
 
