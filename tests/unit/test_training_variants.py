@@ -45,9 +45,7 @@ def test_decisions_by_name_and_by_weights() -> None:
 
 
 def test_member_logits_round_trip(tmp_path: Path) -> None:
-    folds = [
-        Fold(r, f, np.arange(10) + f, np.arange(7) + r, _scores()) for r in range(2) for f in range(2)
-    ]
+    folds = [Fold(r, f, np.arange(10) + f, np.arange(7) + r, _scores()) for r in range(2) for f in range(2)]
     save_folds(tmp_path / "v.npz", folds)
     back = load_folds(tmp_path / "v.npz")
     assert [(f.repeat, f.fold) for f in back] == [(0, 0), (0, 1), (1, 0), (1, 1)]
