@@ -95,6 +95,40 @@ def searched_cells(mask: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.
     return need.flatten().nonzero().flatten()
 
 
+def _search_plan(
+    mask: torch.Tensor, offsets: list[tuple[int, int]], cells: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index plan of the served search (:meth:`PatchMemory._on_part`) over the searched bank ``cells``:
+
+    - ``q_idx`` (C · n_off,): for bank cell c and offset o, the flat query cell c − o whose window meets c there
+      (the grid size L where that lies outside the grid: a padded column);
+    - ``d_idx`` (M · n_off,): for part cell m (where ``mask`` > 0) and offset o, the product row c · n_off + o of
+      bank cell c = m + o (C · n_off where m + o leaves the grid: a FAR row);
+    - ``part_pos`` (L,): each grid cell's row among the M part cells (M elsewhere: a FAR row)."""
+    gh, gw = mask.shape
+    n_off, L = len(offsets), gh * gw
+    cy, cx = cells // gw, cells % gw
+    q_idx = torch.empty(len(cells), n_off, dtype=torch.int64)
+    row = torch.full((L,), -1, dtype=torch.int64)
+    row[cells] = torch.arange(len(cells))
+    part = (mask > 0).flatten().nonzero().flatten()
+    py, px = part // gw, part % gw
+    d_idx = torch.empty(len(part), n_off, dtype=torch.int64)
+    for o, (dy, dx) in enumerate(offsets):
+        qy, qx = cy - dy, cx - dx
+        inside = (qy >= 0) & (qy < gh) & (qx >= 0) & (qx < gw)
+        q_idx[:, o] = torch.where(inside, qy * gw + qx, L)
+        by, bx = py + dy, px + dx
+        inside = (by >= 0) & (by < gh) & (bx >= 0) & (bx < gw)
+        r = row[(by.clamp(0, gh - 1) * gw + bx.clamp(0, gw - 1))]
+        if bool((inside & (r < 0)).any()):
+            raise ValueError("searched cells do not cover the part's windows")  # searched_cells guarantees it
+        d_idx[:, o] = torch.where(inside, r * n_off + o, len(cells) * n_off)
+    pos = torch.full((L,), len(part), dtype=torch.int64)
+    pos[part] = torch.arange(len(part))
+    return q_idx.flatten(), d_idx.flatten(), pos
+
+
 def _view_of(v: Any) -> tuple[int, int, int, int, int] | None:
     if v is None:
         return None
@@ -140,7 +174,9 @@ class PatchMemory(nn.Module):
     bank_m2: torch.Tensor
     bank_aug: torch.Tensor
     cell_idx: torch.Tensor
-    cell_pos: torch.Tensor
+    q_idx: torch.Tensor
+    d_idx: torch.Tensor
+    part_pos: torch.Tensor
     mask: torch.Tensor
     offsets: torch.Tensor
     stride: torch.Tensor
@@ -222,14 +258,15 @@ class PatchMemory(nn.Module):
         # What inference searches: only the bank cells some scored cell's window reaches (the mask grown by the
         # offsets; about half the grid: the rest is background no score reads), with |b|² folded into the
         # product as one more feature row: [q, 1] · [−2b; |b|²] = |b|² − 2 q·b, so the (cells, n_off·B, N)
-        # product takes one pass (MatMul) instead of two (MatMul, Add). Derived, not saved. See _searched().
+        # product takes one pass (MatMul) instead of two (MatMul, Add). Derived, not saved. See _on_part().
         cells = searched_cells(self.mask, self._offsets)
-        pos = torch.full((gh * gw,), len(cells), dtype=torch.int64)  # grid cell → its row; the rest → FAR row
-        pos[cells] = torch.arange(len(cells))
         self.register_buffer("cell_idx", cells, persistent=False)
-        self.register_buffer("cell_pos", pos, persistent=False)
         aug = torch.cat([self.bank_m2, self.bank_sq], 1).index_select(0, cells).contiguous()
         self.register_buffer("bank_aug", aug, persistent=False)  # (C, K + 1, N)
+        q_idx, d_idx, part = _search_plan(self.mask, self._offsets, cells)
+        self.register_buffer("q_idx", q_idx, persistent=False)
+        self.register_buffer("d_idx", d_idx, persistent=False)
+        self.register_buffer("part_pos", part, persistent=False)
         self._stride = int(stride)
         self._patch = int(kernel.shape[-1])
         self.fp32 = Fp32Island()  # no parameters: the state dict keys are unchanged
@@ -313,10 +350,10 @@ class PatchMemory(nn.Module):
         (in the codes' pixel units): the distance then never falls below the difference in unexplained detail.
         """
         p = self._patch
-        ones = torch.ones(1, 1, p, p, dtype=x.dtype, device=x.device)
-        s1 = F.conv2d(x, ones, stride=self._stride)
-        s2 = F.conv2d(x * x, ones, stride=self._stride)
-        energy = s2 - s1 * s1 / float(p * p) - (codes * codes).sum(1, keepdim=True)
+        # Patch means by AveragePool (a box sum; cheaper than a convolution with a ones kernel, same sums).
+        m1 = F.avg_pool2d(x, p, stride=self._stride)
+        m2 = F.avg_pool2d(x * x, p, stride=self._stride)
+        energy = float(p * p) * (m2 - m1 * m1) - (codes * codes).sum(1, keepdim=True)
         return torch.sqrt(torch.clamp(energy, min=0.0))
 
     def distances(
@@ -327,6 +364,8 @@ class PatchMemory(nn.Module):
         All offsets go into one batched product, so the bank is read from memory once per batch, not once per
         offset. ``exclude``: (B,) or (B, m) bank columns holding each query's own patches (leave-one-out while
         fitting)."""
+        if exclude is None:
+            return self._on_part(feats)
         b, k = feats.shape[0], feats.shape[1]
         gh, gw = self._grid
         cells = gh * gw
@@ -337,7 +376,7 @@ class PatchMemory(nn.Module):
             shifted.append(q[:, :, max(-dy, 0) : max(-dy, 0) + gh, max(-dx, 0) : max(-dx, 0) + gw])
         n_off = len(shifted)
         qf = torch.cat(shifted, 0).reshape(n_off * b, k, cells).permute(2, 0, 1)  # (L, n_off·B, K)
-        dmin = self._searched(qf) if exclude is None else self._all_cells(qf, b, n_off, exclude, origin)
+        dmin = self._all_cells(qf, b, n_off, exclude, origin)
         dmin = dmin.permute(1, 0).reshape(n_off * b, 1, gh, gw)  # at bank cell m + (dy, dx)
         best: torch.Tensor | None = None
         for i, (dy, dx) in enumerate(self._offsets):
@@ -350,23 +389,32 @@ class PatchMemory(nn.Module):
         assert best is not None
         return best[:, 0]
 
-    def _searched(self, qf: torch.Tensor) -> torch.Tensor:
-        """(L, n_off·B, K) shifted codes → (L, n_off·B) squared distance to the nearest bank patch of each bank
-        cell, computed on the searched cells only (FAR elsewhere: no scored cell reads them).
-
-        |q − b|² = |q|² + (|b|² − 2 q·b): only the bracket varies along the bank, so |q|² is added after the
-        min, and the bracket is one product with the augmented bank. One pass over the (C, n_off·B, N) product;
-        its MatMul streams the bank from memory once per batch, which is most of what a batch of one costs."""
-        q = qf.index_select(0, self.cell_idx)  # (C, n_off·B, K)
+    def _on_part(self, feats: torch.Tensor) -> torch.Tensor:
+        """:meth:`distances` as inference computes them: on the part's cells (the mask), FAR elsewhere (no score
+        or heat map reads them). Every (searched bank cell, offset) pair's query is gathered straight from the
+        codes (``q_idx``), and each part cell's nearest over its window straight from the products (``d_idx``):
+        two Gathers instead of shifting, padding and transposing the whole grid once per offset."""
+        b, k = feats.shape[0], feats.shape[1]
+        gh, gw = self._grid
+        n_off, c = len(self._offsets), self.cell_idx.shape[0]
+        # (L + 1, B, K), row L the outside's query: gathered by whole rows, the queries come out in product order.
+        flat = F.pad(feats.reshape(b, k, gh * gw).permute(2, 0, 1), (0, 0, 0, 0, 0, 1))
+        q = flat.index_select(0, self.q_idx).reshape(c, n_off * b, k)
         d = torch.bmm(F.pad(q, (0, 1), value=1.0), self.bank_aug)  # (C, n_off·B, N)
-        dc = d.min(2).values + (q * q).sum(2)  # (C, n_off·B)
-        return F.pad(dc, (0, 0, 0, 1), value=FAR).index_select(0, self.cell_pos)  # (L, n_off·B)
+        dc = (d.min(2).values + (q * q).sum(2)).reshape(c * n_off, b)  # row = cell · n_off + offset
+        dc = F.pad(dc, (0, 0, 0, 1), value=FAR)  # the last row: a neighbour outside the grid
+        best = (
+            dc.index_select(0, self.d_idx).reshape(-1, n_off, b).min(1).values
+        )  # (M, B) on the part's cells
+        grid = F.pad(best, (0, 0, 0, 1), value=FAR).index_select(0, self.part_pos)  # (L, B): off the part FAR
+        return grid.permute(1, 0).reshape(b, gh, gw)
 
     def _all_cells(
         self, qf: torch.Tensor, b: int, n_off: int, exclude: torch.Tensor, origin: torch.Tensor | None
     ) -> torch.Tensor:
-        """As :meth:`_searched`, on every cell of the grid and with each query's own bank columns excluded
-        (leave-one-out while fitting: the spreads are per cell, background included)."""
+        """(L, n_off·B, K) shifted codes → (L, n_off·B) squared distance to the nearest bank patch of each bank
+        cell, on every cell of the grid and with each query's own bank columns excluded (leave-one-out while
+        fitting: the spreads are per cell, background included)."""
         d = torch.bmm(qf, self.bank_m2) + self.bank_sq  # (L, n_off·B, N)
         if origin is not None:
             # A thinned bank keeps different images' patches at each cell: ``origin`` (L, N) names the good

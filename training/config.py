@@ -270,6 +270,9 @@ PATCH = TrainConfig(
         # The thread band, tip end, at full resolution, registered to a reference thread phase (on its columns
         # 0.107–0.821, within ± 0.0607 of its width: about half a pitch) and coded in 8-pixel patches.
         {"region": [0.15, 0.85, 0.44, 1.0], **PATCH_MEMBER, **THREAD_ALIGNED},
+        # The head and neck at full resolution: scratches on the head and neck are thin lines the half
+        # resolution blurs.
+        {"region": [0.0, 1.0, 0.0, 0.32], **PATCH_MEMBER},
     ),
 )
 PRESETS: dict[str, TrainConfig] = {

@@ -205,6 +205,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
             {**HEAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, **TUNED},
         ],
     },
+    # The head member made cheaper (screened with --members-out like screen5): 16 components, a search of
+    # ± 1 column only (along the axis) or ± 1 row only, both.
+    "screen_head": {
+        **FULL,
+        "patch_members": [
+            {**HALF, "bank_size": 100, **TUNED},
+            {**THREAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, **TUNED, **ALIGNED},
+            {**HEAD, "bank_size": 100, "dims": 16, **TUNED},
+            {**HEAD, "bank_size": 100, "window": [0, 1], **TUNED},
+            {**HEAD, "bank_size": 100, "window": [1, 0], **TUNED},
+            {**HEAD, "bank_size": 100, "dims": 16, "window": [0, 1], **TUNED},
+        ],
+    },
     "half+thread_p8": {
         **FULL,
         "patch_members": [

@@ -115,9 +115,12 @@ def test_leave_one_out_equals_a_memory_without_that_image(
         assert model.bank.shape[2] == 2 * n  # each good crop and its copy moved by half a stride
         for i in range(3):
             keep = [j for j in range(model.bank.shape[2]) if j not in (i, i + n)]
-            other = PatchMemory(model.kernel, model.bank[:, :, keep], model.mask, model.offsets, 8 // 2)
+            # Scored everywhere (inference computes the part's cells only; leave-one-out, the whole grid).
+            everywhere = torch.ones_like(model.mask)
+            other = PatchMemory(model.kernel, model.bank[:, :, keep], everywhere, model.offsets, 8 // 2)
             assert torch.allclose(loo[i], other.distances(feats[i : i + 1])[0], rtol=1e-5, atol=1e-4)
-        assert float(model.distances(feats).max()) < 1e-3  # each image is its own nearest neighbour
+        on = model.mask > 0
+        assert float(model.distances(feats)[:, on].max()) < 1e-3  # each image is its own nearest neighbour
 
 
 def test_a_defect_on_the_part_outscores_every_good_part_and_the_map_points_at_it(
