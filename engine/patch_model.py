@@ -33,6 +33,7 @@ This module imports torch at the top: only training, export and the torch backen
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -79,7 +80,15 @@ def crop_view(x: torch.Tensor, view: tuple[int, int, int, int, int] | None) -> t
     if view is None:
         return x
     top, bottom, left, right, pool = view
-    x = x[:, :, top:bottom, left:right]
+    # Only what narrows: an exported Slice copies even when it keeps everything. A model has one input size
+    # (codes() checks its grid), so the tracer may take the comparison as the constant it is.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
+        h, w = int(x.shape[2]), int(x.shape[3])
+    if (top, bottom) != (0, h):
+        x = x[:, :, top:bottom]
+    if (left, right) != (0, w):
+        x = x[:, :, :, left:right]
     return F.avg_pool2d(x, pool) if pool > 1 else x
 
 
@@ -397,11 +406,13 @@ class PatchMemory(nn.Module):
         b, k = feats.shape[0], feats.shape[1]
         gh, gw = self._grid
         n_off, c = len(self._offsets), self.cell_idx.shape[0]
-        # (L + 1, B, K), row L the outside's query: gathered by whole rows, the queries come out in product order.
+        # (L + 1, B, K + 1): each cell's [q, 1] (the product's augmented row), row L the outside's query; gathered
+        # by whole rows, the queries come out in product order. |q|² likewise, both once per grid cell.
         flat = F.pad(feats.reshape(b, k, gh * gw).permute(2, 0, 1), (0, 0, 0, 0, 0, 1))
-        q = flat.index_select(0, self.q_idx).reshape(c, n_off * b, k)
-        d = torch.bmm(F.pad(q, (0, 1), value=1.0), self.bank_aug)  # (C, n_off·B, N)
-        dc = (d.min(2).values + (q * q).sum(2)).reshape(c * n_off, b)  # row = cell · n_off + offset
+        sq = (flat * flat).sum(2).index_select(0, self.q_idx).reshape(c, n_off * b)
+        q = F.pad(flat, (0, 1), value=1.0).index_select(0, self.q_idx).reshape(c, n_off * b, k + 1)
+        d = torch.bmm(q, self.bank_aug)  # (C, n_off·B, N)
+        dc = (d.min(2).values + sq).reshape(c * n_off, b)  # row = cell · n_off + offset
         dc = F.pad(dc, (0, 0, 0, 1), value=FAR)  # the last row: a neighbour outside the grid
         best = (
             dc.index_select(0, self.d_idx).reshape(-1, n_off, b).min(1).values
@@ -489,6 +500,10 @@ class PatchEnsemble(nn.Module):
             _, b, _, r, _ = m._view or (0, input_size[0], 0, input_size[1], 1)
             if b > input_size[0] or r > input_size[1]:
                 raise ValueError(f"member {i}'s view {m._view} must lie inside the {input_size} input")
+        # Which member cells each output cell's pixels come from (derived, not saved): see heat_cells().
+        self._heat_idx = [heat_cells(m, self._input, self._cell) for m in members]
+        for i, idx in enumerate(self._heat_idx):
+            self.register_buffer(f"heat_idx_{i}", idx, persistent=False)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PatchEnsemble:
@@ -510,23 +525,47 @@ class PatchEnsemble(nn.Module):
     def with_heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = self._input
         c = self._cell
-        logits, maps = [], []
-        for m in self._members:
+        logits: list[torch.Tensor] = []
+        cells: torch.Tensor | None = None
+        for i, m in enumerate(self._members):
             logit, heat = m.with_heatmap(x)
             logits.append(logit)
-            # Each member cell back onto the input pixels it steps over (stride × pool of them, from the
-            # view's corner), then the largest per ``cell``-pixel cell: a finer member's peak is never dropped.
-            t, _, left, _, pool = m._view or (0, h, 0, w, 1)
-            step = m._stride * pool
-            gh, gw = m.input_grid
-            pixels = F.interpolate(heat[:, None], scale_factor=float(step), mode="nearest")
-            maps.append(F.pad(pixels, (left, w - left - gw * step, t, h - t - gh * step)))
-        heat_all = maps[0]
-        for more in maps[1:]:
-            heat_all = torch.maximum(heat_all, more)
-        cells = F.max_pool2d(heat_all, c, stride=c, ceil_mode=True)[:, 0]
+            # Each output cell: the largest of the member cells whose pixels it covers (0 where none does; the
+            # maps are ≥ 0), gathered by rows of the batch from the flat map and its appended 0.
+            idx: torch.Tensor = getattr(self, f"heat_idx_{i}")  # (O, R)
+            flat = F.pad(heat.flatten(1).permute(1, 0), (0, 0, 0, 1))  # (gh·gw + 1, B)
+            mc = flat.index_select(0, idx.flatten()).reshape(idx.shape[0], idx.shape[1], -1).max(1).values
+            cells = mc if cells is None else torch.maximum(cells, mc)
+        assert cells is not None
+        out = cells.permute(1, 0).reshape(-1, -(-h // c), -(-w // c))
         mean: torch.Tensor = self.fp32(_mean, *logits)
-        return mean.to(x.dtype), cells
+        return mean.to(x.dtype), out
+
+
+def heat_cells(m: PatchMemory, input_size: tuple[int, int], cell: int) -> torch.Tensor:
+    """(O, R) int64: for each ``cell``-pixel cell of the input (⌈H/cell⌉ × ⌈W/cell⌉, row-major), the flat
+    indices of member ``m``'s grid cells whose pixels it covers — a member cell covers stride × pool pixels
+    from its view's corner — padded with gh·gw (a 0). The ensemble's map is the largest of them, exactly the
+    largest over the cell's pixels of the member map put back on the input (a finer member's peak is never
+    dropped), without building that full-resolution map."""
+    h, w = input_size
+    top, _, left, _, pool = m._view or (0, h, 0, w, 1)
+    step = m._stride * pool
+    gh, gw = m.input_grid
+
+    def spans(n_out: int, origin: int, n_cells: int, limit: int) -> list[list[int]]:
+        out = []
+        for i in range(n_out):
+            a, b = i * cell, min((i + 1) * cell, limit)  # the output cell's pixels [a, b)
+            # member cells u whose pixels [origin + u·step, origin + (u + 1)·step) meet [a, b)
+            first, last = max(0, (a - origin) // step), min(n_cells - 1, (b - 1 - origin) // step)
+            out.append(list(range(first, last + 1)))
+        return out
+
+    rows, cols = spans(-(-h // cell), top, gh, h), spans(-(-w // cell), left, gw, w)
+    sets = [[u * gw + v for u in ru for v in cv] for ru in rows for cv in cols]
+    r = max(1, max(len(s) for s in sets))
+    return torch.tensor([s + [gh * gw] * (r - len(s)) for s in sets], dtype=torch.int64)
 
 
 def _mean(*logits: torch.Tensor) -> torch.Tensor:

@@ -677,3 +677,38 @@ def test_config_align_is_fractions_of_the_member_view() -> None:
     good = _screws(6, seed=2)
     with pytest.raises(ValueError, match="align"):
         fit(_x(good), good, replace(SMALL, align=(4, 95, 6)), log=_quiet)  # the search leaves the view
+
+
+def _pixel_heat(model: PatchEnsemble, x: torch.Tensor) -> torch.Tensor:
+    """The ensemble's map the long way: every member's map put back on the input pixels, the largest per cell."""
+    h, w = model._input
+    maps = []
+    for m in model._members:
+        heat = m.with_heatmap(x)[1]
+        t, _, left, _, pool = m._view or (0, h, 0, w, 1)
+        step = m._stride * pool
+        gh, gw = m.input_grid
+        pixels = torch.nn.functional.interpolate(heat[:, None], scale_factor=float(step), mode="nearest")
+        maps.append(torch.nn.functional.pad(pixels, (left, w - left - gw * step, t, h - t - gh * step)))
+    full = torch.stack(maps).max(0).values
+    c = model._cell
+    return torch.nn.functional.max_pool2d(full, c, stride=c, ceil_mode=True)[:, 0]
+
+
+@pytest.mark.parametrize("view", [(0, H, 0, W, 2), (5, 37, 13, 91, 1), (3, 45, 7, 95, 2)])
+def test_the_cell_map_is_the_largest_over_each_cells_pixels(
+    ensemble: tuple[PatchEnsemble, np.ndarray, np.ndarray], view: tuple[int, int, int, int, int]
+) -> None:
+    """The map gathered cell by cell equals the member maps put back on the input pixels and max-pooled, also
+    for views whose corner and step do not line up with the 8-pixel cells."""
+    model, _, good = ensemble
+    fresh = _screws(3, seed=41)
+    fresh[1:, 20:26, 60:66] = 250
+    x = torch.from_numpy(_x(fresh))
+    odd = fit_members(_x(good), good, [MEMBERS[1], replace(SMALL, view=view)], seed=0, log=_quiet)[0]
+    assert isinstance(odd, PatchEnsemble)
+    with torch.no_grad():
+        for m in (model, odd):
+            heat = m.with_heatmap(x)[1]
+            torch.testing.assert_close(heat, _pixel_heat(m, x), rtol=0, atol=0)
+            assert float(heat.max()) > 0
