@@ -33,8 +33,8 @@ def default_run(realdata: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 def test_the_default_model_on_real_screws_ranks_ng_above_ok_on_its_held_back_test(
     default_run: tuple[Path, ModelPackage],
 ) -> None:
-    """The default preset (patch memory on the 160×500 pose crop) as shipped, on the 80/10/10 split: fitting
-    takes well under a minute here, and the 30 test images were never used to choose any setting."""
+    """The default preset (three patch memories on the 320×1000 pose crop) as shipped, on the 80/10/10 split:
+    fitting takes about a minute here, and the 30 test images were never used to choose any setting."""
     run, pkg = default_run
     metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
     assert metrics["n"] == 30 and metrics["failed"] == {}
