@@ -117,10 +117,21 @@ def train_args(cfg: DemoConfig, data: Path, run_dir: Path) -> list[str]:
     return args
 
 
+def package_key(cfg: DemoConfig, data: Path) -> str:
+    """What the cached package was made from: the data and the effective training configuration, as
+    ``inspectd train --print-config`` resolves it (a preset changed by an upgrade trains again instead of serving
+    the old model)."""
+    cmd = [sys.executable, "-m", "inspectd.cli", *train_args(cfg, data, Path("RUN")), "--print-config"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise DemoError(f"'inspectd train --print-config' failed: {done.stderr.strip()[-500:]}")
+    key_src = {"data": _data_identity(data), "config": json.loads(done.stdout)}
+    return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def model_package(cfg: DemoConfig, data: Path, say: Say) -> Path:
     """The package for (data, training options): reused when it exists, else trained and exported."""
-    key_src = {"data": _data_identity(data), "train": train_args(cfg, data, Path("RUN"))[3:]}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
+    key = package_key(cfg, data)
     run_dir, pkg_dir = cfg.workdir / "runs" / key, cfg.workdir / "models" / key
     if (pkg_dir / "model.json").is_file() and not cfg.retrain:
         say(f"model package: cached in {pkg_dir} (--retrain to train again)")

@@ -88,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (one line per epoch only)"
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective training configuration (preset, --config and flags) as JSON and exit",
+    )
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -121,6 +126,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.print_config:
+        import json
+
+        try:
+            print(json.dumps(build_config(args).to_dict(), sort_keys=True))
+        except ValueError as exc:
+            raise SystemExit(f"inspectd train: {exc}") from None
+        return 0
     from engine.dataset import DataError
     from training.train import train
 
