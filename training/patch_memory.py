@@ -217,9 +217,12 @@ def fit(
     )
     mask = _mask(pixels_ok, s)
     if not mask.any():
+        where = "" if s.view is None else f" of the view {s.view[:4]} (rows top:bottom, columns left:right)"
         raise ValueError(
-            f"no grid cell is covered by more than {s.mask_share:g} of the good parts' silhouettes; "
-            "lower patch_mask_share (or check that the images show dark parts on a light background)"
+            f"no grid cell{where} is covered by more than {s.mask_share:g} of the good parts' silhouettes; "
+            "lower patch_mask_share, or choose patch_members regions where the part lies (the default's are "
+            "regions of the pose crop: without --pose they see arbitrary parts of the frame), or check that the "
+            "images show dark parts on a light background"
         )
     model = PatchMemory(
         kernel,

@@ -22,6 +22,7 @@ from engine.preprocess import Preprocessor  # noqa: E402
 from engine.split import Split  # noqa: E402
 from inspectd.cli import main  # noqa: E402
 from tools.synth import write_dataset  # noqa: E402
+from training.config import PRESETS  # noqa: E402
 from training.images import load_images, normalised  # noqa: E402
 from training.train import load_run_model  # noqa: E402
 
@@ -131,8 +132,15 @@ def test_patch_memory_train_evaluate_export_through_the_cli(synth: Path, tmp_pat
     fit never used as a neighbour, exported as one ONNX graph that ONNX Runtime runs as torch does."""
     run, model_dir = tmp_path / "run", tmp_path / "model"
     cfg = tmp_path / "patch.json"
-    cfg.write_text(json.dumps({"patch_size": 8, "patch_stride": 4, "patch_dims": 16}))
+    # The default's half-resolution and thread-band members: its head member's region (the pose crop's head end)
+    # holds no part on these whole, unposed frames, and the fit says so (below).
+    members = list(PRESETS["default"].patch_members[:2])
+    cfg.write_text(
+        json.dumps({"patch_size": 8, "patch_stride": 4, "patch_dims": 16, "patch_members": members})
+    )
     args = ["--data", str(synth), "--out", str(run), "--no-pose", "--input-size", "64", "--config", str(cfg)]
+    with pytest.raises(SystemExit, match=r"no grid cell of the view \(0, 64, 0, 20\)"):
+        main(["train", *args[:-2], "--out", str(tmp_path / "whole"), "--no-progress", "--threads", "1"])
     assert main(["train", *args, "--no-progress", "--threads", "1"]) == 0
     summary = json.loads((run / "run.json").read_text())
     assert summary["config"]["arch"] == "patch_memory" and summary["stopped"] == "fitted"
