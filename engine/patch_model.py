@@ -371,8 +371,9 @@ class PatchMemory(nn.Module):
         """(B, K, gh, gw) codes → (B, gh, gw) squared distance to the nearest bank patch within the offsets.
 
         All offsets go into one batched product, so the bank is read from memory once per batch, not once per
-        offset. ``exclude``: (B,) or (B, m) bank columns holding each query's own patches (leave-one-out while
-        fitting)."""
+        offset. Without ``exclude`` (inference) only the part's cells are computed, FAR elsewhere (no score or
+        heat map reads them; :meth:`_on_part`). ``exclude``: (B,) or (B, m) bank columns holding each query's
+        own patches (leave-one-out while fitting, on every cell of the grid)."""
         if exclude is None:
             return self._on_part(feats)
         b, k = feats.shape[0], feats.shape[1]
