@@ -502,9 +502,8 @@ class PatchEnsemble(nn.Module):
             if b > input_size[0] or r > input_size[1]:
                 raise ValueError(f"member {i}'s view {m._view} must lie inside the {input_size} input")
         # Which member cells each output cell's pixels come from (derived, not saved): see heat_cells().
-        self._heat_idx = [heat_cells(m, self._input, self._cell) for m in members]
-        for i, idx in enumerate(self._heat_idx):
-            self.register_buffer(f"heat_idx_{i}", idx, persistent=False)
+        for i, m in enumerate(members):
+            self.register_buffer(f"heat_idx_{i}", heat_cells(m, self._input, self._cell), persistent=False)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PatchEnsemble:
