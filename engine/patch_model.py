@@ -195,6 +195,7 @@ class PatchMemory(nn.Module):
     scale: torch.Tensor
     top_k: torch.Tensor
     residual: torch.Tensor
+    contrast: torch.Tensor
     view: torch.Tensor
     align: torch.Tensor
     align_ref: torch.Tensor
@@ -215,12 +216,15 @@ class PatchMemory(nn.Module):
         view: tuple[int, int, int, int, int] | None = None,
         align: tuple[int, int, int] | None = None,  # (first, last, max_shift): see register_views
         align_ref: torch.Tensor | None = None,  # (1, 1, view height, last − first), mean-free
+        contrast: int = 0,  # > 0: one more feature, the patch mean against its surround of this many cells
     ) -> None:
         super().__init__()
         gh, gw = mask.shape
         if kernel.ndim != 4 or kernel.shape[1] != 1 or bank.ndim != 3:
             raise ValueError(f"kernel (K,1,p,p) and bank (L,K,N) expected, got {kernel.shape}, {bank.shape}")
-        if bank.shape[0] != gh * gw or bank.shape[1] != kernel.shape[0] + int(residual):
+        if contrast < 0 or (contrast > 0 and contrast % 2 == 0):
+            raise ValueError(f"contrast must be 0 or an odd number of grid cells, got {contrast}")
+        if bank.shape[0] != gh * gw or bank.shape[1] != kernel.shape[0] + int(residual) + int(contrast > 0):
             raise ValueError(
                 f"bank {tuple(bank.shape)} does not fit grid {gh}×{gw} and {kernel.shape[0]} features"
             )
@@ -241,6 +245,7 @@ class PatchMemory(nn.Module):
             raise ValueError(f"top_k {top_k} must be between 1 and the {int(mask.sum().item())} scored cells")
         self.register_buffer("top_k", torch.tensor(int(top_k), dtype=torch.int64))
         self.register_buffer("residual", torch.tensor(bool(residual)))
+        self.register_buffer("contrast", torch.tensor(int(contrast), dtype=torch.int64))
         # (top, bottom, left, right, pool): the memory sees input rows top:bottom, columns left:right, averaged
         # over pool × pool blocks; all zero = the whole input as it comes.
         if view is not None and (view[4] < 1 or not 0 <= view[0] < view[1] or not 0 <= view[2] < view[3]):
@@ -261,6 +266,7 @@ class PatchMemory(nn.Module):
         self.register_buffer("align_ref", ref.to(f32).contiguous())
         self._align = _align_of(align)
         self._residual = bool(residual)
+        self._contrast = int(contrast)
         self._top_k = int(top_k)
         self._grid = (int(gh), int(gw))
         self._offsets = [(int(dy), int(dx)) for dy, dx in self.offsets.tolist()]
@@ -304,6 +310,7 @@ class PatchMemory(nn.Module):
             _view_of(state.get("view")),
             _align_of(state.get("align")),  # packages from before registration have neither
             state.get("align_ref"),
+            int(state["contrast"]) if "contrast" in state else 0,  # packages from before it have none
         )
 
     @property
@@ -320,6 +327,8 @@ class PatchMemory(nn.Module):
         f = F.conv2d(x, self.kernel, stride=self._stride)
         if self._residual:
             f = torch.cat([f, self.fp32(self.residual_norm, x, f).to(f.dtype)], 1)
+        if self._contrast:
+            f = torch.cat([f, self.local_contrast(x).to(f.dtype)], 1)
         tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]  # not re-exported
         if not tracing and tuple(f.shape[2:]) != self._grid:
             raise ValueError(
@@ -364,6 +373,20 @@ class PatchMemory(nn.Module):
         m2 = F.avg_pool2d(x * x, p, stride=self._stride)
         energy = float(p * p) * (m2 - m1 * m1) - (codes * codes).sum(1, keepdim=True)
         return torch.sqrt(torch.clamp(energy, min=0.0))
+
+    def local_contrast(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, gh, gw): each patch's mean brightness against the mean of the patches around it (``contrast``
+        × ``contrast`` cells), times the patch side: the patch's projection on the constant component, taken
+        against its surround instead of the whole image.
+
+        The codes and the residual norm are mean-free, so a patch inside a bright scrape or a dark stain as wide
+        as the patch looks like a flat good patch; only the defect's edges show. Against its surround such a
+        patch stands out, while the session's overall brightness (a confound) still cannot enter the score.
+        """
+        p, k = self._patch, self._contrast
+        m = F.avg_pool2d(x, p, stride=self._stride)
+        around = F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)
+        return float(p) * (m - around)
 
     def distances(
         self, feats: torch.Tensor, exclude: torch.Tensor | None = None, origin: torch.Tensor | None = None

@@ -138,7 +138,7 @@ class TrainConfig:
             if unknown:
                 raise ValueError(f"patch_members[{i}]: unknown setting(s) {unknown}; known: {sorted(known)}")
             kw = {
-                k: tuple(v) if isinstance(v, list) else v
+                k: tuple(tuple(e) if isinstance(e, list) else e for e in v) if isinstance(v, list) else v
                 for k, v in member.items()
                 if k not in REGION and k != "align"
             }
@@ -215,9 +215,13 @@ REGION = ("region", "pool")  # a member's region of the input (fractions) and it
 
 
 def _member_fits(member: Any) -> bool:
-    """A ``patch_members`` entry: a dict whose region (if any) is 0 ≤ top < bottom ≤ 1, 0 ≤ left < right ≤ 1
-    and whose pool is an integer ≥ 1 (the other keys are checked against PatchSettings when fitting)."""
+    """A ``patch_members`` entry: a dict whose region (if any) is 0 ≤ top < bottom ≤ 1, 0 ≤ left < right ≤ 1,
+    whose pool is an integer ≥ 1 and whose contrast (if any) is 0 or an odd number of cells (the other keys
+    are checked against PatchSettings when fitting)."""
     if not isinstance(member, dict):
+        return False
+    contrast = member.get("contrast", 0)
+    if not isinstance(contrast, int) or contrast < 0 or (contrast > 0 and contrast % 2 == 0):
         return False
     region = member.get("region", (0.0, 1.0, 0.0, 1.0))
     pool = member.get("pool", 1)
@@ -245,13 +249,13 @@ CNN = TrainConfig(
     pose=True,
     augment=AugmentConfig(hflip=0.0, vflip=0.5, rotate_deg=3.0, shift_y=0.03, brightness=10.0, contrast=0.1),
 )
-# The default: two patch memories on the full-resolution pose crop (320×1000), fused: one on the whole crop at
-# half resolution, one on the thread band at full resolution (where `thread_side` damage is a few pixels), each
-# with the residual-norm feature, the pooled per-cell spread and a 100-patch coreset per cell; the whole crop with
-# a ±1 cell search, the thread band registered to a reference thread phase, in 8-pixel patches, searched ±1 row
-# only. Chosen on repeated
-# stratified 5-fold of screws-300 (python -m training.variants; docs/training.md section 9): it ranks NG above
-# OK far better than either ResNet18 preset, needs no NG images to fit and fits in about a minute.
+# The default: three patch memories on the full-resolution pose crop (320×1000), fused: one on the whole crop at
+# half resolution, one on the thread band at full resolution (where `thread_side` damage is a few pixels), one on
+# the head and neck at full resolution, each with the residual-norm feature, the pooled per-cell spread and a
+# 100-patch coreset per cell; the whole crop and the head with a ±1 cell search, the thread band registered to a
+# reference thread phase, in 8-pixel patches, searched ±1 row only. Chosen on repeated stratified 5-fold of
+# screws-300 (python -m training.variants; docs/training.md section 9): it ranks NG above OK far better than
+# either ResNet18 preset, needs no NG images to fit and fits in about a minute.
 PATCH_MEMBER: dict[str, Any] = {"bank_size": 100}
 THREAD_ALIGNED: dict[str, Any] = {
     "patch": 8,
@@ -271,8 +275,9 @@ PATCH = TrainConfig(
         # 0.107–0.821, within ± 0.0607 of its width: about half a pitch) and coded in 8-pixel patches.
         {"region": [0.15, 0.85, 0.44, 1.0], **PATCH_MEMBER, **THREAD_ALIGNED},
         # The head and neck at full resolution: scratches on the head and neck are thin lines the half
-        # resolution blurs.
-        {"region": [0.0, 1.0, 0.0, 0.32], **PATCH_MEMBER},
+        # resolution blurs. Its score is the mean of its 32 hottest cells, not 4: a head or neck scrape spans
+        # tens of its cells, while a good part's odd cell (a glint, a speck in the recess) is alone.
+        {"region": [0.0, 1.0, 0.0, 0.32], **PATCH_MEMBER, "top_k": 32},
     ),
 )
 PRESETS: dict[str, TrainConfig] = {

@@ -46,6 +46,12 @@ class PatchSettings:
     # (first, last, max_shift) in view pixels: register each view's thread phase (engine.patch_model.
     # register_views) on its columns first:last within ± max_shift before coding; None = no registration.
     align: tuple[int, int, int] | None = None
+    # > 0 (odd): one more feature, each patch's mean against its surround of this many grid cells (a scrape
+    # or stain wider than a patch); 0 = none.
+    contrast: int = 0
+    # The memory also holds each good crop turned by ``degrees`` about the input's centre and moved ``rows``
+    # across the axis, one copy per (degrees, rows): the pose crop's own residual jitter. () = none.
+    jitter: tuple[tuple[float, float], ...] = ()
 
 
 def _mask(pixels_ok: np.ndarray, s: PatchSettings) -> torch.Tensor:
@@ -119,6 +125,23 @@ def _move_along_axis(x: torch.Tensor, px: int) -> torch.Tensor:
     return torch.cat([x[..., :1].expand(*x.shape[:-1], px), x[..., :-px]], dim=-1)
 
 
+def _jittered(x: torch.Tensor, degrees: float, rows: float) -> torch.Tensor:
+    """(N, 1, H, W) turned by ``degrees`` about the centre and moved ``rows`` pixels down (bilinear, border
+    values repeated), the pose crop's residual error made on purpose."""
+    h, w = x.shape[2:]
+    a = np.deg2rad(degrees)
+    # affine_grid works in normalised coordinates ([-1, 1] on each axis): the rotation in pixels, rescaled.
+    theta = torch.tensor(
+        [
+            [np.cos(a), -np.sin(a) * h / w, 0.0],
+            [np.sin(a) * w / h, np.cos(a), -2.0 * rows / h],
+        ],
+        dtype=x.dtype,
+    )
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def fit(
     x_ok: np.ndarray,
     pixels_ok: np.ndarray,
@@ -164,9 +187,10 @@ def fit(
     kernel = comps.reshape(dims, 1, s.patch, s.patch).contiguous()
     # A model without a bank yet: its feature map is what the bank stores (the codes, plus the residual norm).
     grid = F.conv2d(crop_view(x[:1], s.view), kernel, stride=s.stride).shape[2:]
+    extra = int(s.residual) + int(s.contrast > 0)  # features beyond the codes
     probe = PatchMemory(
         kernel,
-        torch.zeros(grid[0] * grid[1], dims + int(s.residual), 1),
+        torch.zeros(grid[0] * grid[1], dims + extra, 1),
         torch.ones(*grid),
         torch.zeros(1, 2),
         s.stride,
@@ -174,6 +198,7 @@ def fit(
         view=s.view,
         align=s.align,
         align_ref=ref,
+        contrast=s.contrast,
     )
     pool = s.view[4] if s.view else 1
 
@@ -189,6 +214,7 @@ def fit(
                 features(_move_along_axis(x, round(k * s.stride * pool / s.axial_phases)))
                 for k in range(1, s.axial_phases)
             ]
+            moved += [features(_jittered(x, deg, rows)) for deg, rows in s.jitter]
         else:  # registered views; the moved copies are of those (a registration would undo the move)
             views = torch.cat([probe.crop(x[i : i + CHUNK]) for i in range(0, n, CHUNK)])
             feats = probe.codes(views)
@@ -196,13 +222,13 @@ def fit(
                 probe.codes(_move_along_axis(views, round(k * s.stride / s.axial_phases)))
                 for k in range(1, s.axial_phases)
             ]
+            for deg, rows in s.jitter:
+                jit = _jittered(x, deg, rows)
+                moved.append(
+                    probe.codes(torch.cat([probe.crop(jit[i : i + CHUNK]) for i in range(0, n, CHUNK)]))
+                )
     gh, gw = feats.shape[2:]
-    bank = (
-        torch.cat(moved, 0)
-        .reshape(n * len(moved), dims + int(s.residual), gh * gw)
-        .permute(2, 1, 0)
-        .contiguous()
-    )
+    bank = torch.cat(moved, 0).reshape(n * len(moved), dims + extra, gh * gw).permute(2, 1, 0).contiguous()
     origin: torch.Tensor | None = None  # (L, N) the good image each kept column came from (thinned bank only)
     if 0 < s.bank_size < bank.shape[2]:
         keep = _coreset(bank, s.bank_size)
@@ -235,6 +261,7 @@ def fit(
         view=s.view,
         align=s.align,
         align_ref=ref,
+        contrast=s.contrast,
     )
     log(
         f"patch memory: {n} good images × {len(moved)} axial phase(s), {gh}×{gw} cells of {s.patch}² patches, "

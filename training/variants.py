@@ -45,7 +45,7 @@ from engine.pose import Measurements, PoseParams, estimate_pose
 from engine.preprocess import Preprocessor, load_gray
 from engine.split import make_kfold
 from training.calibrate import calibrate
-from training.config import PRESETS, TrainConfig
+from training.config import PATCH, PRESETS, TrainConfig
 from training.gauge_fit import DEFAULT_BANDS, kfold_flags, learn_bands
 from training.images import load_images, normalised
 from training.metrics import auroc
@@ -217,6 +217,37 @@ VARIANTS: dict[str, dict[str, Any]] = {
             {**HEAD, "bank_size": 100, "window": [1, 0], **TUNED},
             {**HEAD, "bank_size": 100, "dims": 16, "window": [0, 1], **TUNED},
         ],
+    },
+    # The patch mean against its surround (``contrast``, cells) as one more feature, screened with --members-out
+    # and decided with --from-members default.npz screen_contrast.npz --stack: the head member with a 5- or
+    # 11-cell surround, the half-resolution member with a 5-cell one.
+    "screen_contrast": {
+        **FULL,
+        "patch_members": [
+            {**HEAD, "bank_size": 100, "contrast": 5, **TUNED},
+            {**HEAD, "bank_size": 100, "contrast": 11, **TUNED},
+            {**HALF, "bank_size": 100, "contrast": 5, **TUNED},
+        ],
+    },
+    # How many cells a member's score averages (``top_k``; the default's members use 4): screened with
+    # --members-out and decided with --from-members default.npz screen_topk.npz --stack. A defect spans more
+    # cells of the finer members (the registered band's cells are a quarter of the others').
+    "screen_topk": {
+        "patch_members": [
+            {**PATCH.patch_members[1], "top_k": 16},
+            {**PATCH.patch_members[1], "top_k": 64},
+            {**PATCH.patch_members[2], "top_k": 16},
+            {**PATCH.patch_members[2], "top_k": 32},
+            {**PATCH.patch_members[0], "top_k": 8},
+        ]
+    },
+    # Bank jitter (``jitter``): every member also stores each good crop turned ± 0.5° about the crop's centre
+    # (the ends move ± 4 px), or moved ± 2 rows across the axis: the pose crop's own residual error.
+    "jitter_rot": {
+        "patch_members": [{**m, "jitter": [[0.5, 0.0], [-0.5, 0.0]]} for m in PATCH.patch_members]
+    },
+    "jitter_rows": {
+        "patch_members": [{**m, "jitter": [[0.0, 2.0], [0.0, -2.0]]} for m in PATCH.patch_members]
     },
     "half+thread_p8": {
         **FULL,
@@ -402,6 +433,9 @@ def summarise(scored: list[Scored], ds: Dataset, repeats: int) -> dict[str, Any]
         "auroc_sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
         "auroc_min": float(np.min(per_fold)),
         "auroc_pooled": auroc(z, y),
+        # The deployed decision's ranking: a part the gauges reject ranks above every part they pass (whatever
+        # its logit), so this is the ROC of model + gauges as the model's threshold sweeps.
+        "auroc_pooled_with_gauges": auroc(np.where(g, np.inf, z), y),
         "frr_at_recall1_model": frr_at_full_recall(z, y),
         "frr_at_recall1_with_gauges": frr_at_full_recall(z, y, g),
         "calibrated_recall": float(reject[y == 1].mean()),
@@ -514,6 +548,35 @@ def load_folds(path: Path) -> list[Fold]:
         ]
 
 
+def stack_folds(runs: Sequence[Sequence[Fold]]) -> list[Fold]:
+    """The members of several runs on the same folds as one run (member rows in the order given): members fitted
+    separately (a screen of new members) decided together with those of an earlier run."""
+    first = runs[0]
+    for other in runs[1:]:
+        same = len(other) == len(first) and all(
+            (a.repeat, a.fold) == (b.repeat, b.fold)
+            and np.array_equal(a.fit_idx, b.fit_idx)
+            and np.array_equal(a.test_idx, b.test_idx)
+            for a, b in zip(first, other, strict=True)
+        )
+        if not same:
+            raise ValueError("--stack needs runs on the same folds (same --folds, --repeats, --first-repeat)")
+
+    def rows(i: int, part: str) -> np.ndarray:
+        return np.vstack([getattr(r[i].scores, part) for r in runs])
+
+    return [
+        Fold(
+            f.repeat,
+            f.fold,
+            f.fit_idx,
+            f.test_idx,
+            FoldScores(rows(i, "test"), rows(i, "ng"), rows(i, "loo"), sum(r[i].scores.fit_s for r in runs)),
+        )
+        for i, f in enumerate(first)
+    ]
+
+
 def decision(name: str) -> dict[str, Any]:
     """A DECISIONS entry, or ``w=1,1,0.5``: the default bands with the members' logits weighted so."""
     if name in DECISIONS:
@@ -582,7 +645,7 @@ def line(s: dict[str, Any]) -> str:
     types = " ".join(f"{t[:11]} {v['auroc']:.3f}" for t, v in s["per_type"].items())
     return (
         f"{s['variant']:24s} AUROC {s['auroc_mean']:.3f}±{s['auroc_sd']:.3f} (min {s['auroc_min']:.3f}) "
-        f"pooled {s['auroc_pooled']:.4f} | FRR@R1 model {s['frr_at_recall1_model']:.3f} "
+        f"pooled {s['auroc_pooled']:.4f} (+gauges {s['auroc_pooled_with_gauges']:.4f}) | FRR@R1 model {s['frr_at_recall1_model']:.3f} "
         f"+gauges {s['frr_at_recall1_with_gauges']:.3f} | calibrated recall {s['calibrated_recall']:.3f} "
         f"FRR {s['calibrated_frr']:.3f} | {types} | fit {s['fit_s_mean']:.0f} s"
     )
@@ -593,17 +656,20 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     last = {r["variant"]: r for r in rows}
     types = sorted({t for r in last.values() for t in r["per_type"]})
     head = (
-        "| variant | folds × repeats | AUROC per fold (mean ± sd, min) | pooled AUROC | FRR @ recall 1.0: model "
+        "| variant | folds × repeats | AUROC per fold (mean ± sd, min) | pooled AUROC: model / + gauges "
+        "| FRR @ recall 1.0: model "
         "| + gauges | at calibrated thresholds: recall / FRR | "
         + " | ".join(t.replace("_", " ") for t in types)
         + " | fit s |"
     )
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in last.values():
+        g = r.get("auroc_pooled_with_gauges")  # rows from before it was measured have none
         out.append(
             f"| `{r['variant']}` | {r['folds'] // r['repeats']} × {r['repeats']} "
-            f"| {r['auroc_mean']:.3f} ± {r['auroc_sd']:.3f}, {r['auroc_min']:.3f} | {r['auroc_pooled']:.3f} "
-            f"| {r['frr_at_recall1_model']:.3f} | {r['frr_at_recall1_with_gauges']:.3f} "
+            f"| {r['auroc_mean']:.3f} ± {r['auroc_sd']:.3f}, {r['auroc_min']:.3f} | {r['auroc_pooled']:.3f} / "
+            + ("–" if g is None else f"{g:.3f}")
+            + f" | {r['frr_at_recall1_model']:.3f} | {r['frr_at_recall1_with_gauges']:.3f} "
             f"| {r['calibrated_recall']:.3f} / {r['calibrated_frr']:.3f} | "
             + " | ".join(f"{r['per_type'][t]['auroc']:.3f}" for t in types)
             + f" | {r['fit_s_mean']:.0f} |"
@@ -628,6 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=["default"],
         help=f"decisions evaluated on the same models, one row each: any of {list(DECISIONS)}, or "
         "w=1,1,0.5 (the members' logits weighted so; 0 leaves a member out)",
+    )
+    ap.add_argument(
+        "--stack",
+        action="store_true",
+        help="with --from-members: one run whose members are those of every file, in order (same folds)",
     )
     ap.add_argument(
         "--members-out",
@@ -659,7 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = PRESETS["default"]
     meas = measure_all(ds, PoseParams.from_dict(dict(base.pose_params)))
     runs: list[tuple[str, Callable[[], list[Fold]]]] = []
-    for path in args.from_members or ():
+    if args.stack and args.from_members:
+        paths = list(args.from_members)
+        runs.append(("+".join(p.stem for p in paths), lambda: stack_folds([load_folds(p) for p in paths])))
+    for path in [] if args.stack else args.from_members or ():
         runs.append((path.stem, functools.partial(load_folds, path)))
     for name in [] if args.from_members else args.variant:
 

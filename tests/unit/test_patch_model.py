@@ -326,6 +326,63 @@ def test_the_residual_feature_catches_fine_detail_the_components_miss(
     assert margin_residual > 1.0  # with its norm outside them every defective part is above every good one
 
 
+@pytest.fixture(scope="module")
+def contrast_fit() -> tuple[PatchMemory, np.ndarray]:
+    good = _screws(24, seed=1)
+    return fit(_x(good), good, replace(SMALL, residual=True, contrast=5), log=_quiet)
+
+
+def _soft_stain(pixels: np.ndarray, amplitude: float, sigma: float) -> np.ndarray:
+    """``pixels`` brightened by a smooth Gaussian blob on the bar, wider than an 8-pixel patch."""
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    blob = amplitude * np.exp(-(((yy - 24) / sigma) ** 2 + ((xx - 48) / (2 * sigma)) ** 2) / 2)
+    return np.clip(pixels + blob, 0, 255).astype(np.uint8)
+
+
+def test_the_contrast_feature_is_the_patch_mean_against_its_surround(
+    contrast_fit: tuple[PatchMemory, np.ndarray],
+) -> None:
+    model, _ = contrast_fit
+    k = int(model.kernel.shape[0])
+    assert model.bank.shape[1] == k + 2  # the codes, the residual norm, the contrast
+    assert int(model.contrast) == 5
+    images = _x(_soft_stain(_screws(2, seed=5), 60, 7))
+    with torch.no_grad():
+        feats = model.features(torch.from_numpy(images)).double().numpy()  # (2, K + 2, gh, gw)
+    means = np.lib.stride_tricks.sliding_window_view(images[:, 0].astype(np.float64), (8, 8), axis=(1, 2))
+    means = means[:, ::4, ::4].mean(axis=(3, 4))  # (2, gh, gw) patch means
+    gh, gw = means.shape[1:]
+    for b, i, j in [(0, 0, 0), (0, 5, 11), (1, 4, 10), (1, gh - 1, gw - 1), (0, 2, gw - 2)]:
+        around = means[b, max(i - 2, 0) : i + 3, max(j - 2, 0) : j + 3]  # 5 × 5 cells, those inside the grid
+        assert feats[b, k + 1, i, j] == pytest.approx(8.0 * (means[b, i, j] - around.mean()), abs=1e-4)
+
+
+def test_the_contrast_feature_catches_a_soft_stain_wider_than_a_patch(
+    residual_fit: tuple[PatchMemory, np.ndarray],
+    contrast_fit: tuple[PatchMemory, np.ndarray],
+) -> None:
+    plain, loo_plain = residual_fit
+    contrast, loo_contrast = contrast_fit
+    bad = _soft_stain(_screws(8, seed=99), 60, 7)  # mean-free patches inside it hardly differ from good ones
+    margin_plain = float(_logits(plain, bad).min() - loo_plain.max())  # min defect − max good logit
+    margin_contrast = float(_logits(contrast, bad).min() - loo_contrast.max())
+    assert margin_plain < 0.0  # codes and residual see only its gentle edges: some parts pass
+    assert margin_contrast > 1.0  # against its surround every stained part is above every good one
+
+
+def test_contrast_survives_the_state_and_export(
+    contrast_fit: tuple[PatchMemory, np.ndarray], tmp_path: Path
+) -> None:
+    model, _ = contrast_fit
+    x = _x(np.concatenate([_screws(3, seed=7), _soft_stain(_screws(3, seed=8), 60, 7)]))
+    again = PatchMemory.from_state(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(torch.from_numpy(x)), model(torch.from_numpy(x)))
+    _assert_onnxruntime_equals_torch(model, x, tmp_path, "contrast")
+    with pytest.raises(ValueError, match="odd"):
+        PatchMemory(model.kernel, model.bank, model.mask, model.offsets, 4, residual=True, contrast=4)
+
+
 def test_sd_pool_raises_each_cell_spread_to_its_neighbours_and_keeps_mu(
     fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
 ) -> None:
@@ -553,6 +610,9 @@ def test_config_patch_members() -> None:
         TrainConfig(patch_members=({"region": [0.5, 0.5, 0.0, 1.0]},))  # empty
     with pytest.raises(ValueError, match="patch_members"):
         TrainConfig(patch_members=({"pool": 0},))
+    for contrast in (4, -1, 2.0):  # an odd number of grid cells, or 0
+        with pytest.raises(ValueError, match="patch_members"):
+            TrainConfig(patch_members=({"contrast": contrast},))
     # A typo in a member's key is caught when the members are built, naming the member and the key; a pixel
     # view is not a config key (regions are fractions, so a member follows the input size).
     odd = TrainConfig(patch_members=({"dims": 8}, {"strides": 4}))
@@ -652,13 +712,13 @@ def test_an_aligned_memory_registers_the_phase_and_its_map_stays_on_the_defect(t
     _assert_onnxruntime_equals_torch(model, x, tmp_path, "patch-aligned")
 
 
-def test_a_state_from_before_registration_loads_unaligned(
+def test_a_state_from_before_registration_and_contrast_loads_without_them(
     fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
 ) -> None:
     model, _, good = fitted
-    old = {k: v for k, v in model.state_dict().items() if k not in ("align", "align_ref")}
+    old = {k: v for k, v in model.state_dict().items() if k not in ("align", "align_ref", "contrast")}
     again = PatchMemory.from_state(old)
-    assert again.align.tolist() == [0, 0, 0]
+    assert again.align.tolist() == [0, 0, 0] and int(again.contrast) == 0
     with torch.no_grad():
         torch.testing.assert_close(
             again(torch.from_numpy(_x(good[:3]))), model(torch.from_numpy(_x(good[:3])))
