@@ -383,6 +383,51 @@ def test_contrast_survives_the_state_and_export(
         PatchMemory(model.kernel, model.bank, model.mask, model.offsets, 4, residual=True, contrast=4)
 
 
+def test_jittered_copies_are_turned_and_moved_as_asked() -> None:
+    from training.patch_memory import _jittered
+
+    x = torch.zeros(1, 1, 40, 200)
+    x[0, 0, 20, :] = 1.0  # a line along the axis through the centre row
+    row = torch.arange(40, dtype=torch.float32)
+
+    def centre_rows(img: torch.Tensor, cols: list[int]) -> list[float]:
+        return [float((img[0, 0, :, c] * row).sum() / img[0, 0, :, c].sum()) for c in cols]
+
+    assert torch.allclose(_jittered(x, 0.0, 0.0), x, atol=1e-4)
+    assert centre_rows(_jittered(x, 0.0, 3.0), [0, 100, 199]) == pytest.approx([23.0] * 3, abs=1e-3)
+    # 2° about the centre (row 19.5, column 99.5): the ends move ∓ 99.5 · tan 2° ≈ 3.5 rows, the middle stays
+    turned = centre_rows(_jittered(x, 2.0, 0.0), [0, 100, 199])
+    shift = 99.5 * np.tan(np.deg2rad(2.0))
+    assert turned == pytest.approx(
+        [20.0 + shift, 20.0 + 0.5 * np.tan(np.deg2rad(2.0)), 20.0 - shift], abs=0.05
+    )
+
+
+def test_jittered_copies_join_the_memory_and_leave_one_out_drops_them_with_their_image() -> None:
+    good = _screws(12, seed=1)
+    plain, _ = fit(_x(good), good, SMALL, log=_quiet)
+    jit = replace(SMALL, jitter=((1.0, 0.0), (0.0, 1.5)))
+    model, _ = fit(_x(good), good, jit, log=_quiet)
+    n = len(good)
+    assert model.bank.shape[2] == 4 * n  # as photographed, moved along the axis, turned, moved across
+    x = torch.from_numpy(_x(good[:2]))
+    with torch.no_grad():
+        feats = model.features(x)
+        own = torch.stack([torch.arange(2) + k * n for k in range(4)], 1)  # image i and its three copies
+        d = model.distances(feats, exclude=own)
+        for i in range(2):
+            keep = [j for j in range(4 * n) if j % n != i]
+            other = PatchMemory(
+                model.kernel, model.bank[:, :, keep], torch.ones_like(model.mask), model.offsets, 4
+            )
+            assert torch.allclose(d[i], other.distances(feats[i : i + 1])[0], rtol=1e-5, atol=1e-4)
+        # The same components (fitted on the crops as photographed), a superset of stored codes: each good part
+        # left out is nowhere farther from the memory than without the copies, and somewhere nearer.
+        assert torch.equal(model.kernel, plain.kernel)
+        d_plain = plain.distances(feats, exclude=own[:, :2])
+        assert bool((d <= d_plain + 1e-4).all()) and bool((d < d_plain - 1e-3).any())
+
+
 def test_sd_pool_raises_each_cell_spread_to_its_neighbours_and_keeps_mu(
     fitted: tuple[PatchMemory, np.ndarray, np.ndarray],
 ) -> None:
