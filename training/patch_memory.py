@@ -185,7 +185,8 @@ def fit(
     comps = comps * torch.sign(comps.sum(1, keepdim=True) + 1e-12)  # a fixed sign per component
     comps = comps - comps.mean(1, keepdim=True)  # projecting x − mean(x) = projecting x on this
     kernel = comps.reshape(dims, 1, s.patch, s.patch).contiguous()
-    # A model without a bank yet: its feature map is what the bank stores (the codes, plus the residual norm).
+    # A model without a bank yet: its feature map is what the bank stores (the codes, plus the residual norm and
+    # the contrast when asked for).
     grid = F.conv2d(crop_view(x[:1], s.view), kernel, stride=s.stride).shape[2:]
     extra = int(s.residual) + int(s.contrast > 0)  # features beyond the codes
     probe = PatchMemory(
@@ -264,7 +265,9 @@ def fit(
         contrast=s.contrast,
     )
     log(
-        f"patch memory: {n} good images × {len(moved)} axial phase(s), {gh}×{gw} cells of {s.patch}² patches, "
+        f"patch memory: {n} good images × {s.axial_phases} axial phase(s)"
+        + (f" + {len(s.jitter)} jittered cop{'y' if len(s.jitter) == 1 else 'ies'}" if s.jitter else "")
+        + f", {gh}×{gw} cells of {s.patch}² patches, "
         f"{dims} components, {len(offsets)} offsets, {int(mask.sum())} cells on the part"
     )
     # Leave-one-out: each good image against the bank without itself (and its moved copies) gives the per-cell

@@ -45,7 +45,7 @@ from engine.pose import Measurements, PoseParams, estimate_pose
 from engine.preprocess import Preprocessor, load_gray
 from engine.split import make_kfold
 from training.calibrate import calibrate
-from training.config import PATCH, PRESETS, TrainConfig
+from training.config import PRESETS, TrainConfig
 from training.gauge_fit import DEFAULT_BANDS, kfold_flags, learn_bands
 from training.images import load_images, normalised
 from training.metrics import auroc
@@ -67,6 +67,21 @@ TUNED = {"sd_pool": 3, "residual": True}
 # Thread-phase registration of the thread band on its regular part (band columns 60:460 of 560 at 320×1000)
 # within ± 34 px, about half a thread pitch; registered, the band needs no column search.
 ALIGNED = {"align": [0.107, 0.821, 0.0607], "window": [1, 0]}
+# The three-member default before the head member's wider mean (each member's top 4), spelt out so the screens
+# built on it keep their meaning when the preset changes.
+DEFAULT3: list[dict[str, Any]] = [
+    {**HALF, "bank_size": 100},
+    {
+        **THREAD,
+        "bank_size": 100,
+        "patch": 8,
+        "stride": 4,
+        "dims": 16,
+        "window": [1, 0],
+        "align": [0.107, 0.821, 0.0607],
+    },
+    {**HEAD, "bank_size": 100},
+]
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},  # the default preset as it is now
     "single_half": SINGLE,  # the default before this table: one memory on the 160×500 crop
@@ -234,20 +249,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # cells of the finer members (the registered band's cells are a quarter of the others').
     "screen_topk": {
         "patch_members": [
-            {**PATCH.patch_members[1], "top_k": 16},
-            {**PATCH.patch_members[1], "top_k": 64},
-            {**PATCH.patch_members[2], "top_k": 16},
-            {**PATCH.patch_members[2], "top_k": 32},
-            {**PATCH.patch_members[0], "top_k": 8},
+            {**DEFAULT3[1], "top_k": 16},
+            {**DEFAULT3[1], "top_k": 64},
+            {**DEFAULT3[2], "top_k": 16},
+            {**DEFAULT3[2], "top_k": 32},
+            {**DEFAULT3[0], "top_k": 8},
         ]
     },
     # Bank jitter (``jitter``): every member also stores each good crop turned ± 0.5° about the crop's centre
-    # (the ends move ± 4 px), or moved ± 2 rows across the axis: the pose crop's own residual error.
-    "jitter_rot": {
-        "patch_members": [{**m, "jitter": [[0.5, 0.0], [-0.5, 0.0]]} for m in PATCH.patch_members]
-    },
-    "jitter_rows": {
-        "patch_members": [{**m, "jitter": [[0.0, 2.0], [0.0, -2.0]]} for m in PATCH.patch_members]
+    # (the ends move ± 4 px), or moved ± 2 rows across the axis: the pose crop's own residual error. On the
+    # three members with the head's top 4 (as measured on split seeds 0–2), and with its top 32 (the default).
+    "jitter_rot": {"patch_members": [{**m, "jitter": [[0.5, 0.0], [-0.5, 0.0]]} for m in DEFAULT3]},
+    "jitter_rows": {"patch_members": [{**m, "jitter": [[0.0, 2.0], [0.0, -2.0]]} for m in DEFAULT3]},
+    "jitter_rot_head32": {
+        "patch_members": [
+            {**m, **({"top_k": 32} if i == 2 else {}), "jitter": [[0.5, 0.0], [-0.5, 0.0]]}
+            for i, m in enumerate(DEFAULT3)
+        ]
     },
     "half+thread_p8": {
         **FULL,
