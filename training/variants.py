@@ -247,6 +247,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # How many cells a member's score averages (``top_k``; the default's members use 4): screened with
     # --members-out and decided with --from-members default.npz screen_topk.npz --stack. A defect spans more
     # cells of the finer members (the registered band's cells are a quarter of the others').
+    "default3_top4": {"patch_members": DEFAULT3},  # the default before the head member's wider mean
     "screen_topk": {
         "patch_members": [
             {**DEFAULT3[1], "top_k": 16},
