@@ -71,15 +71,7 @@ ALIGNED = {"align": [0.107, 0.821, 0.0607], "window": [1, 0]}
 # built on it keep their meaning when the preset changes.
 DEFAULT3: list[dict[str, Any]] = [
     {**HALF, "bank_size": 100},
-    {
-        **THREAD,
-        "bank_size": 100,
-        "patch": 8,
-        "stride": 4,
-        "dims": 16,
-        "window": [1, 0],
-        "align": [0.107, 0.821, 0.0607],
-    },
+    {**THREAD, "bank_size": 100, "patch": 8, "stride": 4, "dims": 16, **ALIGNED},
     {**HEAD, "bank_size": 100},
 ]
 VARIANTS: dict[str, dict[str, Any]] = {
