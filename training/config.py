@@ -252,11 +252,14 @@ CNN = TrainConfig(
 # The default: three patch memories on the full-resolution pose crop (320×1000), fused: one on the whole crop at
 # half resolution, one on the thread band at full resolution (where `thread_side` damage is a few pixels), one on
 # the head and neck at full resolution, each with the residual-norm feature, the pooled per-cell spread and a
-# 100-patch coreset per cell; the whole crop and the head with a ±1 cell search, the thread band registered to a
-# reference thread phase, in 8-pixel patches, searched ±1 row only. Chosen on repeated stratified 5-fold of
-# screws-300 (python -m training.variants; docs/training.md section 9): it ranks NG above OK far better than
-# either ResNet18 preset, needs no NG images to fit and fits in about a minute.
-PATCH_MEMBER: dict[str, Any] = {"bank_size": 100}
+# 100-patch coreset per cell drawn from the good crops and their ± 0.5° turned copies; the whole crop and the head
+# with a ±1 cell search, the thread band registered to a reference thread phase, in 8-pixel patches, searched ±1
+# row only. Chosen on repeated stratified 5-fold of screws-300 (python -m training.variants; docs/training.md
+# section 9): it ranks NG above OK far better than either ResNet18 preset, needs no NG images to fit and fits in
+# a few minutes.
+# Every member's bank also holds each good crop turned ± 0.5° about the crop's centre (its ends move ± 4 px): the
+# pose crop's own residual error, which a good part's thread crests and collar would otherwise score as damage.
+PATCH_MEMBER: dict[str, Any] = {"bank_size": 100, "jitter": [[0.5, 0.0], [-0.5, 0.0]]}
 THREAD_ALIGNED: dict[str, Any] = {
     "patch": 8,
     "stride": 4,
