@@ -178,7 +178,7 @@ def markdown(r: dict[str, Any]) -> str:
     out.append("")
     out.append(
         f"**Latency at line rates** (raw frames, send → verdict received; single-image service time "
-        f"{_fmt(r['single_image_service_ms'].get('ms'))} ms)"
+        f"{_fmt(r['single_image_service_ms'].get('ms'))} ms{_lone(r)})"
     )
     out.append("")
     out += _table(
@@ -345,3 +345,15 @@ def shadow_table(s: dict[str, Any]) -> list[str]:
         "",
     ]
     return out
+
+
+def _lone(r: dict[str, Any]) -> str:
+    """How the service time was taken: on the daemon's lone-frame session, if it kept one."""
+    lone = r.get("daemon", {}).get("lone_frame") or {}
+    service = r["single_image_service_ms"]
+    if not lone.get("threads"):
+        return f"; no lone-frame session: {lone.get('reason', 'n/a')}" if lone else ""
+    return (
+        f", on the lone-frame session of {lone['threads']} threads; on one worker's session "
+        f"{_fmt(service.get('worker_ms'))} ms"
+    )

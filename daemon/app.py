@@ -315,6 +315,7 @@ class App:
             budget_s=p.budget_s,
             verify=self.settings.model.verify_sha256,
             drift=self._drift_for,
+            lone=lambda: p.models.production.lone,
         )
         self.models = ModelLifecycle(
             p.models, loader, p.shadow, self.metrics, switch_timeout_s=self.settings.deadlines.stall_s
@@ -425,6 +426,7 @@ class App:
             metrics_port=self.metrics_port,
             max_batch=self.pipeline.max_batch if self.pipeline is not None else None,
             layout=self.pipeline.layout.describe() if self.pipeline is not None else None,
+            lone_frame=self.pipeline.lone_frame.describe() if self.pipeline is not None else None,
             sources=[s.describe() for s in self.sources],
             control=self.control_endpoint,
             security=self.curve.describe() if self.curve is not None else {"curve": False},

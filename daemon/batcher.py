@@ -119,11 +119,13 @@ class BatchQueue:
     keeps a batch open while none is free. A worker that starts waiting calls ``on_waiting`` (the batcher's
     wake-up). Used like a ``queue.SimpleQueue`` (``put``, ``get(timeout)``, ``qsize``)."""
 
-    def __init__(self, on_waiting: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, on_waiting: Callable[[], None] = lambda: None, workers: int = 1) -> None:
         self._q: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = 0
         self._on_waiting = on_waiting
+        self.workers = workers  # how many workers take from this queue
+        self._alone = False  # a batch of one runs on the lone-frame session (daemon/lone_frame.py)
 
     def put(self, item: Batch | None) -> None:
         self._q.put(item)
@@ -143,8 +145,24 @@ class BatchQueue:
                 self._waiting -= 1
 
     def worker_free(self) -> bool:
-        """A worker waits with nothing queued for it: a batch closed now is inferred now."""
-        return self._waiting > self._q.qsize()
+        """A worker waits with nothing queued for it: a batch closed now is inferred now (and on cores of its
+        own: while a frame runs alone on every core, no worker counts as free)."""
+        return not self._alone and self._waiting > self._q.qsize()
+
+    def take_alone(self) -> bool:
+        """For a worker holding a batch of one: True when every other worker waits with nothing queued for it
+        and no other frame runs alone, so the frame may use the cores they leave idle. Until :meth:`alone_done`
+        the batcher counts every worker busy (a batch then closes when full or when its deadline needs it)."""
+        with self._lock:
+            if self._alone or self._waiting < self.workers - 1 or self._q.qsize():
+                return False
+            self._alone = True
+            return True
+
+    def alone_done(self) -> None:
+        with self._lock:
+            self._alone = False
+        self._on_waiting()  # a batch the batcher held open may go now
 
 
 Preprocess = Callable[[Job, np.ndarray], None]  # (job, its batch row (1, H, W)) → fills the row, sets job.ok

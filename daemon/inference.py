@@ -18,7 +18,9 @@ its frame id and logit; the rest of its batch is decided as usual.
 
 Several workers may share one batch queue, each with its own backend instance (``batching.inference_workers``):
 on a small CPU, N single-threaded sessions running N batches side by side keep every core busy without the
-intra-op barriers of one multi-threaded session, which stall whenever one of its threads is descheduled.
+intra-op barriers of one multi-threaded session, which stall whenever one of its threads is descheduled. A batch
+of one that finds every other worker idle runs on the model's lone-frame session instead, on all those cores
+(daemon/lone_frame.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from daemon.batcher import END, Batch, Batches, BatchLimit, BufferPool, cap_batch
+from daemon.batcher import END, Batch, Batches, BatchLimit, BatchQueue, BufferPool, cap_batch
 from daemon.decision import Decider, as_logits, valid_logit
 from daemon.ledger import Ledger
 from daemon.logs import get_logger
@@ -92,6 +94,7 @@ class InferenceWorker(StageThread):
         self.batches_done = 0
         self.busy_s = 0.0  # time spent deciding batches (from preprocessed to settled): the pipeline's load
         self.invalid_logits = 0  # frames rejected for an implausible logit (engine_error verdicts)
+        self.alone_batches = 0  # batches of one run on the lone-frame session
 
     @property
     def backend(self) -> Backend:
@@ -191,12 +194,20 @@ class InferenceWorker(StageThread):
         """Infer and settle the batch with ``served``; returns its model decisions (for shadow scoring)."""
         jobs = batch.jobs
         backend, decider = served.backends[self.index], served.decider
+        # A frame alone on an idle daemon runs on the lone-frame session, on every core (daemon/lone_frame.py).
+        gate = self.batches if isinstance(self.batches, BatchQueue) else None
+        alone = False
+        if len(rows) == 1 and served.lone is not None and gate is not None and gate.take_alone():
+            backend, alone = served.lone, True
         t0 = self._now()
         try:
             logits = backend.infer(x)
         except Exception as exc:
             self._failed(batch, rows, exc, backend, decider)
             return []
+        finally:
+            if alone and gate is not None:
+                gate.alone_done()
         t1 = self._now()
         try:
             # One logit per row, as numbers: anything else is a malformed output, and the whole batch fails.
@@ -205,9 +216,12 @@ class InferenceWorker(StageThread):
             self._failed(batch, rows, exc, backend, decider)
             return []
         infer_s = t1 - t0
-        self.est_infer_s = (
-            infer_s if self.batches_done == 0 else (1 - _EWMA) * self.est_infer_s + _EWMA * infer_s
-        )
+        if alone:
+            self.alone_batches += 1  # not a worker's own time: the batcher plans with those
+        else:
+            self.est_infer_s = (
+                infer_s if self.batches_done == 0 else (1 - _EWMA) * self.est_infer_s + _EWMA * infer_s
+            )
         self.consecutive_failures = 0
         self.batches_done += 1
         self.frames_inferred += len(rows)
@@ -275,6 +289,7 @@ class InferenceWorker(StageThread):
                 late=late,
                 infer_ms=round(infer_ms, 2),
                 wait_ms=round((t0 - jobs[rows[0]].frame.t_arrival) * 1000.0, 2),
+                **({"lone": True} if alone else {}),
                 first=jobs[rows[0]].frame.frame_id,
                 last=jobs[rows[-1]].frame.frame_id,
                 model=served.model_id,

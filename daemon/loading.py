@@ -11,8 +11,9 @@ In order, each refusal a :class:`~daemon.models.ModelError` whose first words sa
    (the gauges' pose parameters, gauges or none). Its operating point, gauge bands and network may differ;
 4. ``already loaded``: the very same package (ONNX and model.json) is production, the candidate or previous;
 5. ``candidate failed warm-up``: its backends (production's kind, options and batch size, one per inference
-   worker) are entered and run at the batch sizes the daemon forms; a batch at the largest of them must fit the
-   inference budget (``batching.max_infer_share`` × ``deadlines.max_latency_ms``) as production's did at start.
+   worker, and a lone-frame session if production has one) are entered and run at the batch sizes the daemon
+   forms; a batch at the largest of them must fit the inference budget (``batching.max_infer_share`` ×
+   ``deadlines.max_latency_ms``) as production's did at start.
 
 The loader runs on the thread that asks (the control socket's loader thread, the package watcher); production
 decides every frame meanwhile, on cores the loader shares with it.
@@ -51,16 +52,19 @@ class CandidateLoader:
         budget_s: float | None,
         verify: bool,
         drift: Callable[[ModelMeta], DriftMonitor],
+        lone: Callable[[], Backend | None] = lambda: None,
     ) -> None:
         """``template``: production's first backend now (kind, options, batch size to copy); ``batch_sizes``:
         the sizes the daemon forms now (1 and the capped max_batch); ``drift``: a drift monitor for a package's
-        score reference (ValueError when it has none the daemon can use)."""
+        score reference (ValueError when it has none the daemon can use); ``lone``: production's lone-frame
+        session now (None = none), which a candidate gets a copy of."""
         self._template = template
         self._workers = workers
         self._batch_sizes = batch_sizes
         self._budget_s = budget_s
         self._verify = verify
         self._drift = drift
+        self._lone = lone
 
     def load(
         self, directory: Path, *, loaded: Sequence[tuple[Role, ServedModel]], origin: str
@@ -105,6 +109,8 @@ class CandidateLoader:
         template = self._template()
         try:
             backends = [backend_like(template, package) for _ in range(self._workers)]
+            lone_template = self._lone()
+            lone = backend_like(lone_template, package) if lone_template is not None else None
         except Exception as exc:  # e.g. production's options refused for this package
             raise ModelError(f"candidate failed warm-up: {type(exc).__name__}: {exc}") from None
         model = ServedModel(
@@ -115,6 +121,7 @@ class CandidateLoader:
             digest,
             drift=drift,
             origin=origin,
+            lone=lone,
         )
         self._warm_up(model)
         return model
@@ -129,6 +136,9 @@ class CandidateLoader:
             for backend in backends:
                 backend.__enter__()
                 backend.warmup(sizes)
+            if model.lone is not None:
+                model.lone.__enter__()
+                model.lone.warmup((1,))
             largest = max(sizes)
             x = np.zeros((largest, *backends[0].input_spec.shape), np.float32)
             runs = []

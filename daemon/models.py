@@ -111,6 +111,12 @@ class ServedModel:
     origin: str = "start"  # start | control | watcher
     loaded_at: float = field(default_factory=time.time)
     shadow: ShadowTally = field(default_factory=ShadowTally)
+    lone: Backend | None = None  # its lone-frame session, entered (daemon/lone_frame.py); None = none
+
+    @property
+    def sessions(self) -> list[Backend]:
+        """Every backend it holds: one per worker, then the lone-frame session if any."""
+        return [*self.backends, *([self.lone] if self.lone is not None else [])]
 
     @property
     def meta(self) -> ModelMeta:
@@ -147,11 +153,12 @@ class ServedModel:
             "grey_zone": list(d.grey_zone) if d.grey_zone else None,
             "gauges": [b.name for b in self.gauges.bands] if self.gauges else [],
             "backend": self.backends[0].describe(),
+            "lone_frame_threads": getattr(self.lone.options, "intra_op_threads", 0) if self.lone else 0,
         }
 
     def close(self) -> None:
         """Exit every backend (a backend that never entered, or failed to re-enter, exits harmlessly)."""
-        for backend in self.backends:
+        for backend in self.sessions:
             try:
                 backend.__exit__(None, None, None)
             except Exception:

@@ -24,6 +24,7 @@ from daemon.inference import InferenceWorker
 from daemon.intake import IntakeQueue
 from daemon.ledger import Job, Ledger, Settled
 from daemon.logs import get_logger
+from daemon.lone_frame import LoneFrameError, LoneFrameStart, lone_frame_threads, start_lone_frame
 from daemon.metrics import MetricsSink
 from daemon.models import ModelSlots, ServedModel, backend_like, json_sha256
 from daemon.prep import DevicePreprocessing, FramePreprocessor
@@ -103,7 +104,15 @@ class Pipeline:
             if b.max_infer_share > 0 and settings.model.warmup
             else None
         )
-        batches = BatchQueue(on_waiting=self.intake.wake)  # a free worker wakes the batcher
+        # A free worker wakes the batcher.
+        batches = BatchQueue(on_waiting=self.intake.wake, workers=self.layout.inference_workers)
+        try:
+            self.lone_threads = lone_frame_threads(
+                b.lone_frame_threads, backend, self.layout.inference_workers, settings.model.warmup
+            )
+        except LoneFrameError as exc:
+            raise ConfigError(f"batching.lone_frame_threads = {b.lone_frame_threads!r}: {exc}") from None
+        self.lone_frame = LoneFrameStart(None, 0, reason="not started")
         self.workers = [
             InferenceWorker(
                 self.models,
@@ -212,6 +221,7 @@ class Pipeline:
         # the batch limit; the others then warm up only up to the cap.
         self.worker.start(warmup_timeout_s)
         self._log_batch_cap()
+        self._start_lone_frame()
         for worker in self.workers[1:]:
             worker.start(warmup_timeout_s)
         self.shadow.start()
@@ -235,6 +245,18 @@ class Pipeline:
             log.info("batch size capped to fit the deadline", **fields)
         else:
             log.info("batch size fits the deadline", **fields)
+
+    def _start_lone_frame(self) -> None:
+        """Production's lone-frame session (daemon/lone_frame.py), timed against the first worker's backend
+        while no frame flows (the other workers are not started yet)."""
+        explicit = self.settings.batching.lone_frame_threads != "auto"
+        self.lone_frame = start_lone_frame(self.worker.backend, self.lone_threads, explicit=explicit)
+        self.models.production.lone = self.lone_frame.session
+        if self.lone_threads:
+            log.info(
+                "lone-frame session " + ("on" if self.lone_frame.session is not None else "off"),
+                **self.lone_frame.describe(),
+            )
 
     def _warm_preprocessing(self) -> None:
         """Start every pool thread and build its CLAHE object now, not on the first parts of the shift (and run

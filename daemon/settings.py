@@ -222,6 +222,12 @@ class BatchingSettings(_Section):
     # backend one single-threaded session (model.intra_op_threads = 1) per core, at most AUTO_CPU_WORKERS (N
     # sessions use N cores without intra-op barriers: docs/benchmarks.md); on a GPU backend one.
     inference_workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    # A frame that arrives while every inference worker is idle runs alone, on one single-threaded session,
+    # while the other cores wait. "auto": an extra ONNX Runtime session with one thread per inference worker
+    # runs such a frame instead, kept only if its batch of one measured at start-up is at least 10 % faster
+    # than a worker's (daemon/lone_frame.py); N: that session with N threads, kept whatever it measures;
+    # 0: none. A CPU ONNX Runtime backend with single-threaded workers only ("auto" is off otherwise).
+    lone_frame_threads: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = "auto"
     # At start-up the batch size is capped to the largest one (of 1, 2, 4, … max_batch) whose warm-up inference
     # takes at most this share of deadlines.max_latency_ms: a frame may wait for the batch in flight and then
     # run in its own, so two of them must fit. 0 = always max_batch. Needs model.warmup.

@@ -83,6 +83,14 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
     for enc in ("raw", "png"):
         assert sat[enc]["sent"] > 0 and sat[enc]["missing"] == 0  # exactly one verdict per frame sent
     assert r["daemon_img_s"] == sat["raw"]["img_s"]
+    # The service time is taken where the daemon runs a lone frame: its lone-frame session, if it kept one.
+    lone, service = r["daemon"]["lone_frame"], r["single_image_service_ms"]
+    assert {"threads", "worker_b1_ms", "lone_b1_ms", "reason"} <= lone.keys()
+    threads = lone["threads"] or r["config"]["intra_op_threads"]
+    assert service["backend"] == f"onnxruntime-fp32-t{threads}" and service["backend"] in r["backends"]
+    assert service["ms"] > 0 and service["worker_ms"] > 0
+    if not lone["threads"]:
+        assert service["ms"] == service["worker_ms"]
     assert r["daemon"]["exit_code"] == 0 and r["daemon"]["seq_gaps"] == 0
 
     assert set(r["latency"]) == {"5fps", "80pct_sat"}
