@@ -119,13 +119,19 @@ class BatchQueue:
     keeps a batch open while none is free. A worker that starts waiting calls ``on_waiting`` (the batcher's
     wake-up). Used like a ``queue.SimpleQueue`` (``put``, ``get(timeout)``, ``qsize``)."""
 
-    def __init__(self, on_waiting: Callable[[], None] = lambda: None, workers: int = 1) -> None:
+    def __init__(
+        self,
+        on_waiting: Callable[[], None] = lambda: None,
+        workers: int = 1,
+        quiet: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._q: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = 0
         self._on_waiting = on_waiting
         self.workers = workers  # how many workers take from this queue
         self._alone = False  # a batch of one runs on the lone-frame session (daemon/lone_frame.py)
+        self._quiet = quiet  # no other frame is waiting or being preprocessed (the pipeline's view)
 
     def put(self, item: Batch | None) -> None:
         self._q.put(item)
@@ -150,11 +156,12 @@ class BatchQueue:
         return not self._alone and self._waiting > self._q.qsize()
 
     def take_alone(self) -> bool:
-        """For a worker holding a batch of one: True when every other worker waits with nothing queued for it
-        and no other frame runs alone, so the frame may use the cores they leave idle. Until :meth:`alone_done`
-        the batcher counts every worker busy (a batch then closes when full or when its deadline needs it)."""
+        """For a worker holding a batch of one: True when every other worker waits with nothing queued for it,
+        no other frame runs alone and no frame waits or is being preprocessed (``quiet``), so the frame may use
+        the cores the daemon leaves idle. Until :meth:`alone_done` the batcher counts every worker busy (a batch
+        then closes when full or when its deadline needs it)."""
         with self._lock:
-            if self._alone or self._waiting < self.workers - 1 or self._q.qsize():
+            if self._alone or self._waiting < self.workers - 1 or self._q.qsize() or not self._quiet():
                 return False
             self._alone = True
             return True
@@ -197,6 +204,7 @@ class MicroBatcher(StageThread):
         self._est_infer_s = est_infer_s
         self._finish = finish
         self._awaiting_prep = False  # the open batch waits only for its frames' preprocessing
+        self.filling = 0  # frames in the batch being filled (not yet handed to the workers)
         self._thread: threading.Thread | None = None
         self.batches = 0
 
@@ -255,6 +263,7 @@ class MicroBatcher(StageThread):
             self._add(batch, job)
             close_by = min(close_by, self._close_by(job))
         self._awaiting_prep = False
+        self.filling = 0
         batch.t_closed = self._now()
         return batch
 
@@ -273,6 +282,7 @@ class MicroBatcher(StageThread):
     def _add(self, batch: Batch, job: Job) -> None:
         row = batch.buffer[len(batch.jobs)]
         batch.jobs.append(job)
+        self.filling = len(batch.jobs)
         if self._executor is None:
             self._preprocess(job, row)
         else:

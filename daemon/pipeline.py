@@ -105,7 +105,9 @@ class Pipeline:
             else None
         )
         # A free worker wakes the batcher.
-        batches = BatchQueue(on_waiting=self.intake.wake, workers=self.layout.inference_workers)
+        batches = BatchQueue(
+            on_waiting=self.intake.wake, workers=self.layout.inference_workers, quiet=self._quiet
+        )
         try:
             self.lone_threads = lone_frame_threads(
                 b.lone_frame_threads, backend, self.layout.inference_workers, settings.model.warmup
@@ -335,6 +337,10 @@ class Pipeline:
             "batch": self.batcher.out.qsize(),
             "publish": self.ledger.out.qsize(),
         }
+
+    def _quiet(self) -> bool:
+        """No frame waits in the intake or in an open batch: a lone frame would have the cores to itself."""
+        return not len(self.intake) and not self.batcher.filling
 
     def _expire(self, job: Job, reason: Reason) -> Verdict:
         detail = self._deadline_detail if reason is Reason.DEADLINE else None

@@ -260,6 +260,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
             for i, m in enumerate(DEFAULT3)
         ]
     },
+    # The default (``jitter_rot_head32``) with ± 1° copies beside its ± 0.5° ones: how far the pose crop's
+    # error reaches. Screened with --members-out and --stack against the default's own members.
+    "jitter_wide": {
+        "patch_members": [
+            {
+                **m,
+                **({"top_k": 32} if i == 2 else {}),
+                "jitter": [[0.5, 0.0], [-0.5, 0.0], [1.0, 0.0], [-1.0, 0.0]],
+            }
+            for i, m in enumerate(DEFAULT3)
+        ]
+    },
     "half+thread_p8": {
         **FULL,
         "patch_members": [

@@ -160,6 +160,12 @@ def test_a_batch_runs_alone_only_while_every_other_worker_waits_with_nothing_que
     for t in threads:
         t.join(5)
 
+    busy = [True]
+    q3 = BatchQueue(workers=1, quiet=lambda: not busy[0])
+    assert not q3.take_alone()  # another frame waits or is being preprocessed: it would share the cores
+    busy[0] = False
+    assert q3.take_alone()
+
     q2 = BatchQueue(workers=2)
     threads = _get_in_background(q2, 1)
     q2._q.put(Batch(np.zeros((1, 1, 2, 2), np.float32)))  # queued, not yet taken by the waiting worker
@@ -199,6 +205,13 @@ def _onnx_pipeline(package: ModelPackage, lone: Any) -> Any:
     )
 
 
+def _idle(p: Any) -> None:
+    """Until every inference worker waits for a batch (a worker that published a verdict may not be back yet)."""
+    end = time.monotonic() + 5
+    while p.batcher.out._waiting < len(p.workers) and time.monotonic() < end:
+        time.sleep(0.001)
+
+
 @pytest.mark.timeout(60)
 def test_lone_frames_run_on_the_session_and_get_the_workers_verdicts(package: ModelPackage) -> None:
     """Real ONNX Runtime sessions: frames one at a time run alone on the 2-thread session, a burst on the
@@ -212,6 +225,7 @@ def test_lone_frames_run_on_the_session_and_get_the_workers_verdicts(package: Mo
             assert p.models.production.summary()["lone_frame_threads"] == lone
             items = []
             for f in _frames(6):  # one at a time: the daemon is idle when each arrives
+                _idle(p)
                 p.submit(f, Backpressure.BLOCK)
                 items += settled_items(p, 1)
             for f in _frames(24, seed=1, prefix="bf"):  # then a burst
