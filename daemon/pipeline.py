@@ -11,6 +11,8 @@ reuse exactly this path, and tests hand in slow or failing backends.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +37,17 @@ from engine.backend import Backend
 from engine.preprocess import Preprocessor, device_preprocessor
 
 log = get_logger(__name__)
+
+
+def release_free_heap() -> None:
+    """Give the heap memory freed during start-up back to the OS (glibc ``malloc_trim``): every session parsed
+    the model's bytes on its own thread, and glibc keeps what each thread's arena freed (50–150 MB measured on
+    the default package) until asked. Nothing on other C libraries."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Pipeline:
@@ -224,8 +237,10 @@ class Pipeline:
         self.worker.start(warmup_timeout_s)
         self._log_batch_cap()
         self._start_lone_frame()
+        release_free_heap()
         for worker in self.workers[1:]:
             worker.start(warmup_timeout_s)
+            release_free_heap()
         self.shadow.start()
         self.batcher.start()
 
