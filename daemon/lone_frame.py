@@ -4,9 +4,11 @@ On a CPU the daemon runs one single-threaded ONNX Runtime session per core (``ba
 which is what saturation wants: N batches side by side, no intra-op barriers. A frame that arrives while every
 worker is idle then runs alone on one core and the others wait. The lone-frame session is one more session of
 the same model with one thread per inference worker. A worker that takes a batch of one while every other worker
-waits with nothing queued (:meth:`daemon.batcher.BatchQueue.take_alone`) infers it there; until it is done the
-batcher counts every worker busy, so no second batch competes for those cores unless a deadline needs it.
-At saturation batches are never alone, and the session is idle memory (one more copy of the weights).
+waits with nothing queued, no other frame is in the intake or an open batch, and the workers were busy less than
+:data:`LONE_FRAME_MAX_BUSY` of the last half second (:meth:`daemon.batcher.BatchQueue.take_alone`,
+``Pipeline._quiet``) infers it there; until it is done the batcher counts every worker busy, so no second batch
+competes for those cores unless a deadline needs it. Near saturation batches never run alone, and the session is
+idle memory (one more copy of the weights).
 
 ``batching.lone_frame_threads``: "auto" keeps the session only where its batch of one, timed at start-up against
 a worker's, is at least :data:`MIN_GAIN` faster (on the 2-core machine of docs/benchmarks.md, 18.8 → 11.8 ms);
@@ -26,6 +28,10 @@ import numpy as np
 from engine.backend import Backend
 
 MIN_GAIN = 0.10  # "auto" keeps the session if its batch of one takes at most 90 % of a worker's
+# A frame runs alone only while the workers were busy less than this share of the last half second: near
+# saturation (PNG frames at their limit: 45.8 → 41.8 img/s measured without it) holding the next batch for a lone
+# frame leaves a worker idle that the next batch needed (docs/benchmarks.md, run 12).
+LONE_FRAME_MAX_BUSY = 0.5
 _RUNS = 7  # timed batch-1 runs of each session (after a warm-up run)
 
 

@@ -26,7 +26,13 @@ from daemon.inference import InferenceWorker
 from daemon.intake import IntakeQueue
 from daemon.ledger import Job, Ledger, Settled
 from daemon.logs import get_logger
-from daemon.lone_frame import LoneFrameError, LoneFrameStart, lone_frame_threads, start_lone_frame
+from daemon.lone_frame import (
+    LONE_FRAME_MAX_BUSY,
+    LoneFrameError,
+    LoneFrameStart,
+    lone_frame_threads,
+    start_lone_frame,
+)
 from daemon.metrics import MetricsSink
 from daemon.models import ModelSlots, ServedModel, backend_like, json_sha256
 from daemon.prep import DevicePreprocessing, FramePreprocessor
@@ -354,8 +360,10 @@ class Pipeline:
         }
 
     def _quiet(self) -> bool:
-        """No frame waits in the intake or in an open batch: a lone frame would have the cores to itself."""
-        return not len(self.intake) and not self.batcher.filling
+        """No frame waits in the intake or in an open batch, and the workers were mostly idle of late: a lone
+        frame would have the cores to itself (near saturation frames come too often for that, and a batch
+        held for the lone frame costs throughput)."""
+        return not len(self.intake) and not self.batcher.filling and self.busy_share() < LONE_FRAME_MAX_BUSY
 
     def _expire(self, job: Job, reason: Reason) -> Verdict:
         detail = self._deadline_detail if reason is Reason.DEADLINE else None

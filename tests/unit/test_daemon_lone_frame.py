@@ -17,7 +17,13 @@ from pydantic import Field
 from daemon.batcher import Batch, BatchQueue
 from daemon.drift import DriftMonitor
 from daemon.loading import CandidateLoader
-from daemon.lone_frame import LoneFrameError, lone_frame_threads, lone_like, start_lone_frame
+from daemon.lone_frame import (
+    LONE_FRAME_MAX_BUSY,
+    LoneFrameError,
+    lone_frame_threads,
+    lone_like,
+    start_lone_frame,
+)
 from daemon.models import Role
 from daemon.settings import Backpressure, ConfigError, Settings
 from daemon.types import Frame, Reason
@@ -273,5 +279,26 @@ def test_a_candidate_gets_its_own_lone_frame_session(package: ModelPackage, tmp_
             assert cand.lone.infer(x) == pytest.approx(cand.backends[0].infer(x), abs=1e-6)  # entered
         finally:
             cand.close()
+    finally:
+        p.drain(5.0)
+
+
+@pytest.mark.timeout(60)
+def test_no_frame_runs_alone_while_the_workers_were_busy_of_late(
+    package: ModelPackage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Near saturation a lone frame's held batch would leave a worker idle: busy workers mean no lone frames."""
+    p = _onnx_pipeline(package, 2)
+    share = [LONE_FRAME_MAX_BUSY]
+    monkeypatch.setattr(p, "busy_share", lambda: share[0])
+    p.start()
+    try:
+        for i, f in enumerate(_frames(4)):
+            if i == 2:
+                share[0] = LONE_FRAME_MAX_BUSY - 0.01  # below the bar: alone again
+            _idle(p)
+            p.submit(f, Backpressure.BLOCK)
+            assert len(settled_items(p, 1)) == 1
+            assert sum(w.alone_batches for w in p.workers) == max(0, i - 1)
     finally:
         p.drain(5.0)
