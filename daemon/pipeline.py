@@ -47,7 +47,7 @@ log = get_logger(__name__)
 
 def release_free_heap() -> None:
     """Give the heap memory freed during start-up back to the OS (glibc ``malloc_trim``): every session parsed
-    the model's bytes on its own thread, and glibc keeps what each thread's arena freed (50–150 MB measured on
+    the model's bytes on its own thread, and glibc keeps what each thread's arena freed (110–290 MB measured on
     the default package) until asked. Nothing on other C libraries."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
