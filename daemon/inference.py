@@ -197,13 +197,18 @@ class InferenceWorker(StageThread):
         # A frame alone on an idle daemon runs on the lone-frame session, on every core (daemon/lone_frame.py).
         gate = self.batches if isinstance(self.batches, BatchQueue) else None
         alone = False
-        if len(rows) == 1 and served.lone is not None and gate is not None and gate.take_alone():
-            backend, alone = served.lone, True
+        lone = served.lone
+        if len(rows) == 1 and lone is not None and gate is not None and gate.take_alone():
+            if served.lone is lone:
+                backend, alone = lone, True
+            else:  # dropped (it failed) by the frame that ran alone before this one
+                gate.alone_done()
         t0 = self._now()
+        dropped = served if alone else None  # a failing lone-frame session is dropped, not re-created
         try:
             logits = backend.infer(x)
         except Exception as exc:
-            self._failed(batch, rows, exc, backend, decider)
+            self._failed(batch, rows, exc, backend, decider, dropped)
             return []
         finally:
             if alone and gate is not None:
@@ -213,7 +218,7 @@ class InferenceWorker(StageThread):
             # One logit per row, as numbers: anything else is a malformed output, and the whole batch fails.
             logits = as_logits(logits, len(rows))
         except BackendError as exc:
-            self._failed(batch, rows, exc, backend, decider)
+            self._failed(batch, rows, exc, backend, decider, dropped)
             return []
         infer_s = t1 - t0
         if alone:
@@ -297,8 +302,16 @@ class InferenceWorker(StageThread):
         return offered
 
     def _failed(
-        self, batch: Batch, rows: list[int], exc: Exception, backend: Backend, decider: Decider
+        self,
+        batch: Batch,
+        rows: list[int],
+        exc: Exception,
+        backend: Backend,
+        decider: Decider,
+        lone_of: ServedModel | None = None,
     ) -> None:
+        """Reject the batch (engine_error) and re-create ``backend``; when it was ``lone_of``'s lone-frame session,
+        drop that session instead: the workers' own sessions run its lone frames from then on."""
         self.consecutive_failures += 1
         message = f"{type(exc).__name__}: {exc}"
         ids = []
@@ -307,11 +320,19 @@ class InferenceWorker(StageThread):
             ids.append(job.frame.frame_id)
             self.ledger.settle(job, decider.reject(job.frame, Reason.ENGINE_ERROR, {"error": message}))
         log.error(
-            "inference failed; batch rejected, backend re-created",
+            "inference failed; batch rejected, "
+            + ("lone-frame session dropped" if lone_of is not None else "backend re-created"),
             error=message,
             frame_ids=ids,
             consecutive_failures=self.consecutive_failures,
             ready=self.healthy,
             model=decider.model_id,
         )
-        recreate(backend)
+        if lone_of is None:
+            recreate(backend)
+            return
+        lone_of.lone = None  # no batch uses it now: only one frame runs alone at a time, and this one is done
+        try:
+            backend.__exit__(None, None, None)
+        except Exception as exit_exc:
+            log.warning("lone-frame session exit failed", error=str(exit_exc))

@@ -302,3 +302,45 @@ def test_no_frame_runs_alone_while_the_workers_were_busy_of_late(
             assert sum(w.alone_batches for w in p.workers) == max(0, i - 1)
     finally:
         p.drain(5.0)
+
+
+class FailsAlone(ThreadedBackend):
+    """Once ``broken``, fails every batch on a session of more than one thread (the lone-frame session); a
+    worker's keeps working."""
+
+    name = "fails-alone"
+    broken = False
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.broken and self.options.intra_op_threads > 1:
+            raise RuntimeError("lone session broke")
+        return np.full(batch.shape[0], -4.0, np.float32)  # a clear PASS
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_lone_frame_session_rejects_its_frame_and_is_dropped(package: ModelPackage) -> None:
+    settings = Settings(
+        batching={"max_batch": 2, "preprocess_threads": 1, "inference_workers": 2, "lone_frame_threads": 2},
+        deadlines={"max_latency_ms": 10_000},
+        model={"warmup": False},
+    )
+    p = pipeline_for(settings, package, FailsAlone(package, max_batch=2, options={"work_s": 0.0}))
+    p.start()
+    FailsAlone.broken = True
+    try:
+        assert p.models.production.lone is not None
+        verdicts = []
+        for f in _frames(3):
+            _idle(p)
+            p.submit(f, Backpressure.BLOCK)
+            verdicts += [i.verdict for i in settled_items(p, 1)]
+        production = p.models.production
+    finally:
+        FailsAlone.broken = False
+        p.drain(5.0)
+    assert [v.reason for v in verdicts] == [Reason.ENGINE_ERROR, Reason.MODEL, Reason.MODEL]
+    assert "lone session broke" in (verdicts[0].detail or {}).get("error", "")
+    assert production.lone is None  # dropped: the workers' sessions ran the next lone frames
+    assert sum(w.alone_batches for w in p.workers) == 0 and all(
+        w.consecutive_failures == 0 for w in p.workers
+    )
