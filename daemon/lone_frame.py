@@ -18,12 +18,8 @@ the same graph optimizations; only the thread count of the session differs.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import numpy as np
 
 from engine.backend import Backend
 
@@ -67,16 +63,9 @@ def lone_like(template: Backend, threads: int) -> Backend:
     return type(template)(template.package, max_batch=1, options=options)
 
 
-def time_one(backend: Backend, runs: int = _RUNS) -> float:
+def time_one(backend: Backend) -> float:
     """Median seconds of a batch of one (after one untimed run)."""
-    x = np.zeros((1, *backend.input_spec.shape), np.float32)
-    backend.infer(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        backend.infer(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return backend.time_batches(float("inf"), repeats=_RUNS, untimed=1, largest=1)[1]
 
 
 @dataclass(frozen=True, slots=True)
