@@ -112,7 +112,7 @@ def _headline(r: dict[str, Any]) -> list[list[str]]:
             chosen = " (the baseline)" if name == base["variant"] else ""
             rows.append(
                 [
-                    f"naive loop, torch {run['torch_threads']} thread(s){chosen}",
+                    f"naive loop, {_runtime(run)}{chosen}",
                     _fmt(run["img_s"]),
                     _fmt(run["core_ms_per_img"]),
                     _fmt(run["core_ms_per_img"] * run["img_s"] / 1000, 2),
@@ -357,3 +357,11 @@ def _lone(r: dict[str, Any]) -> str:
         f", on the lone-frame session of {lone['threads']} threads; on one worker's session "
         f"{_fmt(service.get('worker_ms'))} ms"
     )
+
+
+def _runtime(run: dict[str, Any]) -> str:
+    """Which runtime and threads a naive-loop run used: ONNX Runtime on a package without torch state (its
+    model.onnx), torch otherwise."""
+    if "ort_threads" in run:
+        return f"ONNX Runtime {run['ort_threads']} thread(s)"
+    return f"torch {run['torch_threads']} thread(s)"

@@ -12,6 +12,14 @@ by the two together: an NG part the gauges catch need not be caught by the model
 low model score no longer drags the threshold (and the false-reject rate) down. The reported recall and
 false-reject rate are the combined ones (what the line gets); the model's own are reported beside them.
 
+A false-reject budget (``frr_budget``) turns the recall target's spare room into a safety margin: when the
+threshold that catches the weakest calibration NG rejects fewer than ``frr_budget`` of the calibration OK parts
+(the gauges' OK rejects counted), the threshold is lowered to the lowest edge that still rejects at most that
+share. The weakest NG the calibration saw is only the weakest of a sample: with 45 NG, a threshold just below
+it catches a new NG with probability ≈ 45/46 (exchangeability), the recall the repeated k-fold measured. The
+margin buys recall with false rejects the line has said it can afford; it never raises the threshold, so a
+model that cannot meet the budget keeps its recall threshold.
+
 Optional grey zone: T2 is the lowest threshold at which at most ``grey_zone_frr`` of the calibration OK parts
 are scrapped automatically (by T2 or by the gauges); scores in [T1, T2) become REJECT ``grey_zone`` (a person
 re-inspects), scores ≥ T2 REJECT ``model``. What each such budget buys is one table (:func:`budget_table`).
@@ -58,6 +66,8 @@ class Calibration:
     escapes: int = 0  # NG calibration images that neither model nor gauges reject
     escape_rate_upper: float = 1.0  # one-sided ESCAPE_CONFIDENCE upper bound on the escape rate
     budgets: tuple[dict[str, Any], ...] = field(default_factory=tuple)  # budget_table rows
+    frr_budget: float | None = None  # the false-reject budget the threshold was lowered into (None: not used)
+    recall_threshold_logit: float = math.nan  # T1 of the recall target alone, before the budget's margin
     # The OK parts' logits, sorted: the reference the daemon's drift statistic compares with (engine.drift)
     ok_logits: tuple[float, ...] = ()
 
@@ -68,6 +78,9 @@ class Calibration:
         return {
             "split": self.split,
             "target_recall": self.target_recall,
+            "frr_budget": self.frr_budget,
+            "recall_threshold_logit": self.recall_threshold_logit,
+            "margin_logit": self.recall_threshold_logit - self.threshold_logit,
             "threshold": self.threshold,
             "threshold_logit": self.threshold_logit,
             "recall": self.recall,
@@ -134,6 +147,19 @@ def _upper_edge(z: np.ndarray, y: np.ndarray, g: np.ndarray, frr: float) -> floa
     return _above(float(ok[max(allowed, 0)]), z)  # the highest OK score that must stay below T2
 
 
+def _budget_edge(z: np.ndarray, y: np.ndarray, g: np.ndarray, frr: float) -> float:
+    """The lowest edge (logit) at which at most ``frr`` of the OK parts are rejected by the model or the gauges
+    (the gauges' OK rejects counted first); placed half-way above the highest OK score that must pass, so tied
+    scores never take the count over the budget."""
+    allowed = math.floor(frr * int((~y).sum()) + 1e-9) - int((g & ~y).sum())  # rejects left for the model
+    ok = np.sort(z[~y & ~g])[::-1]
+    if allowed < 0:
+        return math.inf  # the gauges alone spend more than the budget: no room for a margin
+    if allowed >= len(ok):
+        return _between(float(ok[-1]), z)  # every OK part the gauges pass may be rejected
+    return _above(float(ok[allowed]), z)
+
+
 def zone_counts(
     p_ng: np.ndarray, labels: np.ndarray, gauge_reject: np.ndarray | None, decision: Decision
 ) -> dict[str, int]:
@@ -189,6 +215,17 @@ def budget_table(
     return rows
 
 
+def margin_text(cal: dict[str, Any]) -> str:
+    """What the false-reject budget did to the threshold, in words ("" when no budget was configured)."""
+    budget = cal.get("frr_budget")
+    if budget is None:
+        return ""
+    margin = cal.get("margin_logit") or 0.0
+    if margin <= 0:
+        return f"; false-reject budget {100 * budget:.0f} % already spent by the recall target (no margin)"
+    return f"; threshold lowered {margin:.2f} logit below the weakest NG into the {100 * budget:.0f} % false-reject budget"
+
+
 def calibrate(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -197,16 +234,20 @@ def calibrate(
     grey_zone_frr: float | None = None,
     split: str = "val",
     gauge_reject: np.ndarray | None = None,
+    frr_budget: float | None = None,
 ) -> Calibration:
     """``logits``: NG logits of the calibration images; ``labels``: 1 NG, 0 OK; ``gauge_reject``: which of them
     the gauges reject whatever the model says (bool, one per image; None: no gauges). A flag for an OK part the
     bands were learnt from must come from bands learnt without it (training.gauge_fit.kfold_flags), or the
-    combined false-reject rate is optimistic."""
+    combined false-reject rate is optimistic. ``frr_budget``: lower T1 into this share of false rejects when
+    the recall target leaves room (module docstring); None keeps T1 where the recall target puts it."""
     z, y, g = _inputs(logits, labels, gauge_reject)
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
     if grey_zone_frr is not None and not 0 <= grey_zone_frr < 1:
         raise ValueError(f"grey_zone_frr must be in [0, 1), got {grey_zone_frr}")
+    if frr_budget is not None and not 0 <= frr_budget < 1:
+        raise ValueError(f"frr_budget must be in [0, 1), got {frr_budget}")
     if y.sum() == 0 or (~y).sum() == 0:
         raise ValueError("calibration needs both OK and NG images")
     if not np.isfinite(z).all():
@@ -215,6 +256,9 @@ def calibrate(
     k = need - int((g & y).sum())  # of which the model must catch this many among the NG the gauges pass
     # k ≤ 0: the gauges meet the target alone, and the model still rejects what scores above every OK part.
     t1 = _between(float(np.sort(z[y & ~g])[::-1][k - 1]), z) if k > 0 else _above(float(z[~y].max()), z)
+    t_recall = t1
+    if frr_budget is not None:
+        t1 = min(t1, _budget_edge(z, y, g, frr_budget))
     decision = _decision(t1, _upper_edge(z, y, g, grey_zone_frr) if grey_zone_frr is not None else None)
     p = sigmoid(z.astype(np.float32))
     model = p >= decision.threshold
@@ -244,5 +288,7 @@ def calibrate(
         escapes=escapes,
         escape_rate_upper=escape_upper_bound(escapes, int(y.sum()), ESCAPE_CONFIDENCE),
         budgets=tuple(budget_table(z, y, t1, gauge_reject=g, budgets=budgets)),
+        frr_budget=frr_budget,
+        recall_threshold_logit=t_recall,
         ok_logits=tuple(np.sort(z[~y]).tolist()),
     )

@@ -54,6 +54,9 @@ class TrainConfig:
     # Re-inspection budget: grey zone up to T2, the lowest threshold that scraps at most this share of the
     # calibration OK parts automatically (the gauges' rejects counted first); None = no grey zone.
     grey_zone_frr: float | None = None
+    # False-reject budget: when the recall target's threshold rejects fewer calibration OK parts than this share,
+    # lower it to the budget (a safety margin below the weakest calibration NG); None = the recall threshold.
+    frr_budget: float | None = None
     # Gauges (training.gauge_fit): tolerance bands on the pose measurements, learnt from the training split's OK
     # parts, calibrated as one decision with the model's threshold and packaged with it by export. Only with the
     # pose crop (the measurements come from the pose it estimates): ``pose=False`` learns none.
@@ -97,6 +100,7 @@ class TrainConfig:
             "max_minutes": self.max_minutes > 0,
             "target_recall": 0 < self.target_recall <= 1,
             "grey_zone_frr": self.grey_zone_frr is None or 0 <= self.grey_zone_frr < 1,
+            "frr_budget": self.frr_budget is None or 0 <= self.frr_budget < 1,
             "gauges": isinstance(self.gauges, bool),
             "folds": self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
             "patch_members": all(_member_fits(m) for m in self.patch_members),

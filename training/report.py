@@ -12,6 +12,7 @@ import numpy as np
 
 from engine.backend import sigmoid
 from engine.heatmap import overlay
+from training.calibrate import margin_text
 from training.metrics import pr_curve, roc_curve
 from training.scored import Scored, Target
 
@@ -179,7 +180,7 @@ def _calibration_text(cal: dict[str, Any]) -> str:
             f"; escape rate ≤ {100 * cal['escape_rate_upper']:.1f} % ({100 * cal['escape_confidence']:.0f} % "
             f"upper bound, {cal['escapes']} of {cal['n_ng']} NG passed)"
         )
-    return text
+    return text + html.escape(margin_text(cal))
 
 
 def _sources_html(m: dict[str, Any]) -> str:

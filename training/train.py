@@ -46,7 +46,7 @@ from engine.pose import Measurements
 from engine.preprocess import Preprocessor
 from engine.split import Split, make_kfold, make_split
 from training.augment import augment
-from training.calibrate import Calibration, calibrate
+from training.calibrate import Calibration, calibrate, margin_text
 from training.config import TrainConfig
 from training.gauge_fit import DEFAULT_BANDS, MIN_OK, fit_gauge_set
 from training.images import Images, load_images, normalised
@@ -663,6 +663,7 @@ def calibrate_best(
         cal_y,
         target_recall=cfg.target_recall,
         grey_zone_frr=cfg.grey_zone_frr,
+        frr_budget=cfg.frr_budget,
         split=extra.name if extra is not None else "val",
         gauge_reject=gauge_reject,
     )
@@ -723,6 +724,7 @@ def _result_line(summary: dict[str, Any], cfg: TrainConfig) -> str:
     at = (
         f"threshold {cal['threshold']:.4g} on {cal['n_ng']} NG / {cal['n_ok']} OK ({cal['split']}): "
         f"recall {cal['recall']:.2f}, false-reject rate {cal['false_reject_rate']:.2f}{gauges}{escape}"
+        f"{margin_text(cal)}"
     )
     if cfg.arch == "patch_memory":
         return at

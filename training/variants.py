@@ -601,15 +601,25 @@ def stack_folds(runs: Sequence[Sequence[Fold]]) -> list[Fold]:
 
 
 def decision(name: str) -> dict[str, Any]:
-    """A DECISIONS entry, or ``w=1,1,0.5``: the default bands with the members' logits weighted so."""
+    """A DECISIONS entry; ``w=1,1,0.5``: the default bands with the members' logits weighted so; ``budget=0.05``
+    or ``budget=none``: the threshold calibrated with that false-reject budget (training.calibrate) instead of
+    the default preset's ``frr_budget``."""
     if name in DECISIONS:
         return DECISIONS[name]
+    if name.startswith("budget="):
+        v = name[len("budget=") :]
+        try:
+            return {"frr_budget": None if v == "none" else float(v)}
+        except ValueError:
+            pass
     if name.startswith("w="):
         try:
             return {"weights": tuple(float(v) for v in name[2:].split(","))}
         except ValueError:
             pass
-    raise ValueError(f"unknown decision {name!r}; known: {list(DECISIONS)} or w=<weight>,<weight>,…")
+    raise ValueError(
+        f"unknown decision {name!r}; known: {list(DECISIONS)}, w=<weight>,<weight>,… or budget=<share>|none"
+    )
 
 
 def decide(
@@ -650,7 +660,8 @@ def decide(
             y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])
             # Fused with a measurement that is +inf (no pose), a part is out of the calibration's finite range.
             z_cal = np.nan_to_num(z_cal, posinf=1e6)
-            cal = calibrate(z_cal, y_cal, target_recall=1.0, gauge_reject=g_cal)
+            budget = dec.get("frr_budget", PRESETS["default"].frr_budget)
+            cal = calibrate(z_cal, y_cal, target_recall=1.0, gauge_reject=g_cal, frr_budget=budget)
             scored.append(
                 Scored(
                     test_idx, np.nan_to_num(z_test, posinf=1e6), cal.threshold_logit, g_test, fo.scores.fit_s
@@ -715,8 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--decisions",
         nargs="+",
         default=["default"],
-        help=f"decisions evaluated on the same models, one row each: any of {list(DECISIONS)}, or "
-        "w=1,1,0.5 (the members' logits weighted so; 0 leaves a member out)",
+        help=f"decisions evaluated on the same models, one row each: any of {list(DECISIONS)}, "
+        "w=1,1,0.5 (the members' logits weighted so; 0 leaves a member out), or budget=0.05|none (the "
+        "threshold's false-reject budget instead of the default preset's)",
     )
     ap.add_argument(
         "--stack",

@@ -11,7 +11,7 @@ import pytest
 from engine.backend import sigmoid
 from engine.package import Decision
 from engine.stats import escape_upper_bound
-from training.calibrate import budget_table, calibrate, zone_counts
+from training.calibrate import budget_table, calibrate, margin_text, zone_counts
 from training.metrics import at_threshold, auroc, pr_curve, roc_curve
 
 
@@ -178,6 +178,47 @@ def test_calibration_reports_the_escape_rate_with_its_upper_bound() -> None:
     assert cal.escape_rate_upper == pytest.approx(escape_upper_bound(1, 4))
 
 
+# -- a false-reject budget spent on a margin below the weakest NG ----------------------------------------
+def test_a_false_reject_budget_lowers_the_threshold_into_the_room_the_recall_target_leaves() -> None:
+    # 10 OK at -5 … 4, NG at 2.5 and 6: the recall threshold (2.25) rejects 2 OK (20 %)
+    ok = [-5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    z, y = _case(ok, [2.5, 6.0])
+    plain = calibrate(z, y)
+    assert plain.threshold_logit == pytest.approx(2.25) and plain.false_reject_rate == pytest.approx(0.2)
+    cal = calibrate(z, y, frr_budget=0.5)  # 5 OK may be rejected (4 … 0): the edge half-way between -1 and 0
+    assert cal.threshold_logit == pytest.approx(-0.5) and cal.false_reject_rate == pytest.approx(0.5)
+    assert cal.recall == 1.0
+    d = cal.to_dict()
+    assert d["frr_budget"] == 0.5
+    assert d["recall_threshold_logit"] == pytest.approx(2.25) and d["margin_logit"] == pytest.approx(2.75)
+    assert "frr_budget" in plain.to_dict() and plain.to_dict()["margin_logit"] == 0.0
+
+
+def test_a_budget_the_recall_target_already_spends_leaves_the_threshold_alone() -> None:
+    ok = [-5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    z, y = _case(ok, [2.5, 6.0])
+    for budget in (0.0, 0.1, 0.2):  # at most 0, 1, 2 OK: T1 (2 OK above it) is already that low or lower
+        cal = calibrate(z, y, frr_budget=budget)
+        assert cal.threshold_logit == pytest.approx(2.25), budget
+        assert cal.recall == 1.0
+    assert calibrate(z, y, frr_budget=0.3).threshold_logit == pytest.approx(
+        1.5
+    )  # a third OK: between 1 and 2
+
+
+def test_the_budget_counts_the_gauges_ok_rejects_and_never_exceeds_it_on_ties() -> None:
+    ok = [-5.0, -4.0, -3.0, -2.0, 0.5, 0.5, 1.0, 2.0, 3.0, 4.0]  # two OK tied at 0.5
+    z, y = _case(ok, [6.0, 2.5])
+    g = np.zeros(12, bool)
+    g[0] = True  # the OK at -5 is out of tolerance: one of the budget's rejects
+    cal = calibrate(z, y, gauge_reject=g, frr_budget=0.5)  # 5 rejects: the gauges' 1 + 4 by the model
+    # the 5th-highest OK (0.5) is tied with the 6th: the edge goes above both (half-way to 1), 5 rejects in all
+    assert cal.threshold_logit == pytest.approx(0.75)
+    assert cal.false_reject_rate == pytest.approx(0.5) and cal.ok_rejected_by_gauges == 1
+    with pytest.raises(ValueError, match="frr_budget"):
+        calibrate(z, y, frr_budget=1.0)
+
+
 # -- what a grey-zone budget buys ---------------------------------------------------------------------------
 def test_budget_table_counts_where_each_budget_sends_the_parts() -> None:
     # 10 OK at -5 … 4 (the top 4 above the threshold), 2 NG: one at 2.2, one out of tolerance at -9.
@@ -237,3 +278,14 @@ def test_zone_counts_use_the_decision_rule_and_never_grey_a_gauge_reject() -> No
     c = zone_counts(p, y, np.array([False, True, False, False, True]), Decision(0.4, (0.4, 0.8)))
     assert c == {"ok_scrapped": 2, "ok_reinspected": 0, "ok_passed": 1, "ng_rejected": 1, "ng_reinspected": 1,
                  "ng_passed": 0}  # fmt: skip
+
+
+def test_margin_text_says_what_the_budget_did() -> None:
+    ok = [-5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    z, y = _case(ok, [2.5, 6.0])
+    assert margin_text(calibrate(z, y).to_dict()) == ""
+    assert "2.75 logit below the weakest NG into the 50 % false-reject budget" in margin_text(
+        calibrate(z, y, frr_budget=0.5).to_dict()
+    )
+    assert "already spent" in margin_text(calibrate(z, y, frr_budget=0.1).to_dict())
+    assert margin_text({}) == ""  # a package calibrated before budgets existed

@@ -72,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "calibration OK parts automatically (the rest of the model's rejects go to a person)",
     )
     parser.add_argument(
+        "--frr-budget",
+        type=float,
+        help="false-reject budget: when the recall target's threshold rejects fewer calibration OK parts than "
+        "this share, lower it to the budget, a safety margin below the weakest calibration NG (the default "
+        "preset: 0.05)",
+    )
+    parser.add_argument(
         "--gauges",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -115,6 +122,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         "fold": args.fold,
         "target_recall": args.target_recall,
         "grey_zone_frr": args.grey_zone_frr,
+        "frr_budget": args.frr_budget,
         "gauges": args.gauges,
         "max_minutes": args.max_minutes,
         "threads": args.threads,
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
                     "rotate",
                     "target_recall",
                     "grey_zone_frr",
+                    "frr_budget",
                     "gauges",
                     "config",
                 )
