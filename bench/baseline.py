@@ -1,13 +1,13 @@
 """The naive loop a notebook would write (the original assignment's main.py): one image at a time, from disk,
-cv2 read → CLAHE → resize → torch eager forward. Same images, same machine, same run as the daemon.
+cv2 read → preprocess → forward, batch 1. Same images, same machine, same run as the daemon.
 
-Deliberately not tuned: a new CLAHE object per image, OpenCV's default resize, torch with its default thread
-count (all cores), batch 1. That is the baseline the daemon's speed-up is quoted against.
-
-A package without torch state (the patch memory: its network exists only as ``model.onnx``) gets the same loop
-on its own model (:func:`naive_loop_onnx`): cv2 read → the package's preprocessing (pose crop, CLAHE, resize)
-with a new preprocessor per image → an ONNX Runtime session with its default options, batch 1. Without it the
-loop would run some other network and the speed-up would compare two different models.
+Deliberately not tuned: a new preprocessor (and so a new CLAHE object) per image, batch 1, the runtime's default
+thread count (all cores). The preprocessing is the package's own (``engine.preprocess.Preprocessor``: the pose
+crop when the package has one, CLAHE, resize, normalise), so the loop inspects what the daemon inspects. The
+network is the package's: its torch state (``model.pt``) in torch eager when the package has one, as a notebook
+would run it, else its ``model.onnx`` on an ONNX Runtime session with the default options. No gauges are
+measured (the daemon measures them on every frame), so the loop does a little less than the daemon and the
+speed-up is, if anything, understated. That is the baseline the daemon's speed-up is quoted against.
 """
 
 from __future__ import annotations
@@ -22,107 +22,80 @@ import numpy as np
 
 
 def naive_loop(
-    paths: Sequence[Path],
-    input_size: tuple[int, int],
-    *,
-    seconds: float = 10.0,
-    weights: Path | None = None,
-    clip_limit: float = 2.0,
-    tile_grid: tuple[int, int] = (8, 8),
-    mean: float = 0.5,
-    std: float = 0.25,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """``threads``: torch intra-op threads; None = torch's default (what the notebook gets)."""
-    import torch
-
-    default_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _loop(paths, input_size, seconds, weights, clip_limit, tile_grid, mean, std)
-    finally:
-        torch.set_num_threads(default_threads)
-
-
-def _loop(
-    paths: Sequence[Path],
-    input_size: tuple[int, int],
-    seconds: float,
-    weights: Path | None,
-    clip_limit: float,
-    tile_grid: tuple[int, int],
-    mean: float,
-    std: float,
-) -> dict[str, Any]:
-    import cv2
-    import torch
-
-    from engine.model import build_model, load_state
-
-    # The package's own network when it has its torch state (same network, same numbers); a ResNet18 with
-    # random weights otherwise.
-    has_state = weights is not None and weights.is_file()
-    model = load_state(weights.read_bytes(), source=str(weights)) if has_state else build_model(None).eval()
-    h, w = input_size
-
-    def one(path: Path) -> float:
-        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            raise FileNotFoundError(f"cannot read {path}")
-        img = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=tile_grid).apply(img)
-        img = cv2.resize(img, (w, h))
-        x = torch.from_numpy(img).float().div(255.0).sub(mean).div(std)[None, None]
-        with torch.no_grad():
-            return float(torch.sigmoid(model(x)).item())
-
-    n, wall, core = _timed(one, paths, seconds)
-    return {
-        "img_s": round(n / wall, 2),
-        "ms_per_img": round(1000 * wall / n, 2),
-        "core_ms_per_img": round(1000 * core / n, 2),
-        "images": n,
-        "torch_threads": torch.get_num_threads(),
-        "weights": "package model.pt" if has_state else "random",
-    }
-
-
-def naive_loop_onnx(
     paths: Sequence[Path], package_dir: Path, *, seconds: float = 10.0, threads: int | None = None
 ) -> dict[str, Any]:
-    """The notebook's loop on the package's own ``model.onnx``: ``threads`` ONNX Runtime intra-op threads (None:
-    its default, every core). No gauges are measured (the daemon measures them for every frame), so the loop
-    does a little less than the daemon: the speed-up is, if anything, understated."""
+    """The notebook's loop on the package in ``package_dir``. ``threads``: the runtime's intra-op threads (torch
+    or ONNX Runtime); None = its default, what the notebook gets."""
     import cv2
-    import onnxruntime as ort
 
     from engine.package import load_package
     from engine.preprocess import Preprocessor
 
     pkg = load_package(package_dir)
+    params = pkg.meta.preprocess
+    state = pkg.directory / "model.pt"
+    forward, runtime, close = (_torch if state.is_file() else _onnx)(pkg, threads)
+
+    def one(path: Path) -> float:
+        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise FileNotFoundError(f"cannot read {path}")
+        x = Preprocessor(params)(img)[None]  # a new preprocessor (and CLAHE) per image
+        return 1.0 / (1.0 + float(np.exp(-forward(x))))
+
+    try:
+        n, wall, core = _timed(one, paths, seconds)
+    finally:
+        close()
+    return {
+        "img_s": round(n / wall, 2),
+        "ms_per_img": round(1000 * wall / n, 2),
+        "core_ms_per_img": round(1000 * core / n, 2),
+        "images": n,
+        **runtime,
+    }
+
+
+Forward = Callable[[np.ndarray], float]
+
+
+def _torch(pkg: Any, threads: int | None) -> tuple[Forward, dict[str, Any], Callable[[], None]]:
+    import torch
+
+    from engine.model import load_state
+
+    state = pkg.directory / "model.pt"
+    model = load_state(state.read_bytes(), source=str(state))
+    default_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    def forward(x: np.ndarray) -> float:
+        with torch.no_grad():
+            return float(model(torch.from_numpy(x)).reshape(-1)[0])
+
+    def close() -> None:
+        torch.set_num_threads(default_threads)  # process-wide: the torch backend's timing runs after this
+
+    info = {"runtime": "torch", "threads": torch.get_num_threads(), "weights": "package model.pt"}
+    return forward, info, close
+
+
+def _onnx(pkg: Any, threads: int | None) -> tuple[Forward, dict[str, Any], Callable[[], None]]:
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(pkg.onnx_path), opts, providers=["CPUExecutionProvider"])
     meta = pkg.meta
 
-    def one(path: Path) -> float:
-        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            raise FileNotFoundError(f"cannot read {path}")
-        x = Preprocessor(meta.preprocess)(img)[None]  # a new preprocessor (and CLAHE) per image
+    def forward(x: np.ndarray) -> float:
         (logit,) = sess.run([meta.output_name], {meta.input_name: x})
-        return float(1.0 / (1.0 + np.exp(-float(logit[0]))))
+        return float(logit.reshape(-1)[0])
 
-    n, wall, core = _timed(one, paths, seconds)
-    return {
-        "img_s": round(n / wall, 2),
-        "ms_per_img": round(1000 * wall / n, 2),
-        "core_ms_per_img": round(1000 * core / n, 2),
-        "images": n,
-        "ort_threads": threads or "default",
-        "weights": "package model.onnx (ONNX Runtime)",
-    }
+    info = {"runtime": "ONNX Runtime", "threads": threads or "default", "weights": "package model.onnx"}
+    return forward, info, lambda: None
 
 
 def _timed(one: Callable[[Path], float], paths: Sequence[Path], seconds: float) -> tuple[int, float, float]:

@@ -184,6 +184,7 @@ class LoadClient:
                 daemon.thread_cpu(scrape0), daemon.thread_cpu(scrape1), inspected
             ),
             batches=_batch_mix(scrape0, scrape1),
+            gc=_gc(scrape0, scrape1),
         )
         return out
 
@@ -225,8 +226,10 @@ class LoadClient:
         cpu = daemon.cpu_seconds() - cpu0
         self._finish(phase, drain_s)
         out = _summary(phase, encoding)
+        scrape1 = daemon.scrape()
         out.update(
-            stage_ms=_stage_ms(scrape0, daemon.scrape()),
+            stage_ms=_stage_ms(scrape0, scrape1),
+            gc=_gc(scrape0, scrape1),
             fps=round(fps, 2),
             sent_fps=round(len(phase.t_send) / wall, 2) if wall > 0 else 0.0,
             sender_behind=behind,
@@ -270,6 +273,31 @@ def _batch_mix(before: Samples, after: Samples) -> dict[str, float]:
         out[f"share_le{le}"] = round(
             _delta(before, after, "inspectd_batch_size_bucket", le=f"{le:.1f}") / n, 3
         )
+    return out
+
+
+def _gc(before: Samples, after: Samples) -> dict[str, dict[str, float]]:
+    """The daemon's cyclic garbage collections between two scrapes (``inspectd_gc_pause_seconds``), by
+    generation: how many, their total ms, and the bound on the longest (the smallest bucket edge that holds them
+    all, ms)."""
+    out: dict[str, dict[str, float]] = {}
+    for gen in ("0", "1", "2"):
+        n = _delta(before, after, "inspectd_gc_pause_seconds_count", generation=gen)
+        if not n:
+            continue
+        cumulative = {
+            float(dict(ls)["le"]): v - before.get((name, ls), 0.0)
+            for (name, ls), v in after.items()
+            if name == "inspectd_gc_pause_seconds_bucket" and dict(ls).get("generation") == gen
+        }
+        longest = min((edge for edge, c in cumulative.items() if c >= n), default=float("inf"))
+        out[gen] = {
+            "count": n,
+            "total_ms": round(
+                1000.0 * _delta(before, after, "inspectd_gc_pause_seconds_sum", generation=gen), 2
+            ),
+            "max_ms_le": round(1000.0 * longest, 3),
+        }
     return out
 
 

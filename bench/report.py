@@ -225,6 +225,18 @@ def markdown(r: dict[str, Any]) -> str:
             [[k, *[_fmt(v.get(s), 2) for s in stages]] for k, v in staged.items()],
         )
         out.append("")
+    collected = {k: v["gc"] for k, v in r["latency"].items() if v.get("gc")}
+    if collected:
+        out.append(
+            "The daemon's garbage collections at each rate (`inspectd_gc_pause_seconds`; per generation: "
+            "collections, total ms, the longest ≤ ms)"
+        )
+        out.append("")
+        out += _table(
+            ["rate", "generation 0", "generation 1", "generation 2"],
+            [[k, *[_gc_cell(v.get(g)) for g in ("0", "1", "2")]] for k, v in collected.items()],
+        )
+        out.append("")
     if "shadow" in r:
         out += shadow_table(r["shadow"])
     out.append("**Targets**")
@@ -360,8 +372,12 @@ def _lone(r: dict[str, Any]) -> str:
 
 
 def _runtime(run: dict[str, Any]) -> str:
-    """Which runtime and threads a naive-loop run used: ONNX Runtime on a package without torch state (its
-    model.onnx), torch otherwise."""
-    if "ort_threads" in run:
-        return f"ONNX Runtime {run['ort_threads']} thread(s)"
-    return f"torch {run['torch_threads']} thread(s)"
+    """Which runtime, threads and weights a naive-loop run used."""
+    return f"{run['runtime']} {run['threads']} thread(s), {run['weights']}"
+
+
+def _gc_cell(g: dict[str, float] | None) -> str:
+    """One generation's collections in a phase: "count, total ms, ≤ longest ms" ("0" when there were none)."""
+    if not g:
+        return "0"
+    return f"{g['count']:.0f}, {g['total_ms']:.1f} ms, ≤ {g['max_ms_le']:g} ms"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.baseline import naive_loop, naive_loop_onnx
+from bench.baseline import naive_loop
 from bench.daemon_load import INSPECTED, LoadClient
 from bench.daemon_proc import bench_settings
 from bench.images import BenchImages, load_images
@@ -497,27 +497,17 @@ def _summarise_daemon(result: dict[str, Any], cfg: BenchConfig) -> None:
 
 
 def _baseline(package: ModelPackage, images: BenchImages, cfg: BenchConfig) -> dict[str, Any]:
-    """The notebook's loop with torch's default threads, and again with 1 thread. The faster of the two is the
-    baseline: on a shared 2-core machine torch's 2 OpenMP threads can be many times slower than 1 (a descheduled
-    thread stalls the other at every barrier), and a speed-up must not be quoted against that accident."""
-    p = package.meta.preprocess
-    runs = {}
-    state = package.directory / "model.pt"
-    for name, threads, seconds in (("default_threads", None, cfg.seconds), ("1_thread", 1, cfg.seconds / 2)):
-        if not state.is_file():  # no torch state (the patch memory): the loop runs the package's model.onnx
-            runs[name] = naive_loop_onnx(images.paths, package.directory, seconds=seconds, threads=threads)
-            continue
-        runs[name] = naive_loop(
-            images.paths,
-            p.input_size,
-            seconds=seconds,
-            weights=state,
-            clip_limit=p.clahe_clip_limit,
-            tile_grid=(int(p.clahe_tile_grid[0]), int(p.clahe_tile_grid[1])),
-            mean=p.mean,
-            std=p.std,
-            threads=threads,
+    """The notebook's loop with its runtime's default threads, and again with 1 thread. The faster of the two is
+    the baseline: on a shared 2-core machine torch's 2 OpenMP threads can be many times slower than 1 (a
+    descheduled thread stalls the other at every barrier), and a speed-up must not be quoted against that
+    accident."""
+    runs = {
+        name: naive_loop(images.paths, package.directory, seconds=seconds, threads=threads)
+        for name, threads, seconds in (
+            ("default_threads", None, cfg.seconds),
+            ("1_thread", 1, cfg.seconds / 2),
         )
+    }
     best = max(runs, key=lambda k: runs[k]["img_s"])
     return {**runs[best], "variant": best, "runs": runs}
 

@@ -24,6 +24,7 @@ from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.control import ControlServer, handle
 from daemon.decision import Decider
 from daemon.drift import DriftMonitor
+from daemon.gc_pauses import GcPauses, freeze_startup, unfreeze
 from daemon.image_policy import InputPolicy
 from daemon.lifecycle import ModelLifecycle
 from daemon.loading import CandidateLoader
@@ -98,6 +99,8 @@ class App:
         self.models: ModelLifecycle | None = None
         self.control: ControlServer | None = None
         self._supervisor: threading.Thread | None = None
+        self.gc_pauses: GcPauses | None = None
+        self._gc_frozen: dict[str, Any] | None = None  # what freeze_startup did, until stop unfreezes
 
     # -- start: one flat list of steps --------------------------------------------------------------------
     def start(self) -> None:
@@ -121,6 +124,7 @@ class App:
             self.start_supervisor()
             self.start_package_watcher()
             self.start_control()
+            self.freeze_startup_heap()
             self.notify_ready(time.monotonic() - t0)
         except BaseException:
             self.stop()
@@ -227,6 +231,8 @@ class App:
             decision=meta.decision,
             drift=self._drift_monitor(meta),
         )
+        self.gc_pauses = GcPauses(self.registry, self.settings.line)
+        self.gc_pauses.install()
 
     def _drift_monitor(self, meta: ModelMeta) -> DriftMonitor:
         try:
@@ -414,6 +420,11 @@ class App:
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
 
+    def freeze_startup_heap(self) -> None:
+        """Everything start-up left alive goes to the collector's permanent generation (daemon.gc_pauses), so
+        no full collection walks it again while frames are in flight."""
+        self._gc_frozen = freeze_startup()
+
     def notify_ready(self, startup_s: float) -> None:
         self._update_ready()
         self.notifier.ready()
@@ -427,6 +438,7 @@ class App:
             max_batch=self.pipeline.max_batch if self.pipeline is not None else None,
             layout=self.pipeline.layout.describe() if self.pipeline is not None else None,
             lone_frame=self.pipeline.lone_frame.describe() if self.pipeline is not None else None,
+            gc=self._gc_frozen,
             sources=[s.describe() for s in self.sources],
             control=self.control_endpoint,
             security=self.curve.describe() if self.curve is not None else {"curve": False},
@@ -480,6 +492,11 @@ class App:
                 source.close()  # its verdict journal: every verdict has been through on_verdict by now
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self.gc_pauses is not None:
+            self.gc_pauses.remove()
+        if self._gc_frozen is not None:
+            unfreeze()
+            self._gc_frozen = None
         monitor_closed = self.peers.stop() if self.peers is not None else True
         if self.curve is not None:
             self.curve.stop()

@@ -115,9 +115,7 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
     assert r["cpu"]["daemon_cores_at_saturation"] == sat["raw"]["daemon_cores"]
     assert r["baseline_img_s"] > 0 and r["speedup_vs_baseline"] is not None
     # No torch state in the package: the naive loop runs its own model.onnx, not some other network.
-    assert all(
-        run["weights"] == "package model.onnx (ONNX Runtime)" for run in r["baseline"]["runs"].values()
-    )
+    assert all(run["weights"] == "package model.onnx" for run in r["baseline"]["runs"].values())
     assert r["int8"]["gate"] == "absent" and r["gpu"]["measured"] is False
     rss = r["targets"]["peak RSS (MB)"]
     assert rss["value"] == r["peak_rss_mb"] and rss["met"] is (rss["value"] <= rss["target"])
@@ -133,7 +131,7 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
     text = md.read_text()
     assert "**Headline**" in text and "| machine limit (fp32, raw) |" in text
     assert "Where a frame's time goes at each rate" in text
-    assert "| naive loop, ONNX Runtime default thread(s)" in text
+    assert "| naive loop, ONNX Runtime default thread(s), package model.onnx" in text
     assert text in capsys.readouterr().out  # the same tables are printed
 
 
