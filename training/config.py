@@ -273,6 +273,9 @@ THREAD_ALIGNED: dict[str, Any] = {
 }
 PATCH = TrainConfig(
     input_size=(320, 1000),
+    # The calibration spends a 4 % false-reject budget on a margin below the weakest calibration NG: over 30
+    # folds of screws-300, held-out NG recall at the calibrated thresholds 0.977 → 0.997, FRR 0.037 → 0.042.
+    frr_budget=0.04,
     patch_window=(1, 1),  # ± 1 column: as good as ± 2 on screws-300 with the thread band, a third cheaper
     patch_sd_pool=3,
     patch_residual=True,
