@@ -225,7 +225,9 @@ def markdown(r: dict[str, Any]) -> str:
             [[k, *[_fmt(v.get(s), 2) for s in stages]] for k, v in staged.items()],
         )
         out.append("")
-    collected = {k: v["gc"] for k, v in r["latency"].items() if v.get("gc")}
+    sat = r["daemon"].get("saturation", {})
+    collected = {f"saturation {k}": v["gc"] for k, v in sat.items() if "gc" in v}
+    collected |= {k: v["gc"] for k, v in r["latency"].items() if "gc" in v}
     if collected:
         out.append(
             "The daemon's garbage collections at each rate (`inspectd_gc_pause_seconds`; per generation: "

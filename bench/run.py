@@ -479,6 +479,7 @@ def _summarise_daemon(result: dict[str, Any], cfg: BenchConfig) -> None:
             "p99_over_service": _ratio(lat["p99"], service),
             "daemon_cores": r["daemon_cores"],
             "stage_ms": r.get("stage_ms", {}),
+            "gc": r.get("gc", {}),
         }
     result["latency"] = latency
     mems = [d["memory"].get("VmHWM", 0.0)] + ([d["int8"]["memory"].get("VmHWM", 0.0)] if "int8" in d else [])

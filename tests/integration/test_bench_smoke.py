@@ -132,6 +132,9 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
     assert "**Headline**" in text and "| machine limit (fp32, raw) |" in text
     assert "Where a frame's time goes at each rate" in text
     assert "| naive loop, ONNX Runtime default thread(s), package model.onnx" in text
+    # The collector's pauses per phase (inspectd_gc_pause_seconds), a row each, zero collections included.
+    assert all("gc" in row for row in r["latency"].values()) and "gc" in sat["raw"]
+    assert "The daemon's garbage collections at each rate" in text and "| saturation raw |" in text
     assert text in capsys.readouterr().out  # the same tables are printed
 
 
