@@ -19,6 +19,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from daemon.drift import DriftMonitor
+from daemon.gc_pauses import GcPauses
 from daemon.metrics import Metrics
 from daemon.settings import MetricsSettings, Settings
 from daemon.types import Outcome, Reason, Verdict
@@ -115,6 +116,7 @@ def exported() -> tuple[set[str], set[str], set[str]]:
     drift = DriftMonitor("line-1", bands=(Band("length_px", 880.0, 940.0),))
     metrics = Metrics(registry, "line-1", decision=Decision(threshold=0.5), drift=drift)
     metrics.set_model_info(dict.fromkeys(MODEL_INFO_KEYS, "x"))  # set once the model is loaded
+    GcPauses(registry, "line-1")  # App.init_metrics registers the collector's pauses beside them
     samples: set[str] = set()
     families: set[str] = set()
     labels: set[str] = set()
