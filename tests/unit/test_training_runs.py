@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 
 from engine.dataset import DataError, discover
 from engine.split import Split, make_split
-from training.config import TrainConfig
+from training.config import PRESETS, TrainConfig
 from training.kfold import summarise
 from training.train import SPLIT, resolve_split, resume_config
 
@@ -91,3 +91,20 @@ def test_split_file_lists_relative_paths(data: Path, tmp_path: Path) -> None:
     saved = json.loads(split.save(tmp_path / "s.json").read_text())
     assert all(not p.startswith("/") for p in saved["train"] + saved["val"] + saved["test"])
     assert Split.load(tmp_path / "s.json") == split
+
+
+def test_the_false_reject_budget_is_the_default_presets_and_a_flag() -> None:
+    import argparse
+
+    from training.commands.train import add_arguments, build_config
+
+    assert PRESETS["default"].frr_budget == 0.04 and TrainConfig().frr_budget is None
+    # A run saved before budgets existed is re-read without one (its threshold was the recall threshold).
+    saved = {k: v for k, v in PRESETS["default"].to_dict().items() if k != "frr_budget"}
+    assert TrainConfig.from_saved(saved).frr_budget is None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", "d", "--out", "o", "--frr-budget", "0.02"])
+    assert build_config(args).frr_budget == 0.02
+    with pytest.raises(ValueError, match=r"\['frr_budget'\]"):
+        build_config(parser.parse_args(["--data", "d", "--out", "o", "--frr-budget", "1.5"]))

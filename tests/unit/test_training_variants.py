@@ -49,7 +49,9 @@ def test_weights_that_do_not_fit_are_refused(weights: tuple[float, ...]) -> None
 def test_decisions_by_name_and_by_weights() -> None:
     assert decision("default") == {}
     assert decision("w=1,0.5,0") == {"weights": (1.0, 0.5, 0.0)}
-    for bad in ("w=1,x", "nonsense"):
+    assert decision("budget=0.05") == {"frr_budget": 0.05}
+    assert decision("budget=none") == {"frr_budget": None}  # the recall threshold, whatever the preset says
+    for bad in ("w=1,x", "nonsense", "budget=lots"):
         with pytest.raises(ValueError, match="unknown decision"):
             decision(bad)
 
