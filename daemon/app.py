@@ -439,6 +439,7 @@ class App:
             metrics_port=self.metrics_port,
             max_batch=self.pipeline.max_batch if self.pipeline is not None else None,
             layout=self.pipeline.layout.describe() if self.pipeline is not None else None,
+            opencv_threads=self.pipeline.opencv_threads if self.pipeline is not None else None,
             lone_frame=self.pipeline.lone_frame.describe() if self.pipeline is not None else None,
             gc=self._gc_frozen,
             sources=[s.describe() for s in self.sources],

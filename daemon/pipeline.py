@@ -17,6 +17,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 
 from daemon.batcher import BatchLimit, BatchQueue, BufferPool, MicroBatcher
@@ -54,6 +55,14 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def set_opencv_threads(n: int) -> int:
+    """OpenCV's thread count for every later call in the process (``batching.opencv_threads``; 0 leaves
+    OpenCV's default); returns the count in effect."""
+    if n > 0:
+        cv2.setNumThreads(n)
+    return int(cv2.getNumThreads())
 
 
 class Pipeline:
@@ -101,6 +110,7 @@ class Pipeline:
         self.pool = BufferPool(
             self.layout.buffers, self.batch_limit.configured, preprocessor.params.input_size
         )
+        self.opencv_threads = set_opencv_threads(b.opencv_threads)
         self.executor = (
             ThreadPoolExecutor(b.preprocess_threads, thread_name_prefix="preprocess")
             if b.preprocess_threads > 0

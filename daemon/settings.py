@@ -215,6 +215,11 @@ class BatchingSettings(_Section):
     max_wait_ms: float = Field(default=2.0, ge=0)
     queue_size: int = Field(default=64, ge=1)  # intake queue: where backpressure applies
     preprocess_threads: int = Field(default=2, ge=0)  # 0 = preprocess on the batcher thread
+    # OpenCV's own threads inside each call (cv2.setNumThreads, process-wide). 1: each preprocessing thread runs
+    # its OpenCV calls itself, the preprocessing pool being the parallelism. 0: OpenCV's default, a pool of one
+    # thread per core whose workers keep spinning after each call and take the cores inference is using (on 2
+    # cores a lone frame's inference p90 15.9 → 24.4 ms in isolation: docs/benchmarks.md run 13).
+    opencv_threads: int = Field(default=1, ge=0, le=256)
     # Preallocated batch buffers: one filling, one closed and waiting, one per worker in inference.
     # "auto" = inference_workers + 2; at least inference_workers + 1.
     buffers: Annotated[int, Field(ge=2)] | Literal["auto"] = "auto"
