@@ -53,8 +53,9 @@ def stage_costs(
     """Each step alone, then the daemon's own per-frame function (``daemon.prep.FramePreprocessor``) on a raw
     and on a PNG frame: exactly what one pool worker does, including pose/gauges when the package has them.
 
-    OpenCV runs single-threaded here, as the daemon's pool workers should (``cv2.setNumThreads(1)`` in the
-    measurement, so the core-seconds are those of one worker, with no OpenCV-internal parallel overhead).
+    OpenCV runs single-threaded here, as the daemon's pool workers do (``cv2.setNumThreads(1)`` in the
+    measurement, the daemon's ``batching.opencv_threads`` default), so the core-seconds are those of one worker,
+    with no OpenCV-internal parallel overhead.
     """
     pre = Preprocessor(package.meta.preprocess)
     p = pre.params
