@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 import time
 from typing import Any
 
@@ -69,7 +68,6 @@ class GcPauses:
         )
         self._by_gen = [self._hist.labels(line, str(g)) for g in range(3)]
         self._t0 = 0.0
-        self._lock = threading.Lock()
         self._installed = False
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
@@ -81,14 +79,13 @@ class GcPauses:
             self._t0 = 0.0
 
     def install(self) -> None:
-        with self._lock:
-            if not self._installed:
-                gc.callbacks.append(self._callback)
-                self._installed = True
+        """Called by the daemon's start (one thread), like :meth:`remove` by its stop."""
+        if not self._installed:
+            gc.callbacks.append(self._callback)
+            self._installed = True
 
     def remove(self) -> None:
-        with self._lock:
-            if self._installed:
-                with contextlib.suppress(ValueError):  # somebody else cleared gc.callbacks
-                    gc.callbacks.remove(self._callback)
-                self._installed = False
+        if self._installed:
+            with contextlib.suppress(ValueError):  # somebody else cleared gc.callbacks
+                gc.callbacks.remove(self._callback)
+            self._installed = False

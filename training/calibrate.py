@@ -137,11 +137,18 @@ def _inputs(
     return z, y, g
 
 
+def _room(z: np.ndarray, y: np.ndarray, g: np.ndarray, frr: float) -> tuple[int, np.ndarray]:
+    """How many OK parts the model may still reject when at most ``frr`` of them may be rejected and the gauges
+    reject theirs first (negative: the gauges alone spend more), and the scores of the OK parts the gauges
+    pass, highest first."""
+    allowed = math.floor(frr * int((~y).sum()) + 1e-9) - int((g & ~y).sum())
+    return allowed, np.sort(z[~y & ~g])[::-1]
+
+
 def _upper_edge(z: np.ndarray, y: np.ndarray, g: np.ndarray, frr: float) -> float | None:
     """T2 (logit): the lowest edge at which at most ``frr`` of the OK parts are scrapped automatically, the
     OK parts the gauges reject counted first; None when the budget is not binding (no grey zone needed)."""
-    allowed = math.floor(frr * int((~y).sum()) + 1e-9) - int((g & ~y).sum())  # scraps left for the model
-    ok = np.sort(z[~y & ~g])[::-1]
+    allowed, ok = _room(z, y, g, frr)  # scraps left for the model
     if allowed >= len(ok):
         return None
     return _above(float(ok[max(allowed, 0)]), z)  # the highest OK score that must stay below T2
@@ -151,8 +158,7 @@ def _budget_edge(z: np.ndarray, y: np.ndarray, g: np.ndarray, frr: float) -> flo
     """The lowest edge (logit) at which at most ``frr`` of the OK parts are rejected by the model or the gauges
     (the gauges' OK rejects counted first); placed half-way above the highest OK score that must pass, so tied
     scores never take the count over the budget."""
-    allowed = math.floor(frr * int((~y).sum()) + 1e-9) - int((g & ~y).sum())  # rejects left for the model
-    ok = np.sort(z[~y & ~g])[::-1]
+    allowed, ok = _room(z, y, g, frr)  # rejects left for the model
     if allowed < 0:
         return math.inf  # the gauges alone spend more than the budget: no room for a margin
     if allowed >= len(ok):
