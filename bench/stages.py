@@ -8,8 +8,10 @@ that keeps two cores busy is charged for both, and a stage that waits is charged
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,6 +99,23 @@ def _frame_functions(
     package: ModelPackage, grays: Sequence[np.ndarray], encoded: Sequence[bytes]
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The daemon's per-frame preprocessing, called on admitted jobs exactly as the batcher's pool does."""
+    prep, jobs, rows = _frame_jobs(package, grays, encoded)
+
+    def run(jobs: list[Any]) -> Callable[[], None]:
+        def fn() -> None:
+            for i, job in enumerate(jobs):
+                _prep_one(prep, job, rows[i], i)
+
+        return fn
+
+    return run(jobs["raw"]), run(jobs["png"])
+
+
+def _frame_jobs(
+    package: ModelPackage, grays: Sequence[np.ndarray], encoded: Sequence[bytes]
+) -> tuple[Callable[[Any, np.ndarray], None], dict[str, list[Any]], np.ndarray]:
+    """The daemon's per-frame function (``daemon.prep.FramePreprocessor``, with the package's gauges), the bench
+    images admitted as raw and as PNG jobs, and one batch row per image."""
     from daemon.decision import Decider
     from daemon.ledger import Ledger
     from daemon.prep import FramePreprocessor
@@ -120,20 +139,117 @@ def _frame_functions(
         observe_stage=lambda stage, seconds: None,
     )
     now = time.monotonic()
-    raw_jobs = [ledger.admit(Frame("bench", i, f"r{i}", now, 0.0, image=g)) for i, g in enumerate(grays)]
-    png_jobs = [ledger.admit(Frame("bench", i, f"p{i}", now, 0.0, data=b)) for i, b in enumerate(encoded)]
+    jobs = {
+        "raw": [ledger.admit(Frame("bench", i, f"r{i}", now, 0.0, image=g)) for i, g in enumerate(grays)],
+        "png": [ledger.admit(Frame("bench", i, f"p{i}", now, 0.0, data=b)) for i, b in enumerate(encoded)],
+    }
     rows = np.zeros((len(grays), 1, *meta.preprocess.input_size), np.float32)
+    return prep, jobs, rows
 
-    def run(jobs: list[Any]) -> Callable[[], None]:
-        def fn() -> None:
-            for i, job in enumerate(jobs):
-                prep(job, rows[i])
-                if not job.ok:
-                    raise RuntimeError(f"the daemon's preprocessing rejected bench image {i}")
 
-        return fn
+def _prep_one(prep: Callable[[Any, np.ndarray], None], job: Any, row: np.ndarray, i: int) -> None:
+    prep(job, row)
+    if not job.ok:
+        raise RuntimeError(f"the daemon's preprocessing rejected bench image {i}")
 
-    return run(raw_jobs), run(png_jobs)
+
+def parallel_limit(
+    package: ModelPackage,
+    grays: Sequence[np.ndarray],
+    encoded: Sequence[bytes],
+    batch: int,
+    *,
+    threads: int,
+    seconds: float,
+) -> dict[str, dict[str, float]]:
+    """The machine limit measured with every core busy at once, for raw and PNG frames.
+
+    ``threads`` threads (one per core), each with its own single-threaded ONNX Runtime session and its own copy
+    of the daemon's per-frame function, each looping "preprocess ``batch`` frames into the batch rows, infer
+    the batch" for ``seconds`` side by side. No queues, no hand-offs, no sockets: what the daemon's work costs
+    when the cores run it together. The linear limit (cores ÷ Σ single-thread core-ms) assumes two busy cores
+    each run as fast as one alone; cores that share a cache, a memory bus or a host (a VM's vCPUs) do not, and
+    this says by how much."""
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return {
+            enc: _parallel_run(package, grays, encoded, enc, batch, threads=threads, seconds=seconds)
+            for enc in ("raw", "png")
+        }
+    finally:
+        cv2.setNumThreads(prev)
+
+
+def _parallel_run(
+    package: ModelPackage,
+    grays: Sequence[np.ndarray],
+    encoded: Sequence[bytes],
+    enc: str,
+    batch: int,
+    *,
+    threads: int,
+    seconds: float,
+) -> dict[str, float]:
+    backends = [
+        create_backend("onnxruntime", package, max_batch=batch, options={"intra_op_threads": 1})
+        for _ in range(threads)
+    ]
+    for backend in backends:
+        backend.__enter__()
+    try:
+        work = [_frame_jobs(package, grays, encoded) for _ in range(threads)]
+        counts = [0] * threads
+        errors: list[BaseException] = []
+        start = threading.Barrier(threads + 1)
+        stop = threading.Event()
+
+        def loop(t: int) -> None:
+            prep, jobs, rows = work[t]
+            frames = jobs[enc]
+            x = rows[:batch]
+            try:
+                backends[t].warmup((batch,))
+                for k in range(batch):  # first-call costs, before the clock starts
+                    _prep_one(prep, frames[k % len(frames)], x[k], k)
+                start.wait(timeout=60)
+                i = 0
+                while not stop.is_set():
+                    for k in range(batch):
+                        _prep_one(prep, frames[i % len(frames)], x[k], i % len(frames))
+                        i += 1
+                    backends[t].infer(x)
+                    counts[t] += batch
+            except BaseException as exc:  # reported below; the barrier must not hang the bench
+                errors.append(exc)
+                start.abort()
+
+        pool = [threading.Thread(target=loop, args=(t,), name=f"parallel-limit-{t}") for t in range(threads)]
+        for th in pool:
+            th.start()
+        with contextlib.suppress(threading.BrokenBarrierError):  # a thread failed: reported below
+            start.wait(timeout=120)
+        w0, c0 = time.perf_counter(), time.process_time()
+        if not errors:
+            time.sleep(seconds)
+        stop.set()
+        for th in pool:
+            th.join()
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        if errors:
+            raise RuntimeError(f"parallel limit ({enc}) failed: {errors[0]!r}") from errors[0]
+        n = sum(counts)
+        return {
+            "img_s": round(n / wall, 2),
+            "core_ms_per_img": round(1000 * cpu / n, 2) if n else 0.0,
+            "frames": n,
+            "threads": threads,
+            "batch": batch,
+            "seconds": round(wall, 2),
+        }
+    finally:
+        for backend in backends:
+            backend.__exit__(None, None, None)
 
 
 @dataclass(frozen=True, slots=True)

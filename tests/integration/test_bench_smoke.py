@@ -17,6 +17,7 @@ TOP_LEVEL = {
     "machine_limit_img_s",
     "daemon_img_s",
     "ratio_to_limit",
+    "ratio_to_measured_limit",
     "baseline_img_s",
     "speedup_vs_baseline",
     "latency",
@@ -79,6 +80,13 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
     # Charged at the batch the daemon ran (max_batch as capped at its start-up), which the table then holds.
     assert 1 <= r["daemon"]["max_batch"] <= 2 and lim["batch"] == r["daemon"]["max_batch"]
     assert str(lim["batch"]) in fp32
+    # The limit measured with every core busy: one thread per core, at the same batch, raw and PNG.
+    for enc in ("raw", "png"):
+        m = lim[enc]["measured"]
+        assert m["threads"] == r["machine"]["cores"] and m["batch"] == lim["batch"]
+        assert m["img_s"] > 0 and m["core_ms_per_img"] > 0 and m["seconds"] > 0
+        assert m["scaling"] == round(m["img_s"] / lim[enc]["img_s"], 3)
+    assert r["ratio_to_measured_limit"] == round(r["daemon_img_s"] / lim["raw"]["measured"]["img_s"], 3)
     sat = r["daemon"]["saturation"]
     for enc in ("raw", "png"):
         assert sat[enc]["sent"] > 0 and sat[enc]["missing"] == 0  # exactly one verdict per frame sent
@@ -130,6 +138,7 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
 
     text = md.read_text()
     assert "**Headline**" in text and "| machine limit (fp32, raw) |" in text
+    assert "| machine limit, every core busy (fp32, raw) |" in text
     assert "Where a frame's time goes at each rate" in text
     assert "| naive loop, ONNX Runtime default thread(s), package model.onnx" in text
     # The collector's pauses per phase (inspectd_gc_pause_seconds), a row each, zero collections included.
