@@ -175,8 +175,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['images']['n']} × {', '.join(r['images']['size'])} ({r['images']['source']}). Daemon: batch "
         f"{_batch(r)}, {cfg['inference_workers']} inference worker(s) × {cfg['intra_op_threads']} ONNX Runtime "
         f"thread(s) + {cfg['preprocess_threads']} preprocessing thread(s), {cfg.get('buffers', '?')} batch buffers, "
-        f"deadline {cfg['max_latency_ms']:g} ms; "
-        f"{cfg['seconds']:g} s per phase."
+        f"deadline {cfg['max_latency_ms']:g} ms, CPU latency request "
+        f"{r.get('daemon', {}).get('cpu_latency') or '–'}; {cfg['seconds']:g} s per phase."
     )
     out.append("")
     out.append("**Headline**")

@@ -361,6 +361,8 @@ def _daemon_runs(
         out["startup_rss_mb"] = d.memory().get("VmRSS")
         out["max_batch"] = int(d.ready.get("max_batch") or cfg.max_batch)  # as capped at start-up
         out["lone_frame"] = d.ready.get("lone_frame") or {}
+        out["cpu_latency"] = d.ready.get("cpu_latency")  # batching.cpu_latency_us: held or not, and why
+        log(f"  CPU latency request: {out['cpu_latency']}")
         log(f"  lone-frame session: {out['lone_frame']}")
         if out["max_batch"] != cfg.max_batch:
             log(f"  max_batch {cfg.max_batch} capped to {out['max_batch']} by the daemon to fit the deadline")

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from daemon.audit import AuditArchive
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.control import ControlServer, handle
+from daemon.cpu_latency import CpuLatencyError, CpuLatencyRequest, hold_for_setting
 from daemon.decision import Decider
 from daemon.drift import DriftMonitor
 from daemon.gc_pauses import GcPauses, freeze_startup, unfreeze
@@ -101,6 +102,8 @@ class App:
         self._supervisor: threading.Thread | None = None
         self.gc_pauses: GcPauses | None = None
         self._gc_frozen: dict[str, Any] | None = None  # what freeze_startup did, until stop unfreezes
+        self.cpu_latency: CpuLatencyRequest | None = None  # batching.cpu_latency_us's request, until stop
+        self._cpu_latency_line: str | None = None
 
     # -- start: one flat list of steps --------------------------------------------------------------------
     def start(self) -> None:
@@ -116,6 +119,7 @@ class App:
             self.start_metrics_server()
             self.init_pipeline()
             self.init_models()
+            self.init_cpu_latency()
             self.freeze_startup_heap()  # before any stage thread runs: its collection pauses nobody
             self.start_after_publish()
             self.start_publisher()
@@ -420,6 +424,14 @@ class App:
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
 
+    def init_cpu_latency(self) -> None:
+        """Hold ``batching.cpu_latency_us``'s wake-up latency request (daemon/cpu_latency.py) until stop."""
+        setting = self.settings.batching.cpu_latency_us
+        try:
+            self.cpu_latency, self._cpu_latency_line = hold_for_setting(setting)
+        except CpuLatencyError as exc:
+            raise ConfigError(f"batching.cpu_latency_us = {setting!r}: {exc}") from None
+
     def freeze_startup_heap(self) -> None:
         """Everything start-up loaded goes to the collector's permanent generation (daemon.gc_pauses), so no
         full collection walks it again while frames are in flight. Done once every init step has run and before
@@ -440,6 +452,7 @@ class App:
             max_batch=self.pipeline.max_batch if self.pipeline is not None else None,
             layout=self.pipeline.layout.describe() if self.pipeline is not None else None,
             opencv_threads=self.pipeline.opencv_threads if self.pipeline is not None else None,
+            cpu_latency=self._cpu_latency_line,
             lone_frame=self.pipeline.lone_frame.describe() if self.pipeline is not None else None,
             gc=self._gc_frozen,
             sources=[s.describe() for s in self.sources],
@@ -500,6 +513,8 @@ class App:
         if self._gc_frozen is not None:
             unfreeze()
             self._gc_frozen = None
+        if self.cpu_latency is not None:
+            self.cpu_latency.release()  # every frame is settled: idle CPUs may sleep again
         monitor_closed = self.peers.stop() if self.peers is not None else True
         if self.curve is not None:
             self.curve.stop()

@@ -220,6 +220,11 @@ class BatchingSettings(_Section):
     # thread per core whose workers keep spinning after each call and take the cores inference is using (on 2
     # cores a lone frame's inference p90 15.9 → 24.4 ms in isolation: docs/benchmarks.md run 13).
     opencv_threads: int = Field(default=1, ge=0, le=256)
+    # A CPU wake-up latency request (PM QoS, /dev/cpu_dma_latency) held while the daemon runs, so idle CPUs wake
+    # at once for a lone frame (daemon/cpu_latency.py; on the 2-core VM a lone frame's inference p50 17.0 →
+    # 13.3 ms). "auto": 0 µs when the process may open the device, else logged and run without; N: hold N µs,
+    # refuse to start if it cannot; "off": none. Costs power: idle CPUs poll instead of sleeping.
+    cpu_latency_us: Annotated[int, Field(ge=0, le=2_000_000_000)] | Literal["auto", "off"] = "auto"
     # Preallocated batch buffers: one filling, one closed and waiting, one per worker in inference.
     # "auto" = inference_workers + 2; at least inference_workers + 1.
     buffers: Annotated[int, Field(ge=2)] | Literal["auto"] = "auto"

@@ -98,6 +98,8 @@ def test_unit_lets_the_gpu_and_zeromq_through_its_hardening() -> None:
     # CUDA opens /dev/nvidiaN + /dev/nvidiactl (major "nvidia", "nvidia-frontend" on older drivers) and
     # /dev/nvidia-uvm; without them the daemon would find no GPU.
     assert {"char-nvidia", "char-nvidia-frontend", "char-nvidia-uvm"} <= allowed
+    # batching.cpu_latency_us = "auto" holds a PM QoS request: DevicePolicy=closed must let that one node through.
+    assert "/dev/cpu_dma_latency w" in unit_values("Service", "DeviceAllow")
     families = unit_value("Service", "RestrictAddressFamilies").split()
     # libzmq aborts on bind when getifaddrs() cannot open a netlink socket (zeromq/libzmq#4737).
     assert {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"} <= set(families)
@@ -256,3 +258,24 @@ def test_healthcheck_command_fails_on_not_ready() -> None:
         assert subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
     finally:
         server.stop()
+
+
+UDEV_RULE = REPO / "deploy" / "udev" / "60-inspectd-cpu-latency.rules"
+
+
+def test_udev_rule_grants_the_cpu_latency_device_to_the_services_group() -> None:
+    """systemd 252 has no ``udevadm verify``: the rule is parsed here, key by key (a udev rule is one line of
+    ``KEY=="match"`` and ``KEY="assignment"`` pairs; a misspelt key or a group that is not the unit's would leave
+    the device root's, and the daemon would run without its request)."""
+    rules = [
+        ln
+        for ln in UDEV_RULE.read_text(encoding="utf-8").splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert len(rules) == 1
+    pairs = re.findall(r'([A-Z]+)(==|=)"([^"]*)"', rules[0])
+    assert ", ".join(f'{k}{op}"{v}"' for k, op, v in pairs) == rules[0].strip()  # nothing else on the line
+    matches = {k: v for k, op, v in pairs if op == "=="}
+    assigns = {k: v for k, op, v in pairs if op == "="}
+    assert matches == {"KERNEL": "cpu_dma_latency", "SUBSYSTEM": "misc"}
+    assert assigns["GROUP"] == unit_value("Service", "Group") and assigns["MODE"] == "0660"
