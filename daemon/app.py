@@ -348,6 +348,8 @@ class App:
                 self.pipeline.shadow.keep = self.audit.keep_disagreement
         handlers.extend(s.on_verdict for s in self.sources if isinstance(s, VerdictListener))
         handlers.extend(self._listeners)
+        if self.pipeline is not None:
+            self.pipeline.ledger.keep_frames = bool(handlers)  # else pixels go at settle (daemon.ledger)
         if handlers:
             self.after_publish = AfterPublishWorker(handlers, queue_size=self.settings.audit.queue_size)
             self.after_publish.start()

@@ -90,6 +90,11 @@ class Ledger(StageThread):
         self._closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Whether a settled frame keeps its pixels until it is published: only an after-publish handler (the
+        # audit archive, a folder source's journal, a replay listener) looks at them then. Without one, settling
+        # lets them go at once, so what waits for the publisher is verdicts, not images: under overload the
+        # refused frames' pixels do not pile up behind a publisher that two busy cores starve (the App sets it).
+        self.keep_frames = True
 
     # -- admission and settlement ------------------------------------------------------------------------
     def admit(self, frame: Frame) -> Job:
@@ -126,8 +131,13 @@ class Ledger(StageThread):
             return verdict
 
     def _put(self, item: Settled) -> None:
-        """Queue one settled verdict for publication (with the lock held)."""
+        """Queue one settled verdict for publication (with the lock held). The job is no longer pending, so a
+        stage that reads its frame after this sees it settled and leaves it (every stage checks
+        :meth:`is_pending` after reading ``job.frame``)."""
         self._queued += 1
+        frame = item.job.frame
+        if not self.keep_frames and (frame.image is not None or frame.data is not None):
+            item.job.frame = dataclasses.replace(frame, image=None, data=None)
         self.out.put(item)
 
     @contextlib.contextmanager

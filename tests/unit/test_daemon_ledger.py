@@ -182,3 +182,33 @@ def test_a_late_fail_safe_reject_keeps_its_reason() -> None:
     assert ledger.settle(job, error) is error
     (item,) = drain(ledger)
     assert item.verdict is error
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_settled_frame_lets_its_pixels_go_unless_something_after_publish_needs_them(keep: bool) -> None:
+    """Without an after-publish handler (audit, folder journal, replay listener) nothing reads a settled frame's
+    pixels: settling drops them, so a publish queue that falls behind holds verdicts, not images. The frame's
+    identity (id, source, times, path, label) stays; a stage reading the frame after that sees it settled."""
+    import numpy as np
+
+    ledger = make_ledger(max_latency_s=0.05)
+    ledger.keep_frames = keep
+    pixels, data = np.ones((64, 64), np.uint8), b"\x89PNG...."
+    decided = ledger.admit(
+        Frame("cam", 1, "f1", time.monotonic(), time.time(), image=pixels, path="/x/f1.png")
+    )
+    refused = ledger.admit(Frame("cam", 2, "f2", time.monotonic(), time.time(), data=data, label="NG"))
+    expiring = ledger.admit(Frame("cam", 3, "f3", time.monotonic(), time.time(), image=pixels))
+    ledger.start()
+    try:
+        ledger.settle(decided, DECIDER.decide(decided.frame, 0.1, {}))
+        ledger.settle(refused, DECIDER.reject(refused.frame, Reason.OVERLOAD))
+        items = [ledger.out.get(timeout=5) for _ in range(3)]  # the third: the watchdog's deadline REJECT
+    finally:
+        ledger.stop()
+    assert [i.job.frame.frame_id for i in items if i is not None] == ["f1", "f2", "f3"]
+    for job in (decided, refused, expiring):
+        assert not ledger.is_pending(job)
+        held = job.frame.image is not None or job.frame.data is not None
+        assert held is keep
+    assert decided.frame.path == "/x/f1.png" and refused.frame.label == "NG" and expiring.frame.seq == 3

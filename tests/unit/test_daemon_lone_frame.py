@@ -341,6 +341,7 @@ def test_a_failing_lone_frame_session_rejects_its_frame_and_is_dropped(package: 
     assert [v.reason for v in verdicts] == [Reason.ENGINE_ERROR, Reason.MODEL, Reason.MODEL]
     assert "lone session broke" in (verdicts[0].detail or {}).get("error", "")
     assert production.lone is None  # dropped: the workers' sessions ran the next lone frames
-    assert sum(w.alone_batches for w in p.workers) == 0 and all(
-        w.consecutive_failures == 0 for w in p.workers
-    )
+    assert sum(w.alone_batches for w in p.workers) == 0
+    # The lone session's failure counts against the worker that ran it, until that worker's next batch: which
+    # worker takes the next frames is a race, so at most that one failure is left, and the daemon stays ready.
+    assert sum(w.consecutive_failures for w in p.workers) <= 1 and p.healthy
