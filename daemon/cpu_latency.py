@@ -62,13 +62,13 @@ class CpuLatencyRequest:
         except OSError as exc:
             raise CpuLatencyError(exc.errno, f"cannot open {self.device}: {exc.strerror}") from None
         try:
-            if os.write(fd, struct.pack("i", value_us)) != 4:
-                raise CpuLatencyError(f"short write to {self.device}")
+            written = os.write(fd, struct.pack("i", value_us))
         except OSError as exc:
             os.close(fd)
-            if isinstance(exc, CpuLatencyError):
-                raise
             raise CpuLatencyError(exc.errno, f"cannot write {self.device}: {exc.strerror}") from None
+        if written != 4:
+            os.close(fd)
+            raise CpuLatencyError(f"short write to {self.device}")
         self._fd, self.value_us = fd, value_us
 
     def release(self) -> None:
