@@ -131,9 +131,10 @@ class Ledger(StageThread):
             return verdict
 
     def _put(self, item: Settled) -> None:
-        """Queue one settled verdict for publication (with the lock held). The job is no longer pending, so a
-        stage that reads its frame after this sees it settled and leaves it (every stage checks
-        :meth:`is_pending` after reading ``job.frame``)."""
+        """Queue one settled verdict for publication (with the lock held). Without ``keep_frames`` the job's
+        frame loses its pixels here; the job is no longer pending by then, so the one stage that reads pixels
+        (daemon.prep, which checks :meth:`is_pending` after reading ``job.frame``) leaves it, and the others read
+        only the frame's identity (id, source, times, path, label), which stays."""
         self._queued += 1
         frame = item.job.frame
         if not self.keep_frames and (frame.image is not None or frame.data is not None):
