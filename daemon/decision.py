@@ -2,7 +2,9 @@
 
 The operating point comes from the model package (``model.json`` ``decision``), never from daemon config, so a
 threshold always travels with the model it was calibrated for. So do the gauges' tolerance bands (``gauges``):
-a part is REJECTed when the model or a gauge says so, and the verdict's detail says which. Anything that is not a finite score in [0, 1]
+a part is REJECTed when the model or a gauge says so, and the verdict's detail says which. Gauges with margins
+(``gauges.margins``, engine.gauges.Margins) also add to the model's logit before its sigmoid: the score a
+verdict carries is then the model's and the gauges' together, the one the package's threshold was calibrated on. Anything that is not a finite score in [0, 1]
 is an engine error: a NaN compares false against every threshold and would otherwise PASS.
 
 The logit is checked too, *before* its sigmoid is trusted: ``sigmoid(-inf)`` is exactly 0.0, a confident PASS, and
@@ -19,8 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from daemon.types import Frame, Outcome, Reason, Verdict
-from engine.backend import BackendError
-from engine.gauges import GaugeSet, Violation, check
+from engine.backend import BackendError, sigmoid
+from engine.gauges import MAX_MARGIN_LOGIT, GaugeSet, Violation, check
 from engine.package import Call, Decision
 from engine.pose import Measurements
 
@@ -68,9 +70,13 @@ class Decider:
         violations: Sequence[Violation] = (),
         *,
         logit: float | None = None,
+        measurements: Measurements | None = None,
     ) -> Verdict:
         """The verdict on a model result. ``logit`` (when given: the inference stage always does) is the raw
-        output ``score`` was computed from; an implausible one rejects the part whatever its score says."""
+        output ``score`` was computed from; an implausible one rejects the part whatever its score says. With
+        gauge margins, ``score`` is recomputed from ``logit`` plus what the part's ``measurements`` add, and the
+        detail says what each added; a part without measurements then cannot be scored (REJECT
+        ``engine_error``)."""
         if logit is not None and not valid_logit(logit):
             return self.reject(
                 frame,
@@ -78,16 +84,38 @@ class Decider:
                 {"error": f"model returned logit {logit!r} (not finite or |logit| > {MAX_ABS_LOGIT:g})"},
                 timings_ms,
             )
+        added: dict[str, float] = {}
+        margins = self.gauges.margins if self.gauges is not None else None
+        if margins is not None and logit is not None:
+            if measurements is None:
+                return self.reject(
+                    frame,
+                    Reason.ENGINE_ERROR,
+                    {"error": "the package's score adds gauge margins, but the part has no measurements"},
+                    timings_ms,
+                )
+            added = margins.contributions(measurements)
+            if added:
+                score = float(sigmoid(np.array([logit + min(MAX_MARGIN_LOGIT, sum(added.values()))]))[0])
         if not (math.isfinite(score) and 0.0 <= score <= 1.0):
             return self.reject(
                 frame, Reason.ENGINE_ERROR, {"error": f"model returned score {score!r}"}, timings_ms
             )
         outcome, reason = _CALLS[self.decision.classify(score)]
         detail: dict[str, Any] | None = None
+        if added:
+            # The score is no longer the model's alone: what the model said and what each measurement added.
+            detail = {
+                "margins": {k: round(v, 4) for k, v in added.items()},
+                "model_logit": round(float(logit or 0.0), 4),
+            }
         if violations:
             # Inference still ran, so the record shows whether the model alone would have caught the part.
             rejected_by = ["gauges"] if outcome is Outcome.PASS else ["gauges", "model"]
-            detail = {"gauges": [_violation(v) for v in violations], "rejected_by": rejected_by}
+            detail = (detail or {}) | {
+                "gauges": [_violation(v) for v in violations],
+                "rejected_by": rejected_by,
+            }
             outcome, reason = Outcome.REJECT, Reason.OUT_OF_TOLERANCE
         return self._verdict(frame, outcome, reason, score, detail, timings_ms)
 

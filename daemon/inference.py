@@ -253,7 +253,9 @@ class InferenceWorker(StageThread):
             }
             measurements = job.image.measurements if job.image is not None else None
             violations = decider.violations(measurements)
-            verdict = decider.decide(job.frame, score, timings, violations, logit=logit)
+            verdict = decider.decide(
+                job.frame, score, timings, violations, logit=logit, measurements=measurements
+            )
             if verdict.score is not None:
                 offered.append(Offered(pos, job.frame, measurements, verdict))
             published = self.ledger.settle(job, verdict)

@@ -200,7 +200,9 @@ class ShadowScorer(StageThread):
         errors = 0
         for offered, score, logit in zip(work.rows, scores, logits.tolist(), strict=True):
             violations = cand.decider.violations(offered.measurements)
-            verdict = cand.decider.decide(offered.frame, score, {}, violations, logit=logit)
+            verdict = cand.decider.decide(
+                offered.frame, score, {}, violations, logit=logit, measurements=offered.measurements
+            )
             if verdict.score is None:  # an implausible logit: the candidate made no decision
                 errors += 1
                 continue

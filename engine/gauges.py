@@ -2,7 +2,8 @@
 
 The ``GaugeSet`` is what ``model.json`` holds under ``gauges``; ``load_gauges`` opens it for the daemon and
 ``check`` is the run-time test (µs per part). ``values``, ``outside`` and ``outside_any`` are the same test over
-many parts at once. Bands are learned from OK parts by ``training.gauge_fit`` (``inspectd train`` by default,
+many parts at once. ``Margins`` (``gauges.margins``) carry the same measurements into the model's score: how far
+a part lies beyond the good parts' spread, in robust standard deviations, added to its logit. Bands are learned from OK parts by ``training.gauge_fit`` (``inspectd train`` by default,
 ``inspectd calibrate-gauges`` to calibrate a package again); the OK-vs-NG figure is ``engine.gauge_plot``.
 numpy only (plus engine.pose).
 """
@@ -117,6 +118,151 @@ class Violation:
         return f"{self.name} {self.value:.2f} outside {Band(self.name, self.low, self.high).describe()}"
 
 
+# The gauges' margins (``Margins``): defaults of the default preset, measured by repeated 5-fold on screws-300
+# (docs/training.md, "The gauges' margins in the score").
+DEFAULT_MARGIN_K = 4.0  # robust s.d. beyond the good parts' median before a measurement adds to the logit
+DEFAULT_MARGIN_WEIGHT = 0.25  # logit per robust s.d. beyond that
+# The most the margins add to a logit: far past any calibrated threshold (sigmoid(−30 + 50) ≈ 1), far inside the
+# daemon's plausible-logit check. A measurement that is NaN or infinite adds exactly this (it cannot pass a band
+# either).
+MAX_MARGIN_LOGIT = 50.0
+# The smallest robust s.d. a margin uses, per unit: the pose's own repeatability (0.17 px s.d. of a part's length
+# over 12 rotations of its photo), so that a measurement all good parts share exactly (a synthetic screw's
+# straightness) does not turn a tenth of a pixel into tens of s.d.
+MIN_MARGIN_SCALE = {
+    "px": 0.17,
+    "px2": 0.17 * 200.0,
+}  # px2: the repeatability times a ~200 px wide part's edge
+_SIDES = ("both", "high", "low")
+
+
+@dataclass(frozen=True, slots=True)
+class Margin:
+    """One measurement's reference on good parts: its median (``center``) and robust s.d. (``scale``: 1.4826 ×
+    the median absolute deviation, at least ``MIN_MARGIN_SCALE``), and which side counts (``high``: only above
+    the median, as a one-sided band; ``low``; ``both``)."""
+
+    name: str
+    center: float
+    scale: float
+    side: str = "both"
+
+    def __post_init__(self) -> None:
+        if self.name not in UNITS:
+            raise ValueError(f"margin on unknown measurement {self.name!r}; gaugeable: {list(MEASUREMENTS)}")
+        if self.side not in _SIDES:
+            raise ValueError(f"margin {self.name}: side must be one of {list(_SIDES)}, got {self.side!r}")
+        if not math.isfinite(self.center) or not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(
+                f"margin {self.name}: center {self.center} and scale {self.scale} must be finite, scale > 0"
+            )
+
+    def distance(self, value: float) -> float:
+        """How many robust s.d. ``value`` lies from the median on this margin's side (≤ 0 on the other side);
+        +inf for a value that is not finite."""
+        if not math.isfinite(value):
+            return math.inf
+        z = (value - self.center) / self.scale
+        return abs(z) if self.side == "both" else (z if self.side == "high" else -z)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "center": self.center, "scale": self.scale, "side": self.side}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Margin:
+        _strict(d, cls, "gauges margin")
+        return cls(str(d["name"]), float(d["center"]), float(d["scale"]), str(d.get("side", "both")))
+
+
+@dataclass(frozen=True, slots=True)
+class Margins:
+    """The gauges' margins in the model's score (``gauges.margins``): the part's logit plus ``weight`` × Σ
+    max(0, d − ``k``) over the measurements, d each one's :meth:`Margin.distance` (at most
+    ``MAX_MARGIN_LOGIT`` in all). A part within ``k`` robust s.d. of the good parts on every measurement keeps
+    the model's logit exactly; one beyond scores higher the further out it lies, so a defect that bends or
+    shortens a part ranks above good parts even where the model sees it weakly. The package's threshold is
+    calibrated on this score, so it travels with the margins, and the daemon, the evaluation and replay all add
+    them the same way (:meth:`term`)."""
+
+    margins: tuple[Margin, ...]
+    k: float = DEFAULT_MARGIN_K
+    weight: float = DEFAULT_MARGIN_WEIGHT
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.margins]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup or not names:
+            raise ValueError(f"gauges margins: one margin per measurement, at least one (got {names})")
+        if not (math.isfinite(self.k) and self.k >= 0 and math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(
+                f"gauges margins: k {self.k} must be ≥ 0 and weight {self.weight} > 0, both finite"
+            )
+
+    def contributions(self, measurements: Measurements) -> dict[str, float]:
+        """Per measurement, what it adds to the logit (only those that add anything; each at most
+        ``MAX_MARGIN_LOGIT``, as is their sum in :meth:`term`)."""
+        out: dict[str, float] = {}
+        for m in self.margins:
+            d = m.distance(float(getattr(measurements, m.name)))
+            if d > self.k:
+                out[m.name] = min(MAX_MARGIN_LOGIT, self.weight * (d - self.k))  # +inf → the cap
+        return out
+
+    def term(self, measurements: Measurements) -> float:
+        """What this part's measurements add to its logit: 0.0 within every margin."""
+        return min(MAX_MARGIN_LOGIT, sum(self.contributions(measurements).values()))
+
+    def terms(self, measurements: Sequence[Measurements]) -> np.ndarray:
+        """:meth:`term` of many parts (float64)."""
+        return np.array([self.term(m) for m in measurements], np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "weight": self.weight, "margins": [m.to_dict() for m in self.margins]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Margins:
+        _strict(d, cls, "gauges margins")
+        if "margins" not in d:
+            raise ValueError("gauges margins is missing the key 'margins'")
+        try:
+            return cls(
+                tuple(Margin.from_dict(m) for m in d["margins"]),
+                float(d.get("k", DEFAULT_MARGIN_K)),
+                float(d.get("weight", DEFAULT_MARGIN_WEIGHT)),
+            )
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"gauges margins: malformed value ({type(exc).__name__}: {exc})") from None
+
+
+def learn_margins(
+    ok: Sequence[Measurements],
+    names: Sequence[str],
+    sides: Mapping[str, str] | None = None,
+    *,
+    k: float = DEFAULT_MARGIN_K,
+    weight: float = DEFAULT_MARGIN_WEIGHT,
+) -> Margins:
+    """The margins of ``names`` from good parts: each measurement's median and robust s.d. over the parts that
+    have a finite value of it; ``sides`` as the bands' one-sided mapping (``high``/``low``; the rest both)."""
+    out = []
+    for name in names:
+        v = values(ok, name)
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            raise ValueError(f"no good part has a finite {name}: no margin can be learnt on it")
+        center = float(np.median(v))
+        mad = float(np.median(np.abs(v - center)))
+        out.append(
+            Margin(
+                name,
+                center,
+                max(1.4826 * mad, MIN_MARGIN_SCALE[UNITS[name]]),
+                (sides or {}).get(name, "both"),
+            )
+        )
+    return Margins(tuple(out), k, weight)
+
+
 @dataclass(frozen=True, slots=True)
 class GaugeSet:
     """The calibrated gauges of a model package (``model.json`` → ``gauges``)."""
@@ -131,6 +277,8 @@ class GaugeSet:
     ng_caught: dict[str, list[int]] = field(default_factory=dict)  # defect type → [caught, total] (all bands)
     created: str = ""  # ISO 8601, UTC
     schema_version: int = SCHEMA_VERSION
+    # Added to the model's logit (``Margins``); the package's threshold was calibrated with them. None: none.
+    margins: Margins | None = None
 
     def __post_init__(self) -> None:
         names = [b.name for b in self.bands]
@@ -160,7 +308,7 @@ class GaugeSet:
             "false_reject_estimate": dict(self.false_reject_estimate),
             "ng_caught": {k: list(v) for k, v in self.ng_caught.items()},
             "created": self.created,
-        }
+        } | ({"margins": self.margins.to_dict()} if self.margins is not None else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GaugeSet:
@@ -183,6 +331,7 @@ class GaugeSet:
                 ng_caught={str(k): [int(x) for x in v] for k, v in (d.get("ng_caught") or {}).items()},
                 created=str(d.get("created", "")),
                 schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
+                margins=Margins.from_dict(d["margins"]) if d.get("margins") is not None else None,
             )
         except (TypeError, KeyError, IndexError, AttributeError) as exc:
             raise ValueError(f"gauges: malformed value ({type(exc).__name__}: {exc})") from None

@@ -61,6 +61,10 @@ class TrainConfig:
     # parts, calibrated as one decision with the model's threshold and packaged with it by export. Only with the
     # pose crop (the measurements come from the pose it estimates): ``pose=False`` learns none.
     gauges: bool = True
+    # The gauges' margins in the score (engine.gauges.Margins): each band's measurement adds ``weight`` logit per
+    # robust s.d. beyond ``k`` of the training OK parts' median, before the threshold is calibrated; {} = the
+    # defaults (k 4, weight 0.25), None = the model's logit alone. Only with gauges.
+    gauge_margins: dict[str, float] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Patch memory only (training/patch_memory.py): patch side and stride (input pixels), principal
     # components kept, neighbour search window ± (rows, columns) of grid cells, scored cells.
@@ -102,6 +106,7 @@ class TrainConfig:
             "grey_zone_frr": self.grey_zone_frr is None or 0 <= self.grey_zone_frr < 1,
             "frr_budget": self.frr_budget is None or 0 <= self.frr_budget < 1,
             "gauges": isinstance(self.gauges, bool),
+            "gauge_margins": self.gauge_margins is None or _margins_fit(self.gauge_margins),
             "folds": self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
             "patch_members": all(_member_fits(m) for m in self.patch_members),
         }
@@ -215,6 +220,15 @@ class TrainConfig:
         return replace(base, **kw)
 
 
+def _margins_fit(m: Any) -> bool:
+    """``gauge_margins``: a dict of at most ``k`` (≥ 0) and ``weight`` (> 0), numbers."""
+    if not isinstance(m, dict) or not set(m) <= {"k", "weight"}:
+        return False
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in m.values()):
+        return False
+    return float(m.get("k", 0.0)) >= 0 and float(m.get("weight", 1.0)) > 0
+
+
 REGION = ("region", "pool")  # a member's region of the input (fractions) and its block averaging
 
 
@@ -276,6 +290,9 @@ PATCH = TrainConfig(
     # The calibration spends a 4 % false-reject budget on a margin below the weakest calibration NG: over 30
     # folds of screws-300, held-out NG recall at the calibrated thresholds 0.977 → 0.997, FRR 0.037 → 0.042.
     frr_budget=0.04,
+    # The gauges' margins in the score (k 4 robust s.d., 0.25 logit per s.d. beyond): over 30 folds of
+    # screws-300, AUROC per fold 0.992 → 0.996, FRR at NG recall 1.0 with the gauges 0.044 → 0.039.
+    gauge_margins={},
     patch_window=(1, 1),  # ± 1 column: as good as ± 2 on screws-300 with the thread band, a third cheaper
     patch_sd_pool=3,
     patch_residual=True,

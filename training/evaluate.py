@@ -24,7 +24,7 @@ from engine.backend import sigmoid
 from engine.dataset import DataError, Dataset, Sample, discover, subset
 from engine.gauges import GaugeSet, load_gauges, outside_any
 from engine.package import Decision, load_package
-from engine.pose import estimate_pose
+from engine.pose import Measurements, estimate_pose
 from engine.preprocess import DecodeError, Preprocessor, load_gray
 from engine.split import Split
 from engine.stats import ESCAPE_CONFIDENCE, escape_upper_bound, rejections_by_source
@@ -83,6 +83,13 @@ def score(target: Target, ds: Dataset, samples: list[Sample], *, threads: int = 
     logits, cams = _infer_package(target.path, x) if target.kind == "package" else _infer_run(target.path, x)
     row = {s.path: i for i, s in enumerate(imgs.samples)}
     z = [logits[row[s.path]] if s.path in row else FAILED_LOGIT for s in samples]
+    measured, unmeasurable = _measured(target.gauges, ds, samples, imgs) if target.gauges else ([], None)
+    added = None
+    if target.gauges is not None and target.gauges.margins is not None:
+        # The score the daemon thresholds: the model's logit plus what the part's measurements add. A part that
+        # could not be measured is a gauge reject (below), and adds nothing here.
+        margins = target.gauges.margins
+        added = np.array([0.0 if m is None else margins.term(m) for m in measured], np.float64)
     neutral = None
     ok = imgs.pixels[imgs.labels == 0]
     if len(ok):
@@ -93,37 +100,46 @@ def score(target: Target, ds: Dataset, samples: list[Sample], *, threads: int = 
         zn = (
             _infer_package(target.path, xn)[0] if target.kind == "package" else _infer_run(target.path, xn)[0]
         )
-        neutral = np.array([zn[row[s.path]] if s.path in row else FAILED_LOGIT for s in samples], np.float32)
+        neutral = np.array([zn[row[s.path]] if s.path in row else FAILED_LOGIT for s in samples], np.float64)
+        neutral = (neutral if added is None else neutral + added).astype(np.float32)
+    model_z = np.array(z, np.float64)
+    gauge_reject = None
+    if target.gauges is not None:
+        assert unmeasurable is not None
+        bands = target.gauges.bands
+        gauge_reject = unmeasurable | np.array(
+            [m is not None and bool(outside_any([m], bands)[0]) for m in measured], bool
+        )
     return Scored(
         samples=list(samples),
-        logits=np.array(z, np.float32),
+        logits=(model_z if added is None else model_z + added).astype(np.float32),
         failed=dict(imgs.failed),
         pixels={p: imgs.pixels[i] for p, i in row.items()},
         cams={p: cams[i] for p, i in row.items()} if cams is not None else {},
         neutral_logits=neutral,
-        gauge_reject=_gauge_reject(target.gauges, ds, samples, imgs) if target.gauges else None,
+        gauge_reject=gauge_reject,
+        margin_logits=None if added is None else added.astype(np.float32),
     )
 
 
-def _gauge_reject(gauges: GaugeSet, ds: Dataset, samples: list[Sample], imgs: Images) -> np.ndarray:
-    """Per sample, whether it falls outside a band, measured as the daemon measures: with the pose the crop was
-    cut with (``imgs.measurements``; an image whose crop failed is already a REJECT and no gauge's), or, for a
-    model without a pose crop, by ``estimate_pose`` with the gauges' parameters, where a part that cannot be
-    measured cannot pass a gauge."""
+def _measured(
+    gauges: GaugeSet, ds: Dataset, samples: list[Sample], imgs: Images
+) -> tuple[list[Measurements | None], np.ndarray]:
+    """Per sample, its measurements as the daemon takes them, and whether it is a gauge reject because it cannot
+    be measured: with the pose the crop was cut with (``imgs.measurements``; an image whose crop failed has none
+    and is already a REJECT, no gauge's), or, for a model without a pose crop, by ``estimate_pose`` with the
+    gauges' parameters, where a part that cannot be measured cannot pass a gauge."""
     if imgs.measurements is not None:
-        flags = outside_any(imgs.measurements, gauges.bands)
-        by_path = {s.path: bool(f) for s, f in zip(imgs.samples, flags, strict=True)}
-        return np.array([by_path.get(s.path, False) for s in samples], bool)
+        by_path = dict(zip((s.path for s in imgs.samples), imgs.measurements, strict=True))
+        return [by_path.get(s.path) for s in samples], np.zeros(len(samples), bool)
     params = gauges.pose_params()
-    out = []
+    out: list[Measurements | None] = []
     for s in samples:
         try:
-            m = estimate_pose(load_gray(str(ds.abspath(s))), params).measurements
+            out.append(estimate_pose(load_gray(str(ds.abspath(s))), params).measurements)
         except (DecodeError, OSError, ValueError):  # PoseError is a ValueError
-            out.append(True)
-            continue
-        out.append(bool(outside_any([m], gauges.bands)[0]))
-    return np.array(out, bool)
+            out.append(None)
+    return out, np.array([m is None for m in out], bool)
 
 
 def _infer_package(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -184,6 +200,16 @@ def compute_metrics(scored: Scored, decision: Decision) -> dict[str, Any]:
         m["grey_fraction"] = float(np.mean(grey))
     m |= at_threshold(reject, y)
     m["gauges"] = scored.gauge_reject is not None
+    added = scored.margin_logits if scored.margin_logits is not None else np.zeros(len(y), np.float32)
+    # The gauges' margins in the score: how many parts they raised, and how many crossed the threshold by it.
+    m["margins"] = scored.margin_logits is not None
+    if scored.margin_logits is not None:
+        by_model_alone = sigmoid(scored.logits - added) >= lo
+        m["margins_raised"] = {
+            "ok": int(((added > 0) & (y == 0)).sum()),
+            "ng": int(((added > 0) & (y == 1)).sum()),
+            "rejected_by_them": int((by_model & ~by_model_alone).sum()),
+        }
     alone = at_threshold(by_model, y)
     m["model_only"] = {k: alone[k] for k in ("recall", "false_reject_rate", "confusion")}
     m["by_source"] = rejections_by_source(y == 1, [s.group for s in scored.samples], by_model, gauged)
@@ -214,6 +240,7 @@ def compute_metrics(scored: Scored, decision: Decision) -> dict[str, Any]:
             "label": s.label,
             "group": s.group,
             "logit": float(z[i]),
+            "margin_logit": float(added[i]),
             "p_ng": float(p[i]),
             "reject": bool(reject[i]),
             "gauge_reject": bool(gauged[i]),

@@ -30,6 +30,7 @@ from engine.gauges import (
     UNITS,
     Band,
     GaugeSet,
+    learn_margins,
     outside,
     outside_any,
     values,
@@ -161,11 +162,15 @@ def fit_gauge_set(
     one_sided: Mapping[str, str] | None = None,
     k: int = DEFAULT_K,
     seed: int = 0,
+    margins: Mapping[str, float] | None = None,
 ) -> tuple[GaugeSet, np.ndarray]:
     """The ``GaugeSet`` of bands on ``names`` learnt from the OK parts ``ok``, measured with ``pose``
     (PoseParams.to_dict()), with its k-fold OK false-reject estimate and the NG parts it catches per defect type
     (``ng``: type → parts; NG parts never shape a band). Also returns, per OK part, whether bands learnt
     without it reject it (k-fold): the honest flag for calibrating a threshold on those same parts.
+
+    ``margins`` (``{"k": …, "weight": …}``, {} for the defaults; None for none): the same measurements' margins
+    in the score (engine.gauges.Margins), learnt from the same OK parts, on the bands' sides.
     """
     bands = learn_bands(ok, names=names, q=q, margin_px=margin_px, one_sided=one_sided)
     flags = kfold_flags(ok, k=k, seed=seed, names=names, q=q, margin_px=margin_px, one_sided=one_sided)
@@ -180,6 +185,14 @@ def fit_gauge_set(
         false_reject_estimate={n: float(flags[n].mean()) for n in names} | {"any": float(any_ok.mean())},
         ng_caught={t: [int(outside_any(parts, bands).sum()), len(parts)] for t, parts in ng.items()},
         created=created_now(),
+        margins=None
+        if margins is None
+        else learn_margins(
+            ok,
+            names,
+            DEFAULT_ONE_SIDED if one_sided is None else one_sided,
+            **{key: float(v) for key, v in margins.items()},
+        ),
     )
     return gauges, any_ok
 

@@ -27,6 +27,8 @@ class Scored:
     cams: dict[str, np.ndarray]  # path → CAM (h, w) in the network's feature resolution
     neutral_logits: np.ndarray | None = None  # the same images on one shared background (see score)
     gauge_reject: np.ndarray | None = None  # (N,) bool: outside a gauge band (None: the target has no gauges)
+    # (N,) what the gauges' margins added to each logit (already in ``logits``; None: the target has none)
+    margin_logits: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

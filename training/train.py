@@ -628,15 +628,27 @@ def fit_gauges(setup: RunSetup, prep: Prepared) -> Gauging:
     if dropped:
         setup.log(f"warning: no {', '.join(dropped)} band: not measurable on every OK training part")
     gauges, ok_flags = fit_gauge_set(
-        ok, dict(sorted(ng.items())), pose=cfg.preprocess().pose or {}, names=names, seed=cfg.seed
+        ok,
+        dict(sorted(ng.items())),
+        pose=cfg.preprocess().pose or {},
+        names=names,
+        seed=cfg.seed,
+        margins=cfg.gauge_margins,
     )
     train_reject = outside_any(tr.measurements, gauges.bands)
     train_reject[ok_rows] = ok_flags  # the OK parts the bands were learnt from: judged without themselves
     bands = ", ".join(f"{b.name} {b.describe()}" for b in gauges.bands)
     caught = ", ".join(f"{t} {c}/{n}" for t, (c, n) in gauges.ng_caught.items())
+    added = ""
+    if gauges.margins is not None:
+        mg = gauges.margins
+        added = (
+            f"; margins in the score beyond {mg.k:g} robust s.d., {mg.weight:g} logit per s.d. "
+            + ", ".join(f"{m.name} {m.center:.2f} ± {m.scale:.2f}" for m in mg.margins)
+        )
     setup.log(
         f"gauges from {len(ok)} OK training parts: {bands}; OK false-reject "
-        f"{gauges.false_reject_estimate['any']:.3f} ({gauges.kfold}-fold); NG caught: {caught or 'none'}"
+        f"{gauges.false_reject_estimate['any']:.3f} ({gauges.kfold}-fold); NG caught: {caught or 'none'}{added}"
     )
     return Gauging(gauges, "", train_reject, outside_any(va.measurements, gauges.bands))
 
@@ -654,9 +666,16 @@ def calibrate_best(
     cal_z = np.concatenate([logits, extra.logits]) if extra is not None else logits
     cal_y = np.concatenate([prep.va.labels, prep.tr.labels[rows]])
     gauge_reject = None
+    raw_ok = cal_z[cal_y == 0]
     if gauging is not None and gauging.gauges is not None:
         assert gauging.val_reject is not None and gauging.train_reject is not None
         gauge_reject = np.concatenate([gauging.val_reject, gauging.train_reject[rows]])
+        if gauging.gauges.margins is not None:
+            # The threshold is calibrated on the score the daemon thresholds: the model's logit plus what the
+            # part's measurements add (engine.gauges.Margins; 0 for a part within every margin).
+            assert prep.va.measurements is not None and prep.tr.measurements is not None
+            measured = [*prep.va.measurements, *(prep.tr.measurements[i] for i in rows)]
+            cal_z = cal_z + gauging.gauges.margins.terms(measured)
     cfg = setup.cfg
     cal = calibrate(
         cal_z,
@@ -667,7 +686,8 @@ def calibrate_best(
         split=extra.name if extra is not None else "val",
         gauge_reject=gauge_reject,
     )
-    return logits, cal
+    # The drift reference is the model's own OK logits: the daemon's drift window holds the model's logits.
+    return logits, replace(cal, ok_logits=tuple(np.sort(raw_ok).tolist()))
 
 
 def write_run(

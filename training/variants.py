@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 
 from engine.dataset import Dataset, discover
-from engine.gauges import outside, values
+from engine.gauges import MAX_MARGIN_LOGIT, Margins, learn_margins, outside, values
 from engine.pose import Measurements, PoseParams, estimate_pose
 from engine.preprocess import Preprocessor, load_gray
 from engine.split import make_kfold
 from training.calibrate import calibrate
 from training.config import PRESETS, TrainConfig
-from training.gauge_fit import DEFAULT_BANDS, kfold_flags, learn_bands
+from training.gauge_fit import DEFAULT_BANDS, DEFAULT_ONE_SIDED, kfold_flags, learn_bands
 from training.images import load_images, normalised
 from training.metrics import auroc
 
@@ -296,15 +296,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 # How model and gauges make the decision, evaluated on the same fitted models (``--decisions``): the gauge bands
 # learnt on each fold's fit-side OK parts, and measurements fused into the score (each z-normalised on the
-# fit-side OK parts and added to the model's logit, whose scale is set by the same parts).
+# fit-side OK parts and added to the model's logit, whose scale is set by the same parts). Every decision but
+# ``default`` and ``margins=`` is without the gauge margins (the crest-dip rows were measured before them).
 NO_CREST = ("length_px", "straightness_px")  # the default bands before the crest dip
 DECISIONS: dict[str, dict[str, Any]] = {
-    "default": {},  # training.gauge_fit's default bands, nothing fused
-    "no_crest": {"bands": NO_CREST},
-    "crest_band": {"bands": (*NO_CREST, "crest_dip_px")},
-    "crest_fused": {"bands": NO_CREST, "fuse": ("crest_dip_px",)},
-    "crest_fused_half": {"bands": NO_CREST, "fuse": ("crest_dip_px",), "fuse_weight": 0.5},
-    "crest_band+fused": {"bands": (*NO_CREST, "crest_dip_px"), "fuse": ("crest_dip_px",)},
+    "default": {},  # training.gauge_fit's default bands and the default preset's gauge margins
+    "no_margins": {"margins": None},  # the model's logit alone (the default before the margins)
+    "no_crest": {"bands": NO_CREST, "margins": None},
+    "crest_band": {"bands": (*NO_CREST, "crest_dip_px"), "margins": None},
+    "crest_fused": {"bands": NO_CREST, "fuse": ("crest_dip_px",), "margins": None},
+    "crest_fused_half": {"bands": NO_CREST, "fuse": ("crest_dip_px",), "fuse_weight": 0.5, "margins": None},
+    "crest_band+fused": {"bands": (*NO_CREST, "crest_dip_px"), "fuse": ("crest_dip_px",), "margins": None},
 }
 
 
@@ -612,13 +614,20 @@ def decision(name: str) -> dict[str, Any]:
             return {"frr_budget": None if v == "none" else float(v)}
         except ValueError:
             pass
+    if name.startswith("margins="):
+        try:
+            k, w = (float(v) for v in name[len("margins=") :].split(","))
+            return {"margins": {"k": k, "weight": w}}
+        except ValueError:
+            pass
     if name.startswith("w="):
         try:
             return {"weights": tuple(float(v) for v in name[2:].split(","))}
         except ValueError:
             pass
     raise ValueError(
-        f"unknown decision {name!r}; known: {list(DECISIONS)}, w=<weight>,<weight>,… or budget=<share>|none"
+        f"unknown decision {name!r}; known: {list(DECISIONS)}, w=<weight>,<weight>,…, margins=<k>,<weight> "
+        "or budget=<share>|none"
     )
 
 
@@ -642,6 +651,17 @@ def decide(
             ok_idx = fit_idx[labels[fit_idx] == 0]
             ng_idx = fit_idx[labels[fit_idx] == 1]
             z_test, z_ng, z_loo = fo.scores.fused(dec.get("weights"))
+            margins = dec.get("margins", PRESETS["default"].gauge_margins)
+            if margins is not None:
+                # As inspectd train: the margins learnt from the fit side's OK parts, on the bands' sides.
+                good = [m for i in ok_idx if (m := meas[i]) is not None]
+                names = dec.get("bands", DEFAULT_BANDS)
+                mg = learn_margins(good, names, dec.get("one_sided") or DEFAULT_ONE_SIDED, **margins)
+
+                def added(idx: np.ndarray, mg: Margins = mg) -> np.ndarray:
+                    return np.array([MAX_MARGIN_LOGIT if (m := meas[i]) is None else mg.term(m) for i in idx])
+
+                z_test, z_ng, z_loo = z_test + added(test_idx), z_ng + added(ng_idx), z_loo + added(ok_idx)
             if dec.get("fuse"):
                 wgt = float(dec.get("fuse_weight", 1.0))
                 z_test = z_test + wgt * fused_z(meas, dec["fuse"], ok_idx, test_idx)

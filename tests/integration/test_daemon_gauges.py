@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.gauges import GaugeSet
+from engine.gauges import Band, GaugeSet, learn_margins
 from engine.package import Decision, ModelPackage, load_package, write_meta
 from engine.pose import PoseParams, estimate_pose
 from tests.helpers import tiny_package
@@ -91,3 +91,46 @@ def test_gauges_from_another_pose_setting_are_refused_at_start(tmp_path: Path) -
     write_meta(d, dataclasses.replace(pkg.meta, preprocess=preprocess, gauges=gauges.to_dict()))
     with pytest.raises(StartupError, match="gauges"):
         App(daemon_settings(d)).start()
+
+
+@pytest.mark.timeout(90)
+def test_gauge_margins_raise_the_score_of_a_part_far_outside_the_good_parts(
+    tmp_path: Path, parts: dict[str, list[np.ndarray]]
+) -> None:
+    """A package whose score adds the gauges' margins (no band that could reject a short screw): the daemon
+    scores a short screw above the threshold by its length margin alone, says so in the verdict, and leaves the
+    good parts' scores as the model's (within every margin)."""
+    d = tmp_path / "margins"
+    tiny_package(d, input_size=(64, 64), seed=3)
+    pkg = load_package(d)
+    params = PoseParams()
+    measured = [estimate_pose(img, params).measurements for img in parts["ok"]]
+    # The synthetic screws' lengths spread ± 8.6 px (robust s.d.); the short ones lie 11–17 s.d. below: 5 logits
+    # per s.d. beyond 4 lifts them past any threshold.
+    margins = learn_margins(measured, ("length_px",), weight=5.0)
+    gauges = GaugeSet(bands=(Band("straightness_px", None, 1e6),), pose=params.to_dict(), margins=margins)
+    # The tiny model's logits are within a few units: 0.999999 (logit 13.8) passes every part on the model alone.
+    write_meta(
+        d, dataclasses.replace(pkg.meta, decision=Decision(threshold=0.999999), gauges=gauges.to_dict())
+    )
+    frames = [(f"ok-{i}", img) for i, img in enumerate(parts["ok"])]
+    frames += [(f"short-{i}", img) for i, img in enumerate(parts["short"])]
+    settings = daemon_settings(d, batching={"max_batch": 4, "max_wait_ms": 2})
+    with (
+        running_app(settings) as app,
+        VerdictCollector(app.publisher_endpoint, settings.line) as sub,
+        CameraPusher(app.camera_endpoint) as cam,
+    ):
+        cam.stream(frames, fps=30)
+        by_id = {v["frame_id"]: v for v in sub.wait_verdicts(len(frames), timeout=60)}
+    for i in range(len(parts["ok"])):
+        v = by_id[f"ok-{i}"]
+        assert (v["verdict"], v["reason"]) == ("PASS", "model"), v
+    for i, img in enumerate(parts["short"]):
+        v = by_id[f"short-{i}"]
+        assert (v["verdict"], v["reason"]) == ("REJECT", "model"), v
+        expected = margins.term(estimate_pose(img, params).measurements)
+        assert expected > 20
+        assert v["detail"]["margins"]["length_px"] == pytest.approx(expected, abs=1e-3)
+        added = v["detail"]["model_logit"] + expected
+        assert v["score"] == pytest.approx(1 / (1 + np.exp(-added)), abs=1e-6)

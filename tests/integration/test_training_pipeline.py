@@ -186,6 +186,13 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
     assert summary["config"]["gauges"] is True and summary["gauges"]["file"] == "gauges.json"
     assert [b.name for b in gauges.bands] == ["length_px", "straightness_px", "crest_dip_px"]
     assert gauges.n_ok == 24
+    # The gauges' margins in the score, on the same measurements and sides as the bands (engine.gauges.Margins).
+    assert summary["config"]["gauge_margins"] == {} and gauges.margins is not None
+    assert [(m.name, m.side) for m in gauges.margins.margins] == [
+        ("length_px", "both"),
+        ("straightness_px", "high"),
+        ("crest_dip_px", "high"),
+    ]
     caught, total = gauges.ng_caught["manipulated_front"]
     assert caught == total > 0  # the shortened fronts of the calibration set, judged by the bands
     cal = summary["calibration"]
@@ -230,6 +237,19 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
     assert f"of the {cal['n_ok']} reference parts pass" in report["drift"]["no_reference"]
     (short,) = [r for r in report["images"] if r["label"] == "NG"]
     assert (short["verdict"], short["reason"]) == ("REJECT", "out_of_tolerance"), short
+    # Train/serve parity of the score with the margins: the daemon (replay) scores every part as the evaluation
+    # does, the manipulated front raised by its margins in both.
+    ev_fresh = tmp_path / "ev-fresh"
+    assert (
+        main(["evaluate", str(model_dir), "--data", str(fresh), "--split", "all", "--out", str(ev_fresh)])
+        == 0
+    )
+    offline = {Path(i["path"]).name: i for i in json.loads((ev_fresh / "metrics.json").read_text())["images"]}
+    served = {Path(r["file"]).name: r for r in report["images"]}
+    assert set(served) == set(offline)
+    for name, r in served.items():
+        assert r["score"] == pytest.approx(offline[name]["p_ng"], abs=1e-4), name
+    assert offline[Path(short["file"]).name]["margin_logit"] > 0
     assert report["summary"]["by_source"]["ng"]["gauges"] == 1 and report["model"]["gauges"] == [
         "length_px",
         "straightness_px",

@@ -396,3 +396,21 @@ def test_cli_refuses_a_package_whose_onnx_was_swapped(
     assert main(["calibrate-gauges", "--data", str(screws), "--out", str(package)]) == 2
     assert "sha256" in capsys.readouterr().err
     assert (package / "model.json").read_bytes() == before
+
+
+def test_cli_keeps_the_margins_the_threshold_was_calibrated_with(
+    screws: Path, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.gauges import Margin, Margins
+    from engine.package import load_package, write_meta
+    from inspectd.cli import main
+
+    margins = Margins((Margin("length_px", 901.5, 1.25, "both"),), k=3.0, weight=0.5)
+    old = GaugeSet(bands=(Band("length_px", 800.0, 1000.0),), pose=PoseParams().to_dict(), margins=margins)
+    meta = load_package(package).meta
+    write_meta(package, replace(meta, gauges=old.to_dict()))
+    assert main(["calibrate-gauges", "--data", str(screws), "--out", str(package), "--k", "4"]) == 0
+    gs = GaugeSet.from_dict(json.loads((package / "model.json").read_text())["gauges"])
+    assert gs.bands != old.bands  # the bands were learnt again …
+    assert gs.margins == margins  # … the margins in the score were not
+    assert "kept the package's gauge margins" in capsys.readouterr().out

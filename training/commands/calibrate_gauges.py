@@ -228,6 +228,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if sha256_file(pkg.onnx_path) != pkg.meta.onnx_sha256:  # write_meta would re-hash and bless a new file
         return fail(f"{pkg.onnx_path} changed during calibration; model.json left unchanged, run again")
-    write_meta(args.out, replace(pkg.meta, gauges=gauges.to_dict()))
+    # The package's threshold was calibrated on its model's logits plus these margins: they stay as they are
+    # (re-learning them would move the score under a threshold that was not calibrated for it).
+    kept = (pkg.meta.gauges or {}).get("margins")
+    written = gauges.to_dict() | ({"margins": kept} if kept is not None else {})
+    write_meta(args.out, replace(pkg.meta, gauges=written))
     print(f"wrote {len(gauges.bands)} band(s) into {args.out}/model.json")
+    if kept is not None:
+        print("  kept the package's gauge margins in the score (its threshold was calibrated with them)")
     return 0
