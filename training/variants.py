@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from engine.dataset import Dataset, discover
-from engine.gauges import MAX_MARGIN_LOGIT, Margins, learn_margins, outside, values
+from engine.gauges import DEFAULT_MARGIN_PX, MAX_MARGIN_LOGIT, Margins, learn_margins, outside, values
 from engine.pose import Measurements, PoseParams, estimate_pose
 from engine.preprocess import Preprocessor, load_gray
 from engine.split import make_kfold
@@ -395,6 +395,7 @@ def gauge_flags(
     test_idx: np.ndarray,
     names: Sequence[str] = DEFAULT_BANDS,
     one_sided: dict[str, str] | None = None,
+    margin_px: float = DEFAULT_MARGIN_PX,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Held-out parts outside the bands learned from the fit side's OK parts, and the calibration parts'
     flags (fit-side NG: the bands; fit-side OK: k-fold, each judged by bands learned without it)."""
@@ -403,7 +404,7 @@ def gauge_flags(
     good = [meas[i] for i in ok]
     if any(m is None for m in good):
         raise ValueError("a fit-side OK part has no pose")
-    learn: dict[str, Any] = {"names": names, "one_sided": one_sided}
+    learn: dict[str, Any] = {"names": names, "one_sided": one_sided, "margin_px": margin_px}
     bands = learn_bands([m for m in good if m is not None], **learn)
 
     def out_of(idx: np.ndarray) -> np.ndarray:
@@ -614,6 +615,11 @@ def decision(name: str) -> dict[str, Any]:
             return {"frr_budget": None if v == "none" else float(v)}
         except ValueError:
             pass
+    if name.startswith("band_margin="):
+        try:
+            return {"band_margin_px": float(name[len("band_margin=") :])}
+        except ValueError:
+            pass
     if name.startswith("margins="):
         try:
             k, w = (float(v) for v in name[len("margins=") :].split(","))
@@ -626,8 +632,8 @@ def decision(name: str) -> dict[str, Any]:
         except ValueError:
             pass
     raise ValueError(
-        f"unknown decision {name!r}; known: {list(DECISIONS)}, w=<weight>,<weight>,…, margins=<k>,<weight> "
-        "or budget=<share>|none"
+        f"unknown decision {name!r}; known: {list(DECISIONS)}, w=<weight>,<weight>,…, margins=<k>,<weight>, "
+        "band_margin=<px> or budget=<share>|none"
     )
 
 
@@ -675,6 +681,7 @@ def decide(
                 test_idx,
                 names=dec.get("bands", DEFAULT_BANDS),
                 one_sided=dec.get("one_sided"),
+                margin_px=dec.get("band_margin_px", DEFAULT_MARGIN_PX),
             )
             n_ng = len(z_ng)
             y_cal = np.concatenate([np.ones(n_ng), np.zeros(len(z_cal) - n_ng)])

@@ -56,6 +56,10 @@ def test_the_default_package_is_the_whole_inspection_and_catches_every_test_ng(
     gauges = GaugeSet.from_dict(pkg.meta.gauges)
     assert [b.name for b in gauges.bands] == ["length_px", "straightness_px", "crest_dip_px"]
     assert gauges.pose == pkg.meta.preprocess.pose and gauges.n_ok == 200
+    # … and their margins in the score, on the same measurements (the threshold was calibrated with them)
+    assert gauges.margins is not None and [m.name for m in gauges.margins.margins] == [
+        b.name for b in gauges.bands
+    ]
     cal = pkg.meta.calibration
     assert cal["gauges"] is True and cal["recall"] == 1.0 and (cal["n_ng"], cal["n_ok"]) == (45, 225)
     assert cal["escapes"] == 0 and cal["escape_rate_upper"] == pytest.approx(0.0644, abs=1e-4)

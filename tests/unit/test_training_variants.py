@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from engine.dataset import Dataset, Sample
+from engine.pose import Measurements
 from training.variants import (
     Fold,
     FoldScores,
     Scored,
+    decide,
     decision,
     load_folds,
     save_folds,
@@ -51,7 +53,10 @@ def test_decisions_by_name_and_by_weights() -> None:
     assert decision("w=1,0.5,0") == {"weights": (1.0, 0.5, 0.0)}
     assert decision("budget=0.05") == {"frr_budget": 0.05}
     assert decision("budget=none") == {"frr_budget": None}  # the recall threshold, whatever the preset says
-    for bad in ("w=1,x", "nonsense", "budget=lots"):
+    assert decision("no_margins") == {"margins": None}
+    assert decision("margins=3,0.5") == {"margins": {"k": 3.0, "weight": 0.5}}
+    assert decision("band_margin=6") == {"band_margin_px": 6.0}
+    for bad in ("w=1,x", "nonsense", "budget=lots", "margins=3", "band_margin=wide"):
         with pytest.raises(ValueError, match="unknown decision"):
             decision(bad)
 
@@ -107,3 +112,25 @@ def test_the_summary_ranks_what_the_gauges_reject_above_every_logit() -> None:
     assert s["auroc_pooled"] == pytest.approx((3 / 4 + 0) / 2)  # ng0 above 3 of 4 OK, ng1 above none
     assert s["auroc_pooled_with_gauges"] == pytest.approx((3 / 4 + 1) / 2)
     assert s["frr_at_recall1_with_gauges"] == pytest.approx(1 / 4)  # the threshold need only reach ng0
+
+
+def test_the_default_decision_adds_the_gauge_margins_learnt_on_the_fit_side() -> None:
+    """Good parts 910 ± 2 px long, and two held-out NG 15 and 30 px short, which a model that scores every part
+    0 cannot rank: the default decision ranks them above the good parts by their length margins, learnt from the
+    fit side's good parts; ``no_margins`` leaves the model's logits alone."""
+    rng = np.random.default_rng(1)
+    n_ok = 40
+    lengths = [910.0 + 2.0 * float(v) for v in rng.standard_normal(n_ok)] + [895.0, 880.0, 870.0]
+    meas = [Measurements(v, 284.0, 100.0, (1.0,), 5.0, 1.1e5, 1.0) for v in lengths]
+    samples = [Sample(f"ok{i}.png", 0) for i in range(n_ok)] + [
+        Sample(f"ng{i}.png", 1, "short") for i in range(3)
+    ]
+    ds = Dataset(Path("/nowhere"), "folders", tuple(samples))
+    fit_idx = np.r_[np.arange(30), 42]
+    test_idx = np.r_[np.arange(30, 40), 40, 41]
+    zeros = FoldScores(np.zeros((1, 12)), np.zeros((1, 1)), np.zeros((1, 30)), 1.0)
+    folds = [Fold(0, 0, fit_idx, test_idx, zeros)]
+    with_margins, without = decide("v", {}, ds, meas, folds, ("default", "no_margins"))
+    assert without["auroc_pooled"] == pytest.approx(0.5)  # every logit 0: the model alone cannot rank
+    assert with_margins["auroc_pooled"] == 1.0  # both short parts now score above every good one
+    assert with_margins["per_type"]["short"]["auroc"] == 1.0
