@@ -191,6 +191,14 @@ def _sources_html(m: dict[str, Any]) -> str:
             for name, c in [("NG, all types", src["ng"]), *((f"NG {t}", c) for t, c in src["per_type"].items()),
                             ("OK (false rejects)", src["ok"])]]  # fmt: skip
     note = "" if m.get("gauges") else "<p>This model has no gauges: every REJECT is the model's.</p>"
+    if m.get("margins") and m.get("margins_raised"):
+        r = m["margins_raised"]
+        note += (
+            "<p>The model's score includes the gauges' margins (each band's measurement adds to the logit "
+            f"where it lies far outside the good parts' spread): they raised {r['ng']} NG and {r['ok']} OK part(s), and "
+            f'carried {r["rejected_by_them"]} over the threshold. "Rejected by the model" counts the score '
+            "with them.</p>"
+        )
     return "<h2>Model, gauges and the combined verdict</h2>" + note + _table(head, rows)
 
 

@@ -223,6 +223,9 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
     assert len(metrics["grey_zone_budgets"]) == len(cal["grey_zone_budgets"])
     html = (ev / "report.html").read_text()
     assert "Model, gauges and the combined verdict" in html and "Grey-zone budget" in html
+    # the two manipulated fronts lie tens of robust s.d. short: their margins raised their scores
+    assert metrics["margins"] is True and metrics["margins_raised"]["ng"] >= 2
+    assert "includes the gauges' margins" in html
 
     fresh = tmp_path / "fresh"
     write_dataset(fresh, 2, 1, seed=99)  # one NG: a manipulated front no model or band has seen
