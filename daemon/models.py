@@ -152,6 +152,10 @@ class ServedModel:
             "threshold": d.threshold,
             "grey_zone": list(d.grey_zone) if d.grey_zone else None,
             "gauges": [b.name for b in self.gauges.bands] if self.gauges else [],
+            # the measurements whose margins add to the score (engine.gauges.Margins)
+            "score_margins": [m.name for m in self.gauges.margins.margins]
+            if self.gauges and self.gauges.margins
+            else [],
             "backend": self.backends[0].describe(),
             "lone_frame_threads": getattr(self.lone.options, "intra_op_threads", 0) if self.lone else 0,
         }

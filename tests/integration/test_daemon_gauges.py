@@ -123,6 +123,9 @@ def test_gauge_margins_raise_the_score_of_a_part_far_outside_the_good_parts(
     ):
         cam.stream(frames, fps=30)
         by_id = {v["frame_id"]: v for v in sub.wait_verdicts(len(frames), timeout=60)}
+        assert app.pipeline is not None
+        status = app.pipeline.models.production.summary()  # what `inspectd model status` shows
+    assert status["score_margins"] == ["length_px"] and status["gauges"] == ["straightness_px"]
     for i in range(len(parts["ok"])):
         v = by_id[f"ok-{i}"]
         assert (v["verdict"], v["reason"]) == ("PASS", "model"), v
