@@ -4,8 +4,9 @@ The operating point comes from the model package (``model.json`` ``decision``), 
 threshold always travels with the model it was calibrated for. So do the gauges' tolerance bands (``gauges``):
 a part is REJECTed when the model or a gauge says so, and the verdict's detail says which. Gauges with margins
 (``gauges.margins``, engine.gauges.Margins) also add to the model's logit before its sigmoid: the score a
-verdict carries is then the model's and the gauges' together, the one the package's threshold was calibrated on. Anything that is not a finite score in [0, 1]
-is an engine error: a NaN compares false against every threshold and would otherwise PASS.
+verdict carries is then the model's and the gauges' together, the one the package's threshold was calibrated
+on. Anything that is not a finite score in [0, 1] is an engine error: a NaN compares false against every
+threshold and would otherwise PASS.
 
 The logit is checked too, *before* its sigmoid is trusted: ``sigmoid(-inf)`` is exactly 0.0, a confident PASS, and
 an FP16 engine that overflows returns ±inf (or ±65504, its largest finite value). A logit that is not finite or

@@ -3,8 +3,9 @@
 The ``GaugeSet`` is what ``model.json`` holds under ``gauges``; ``load_gauges`` opens it for the daemon and
 ``check`` is the run-time test (µs per part). ``values``, ``outside`` and ``outside_any`` are the same test over
 many parts at once. ``Margins`` (``gauges.margins``) carry the same measurements into the model's score: how far
-a part lies beyond the good parts' spread, in robust standard deviations, added to its logit. Bands are learned from OK parts by ``training.gauge_fit`` (``inspectd train`` by default,
-``inspectd calibrate-gauges`` to calibrate a package again); the OK-vs-NG figure is ``engine.gauge_plot``.
+a part lies beyond the good parts' spread, in robust standard deviations, added to its logit. Bands are learned
+from OK parts by ``training.gauge_fit`` (``inspectd train`` by default, ``inspectd calibrate-gauges`` to
+calibrate a package again); the OK-vs-NG figure is ``engine.gauge_plot``.
 numpy only (plus engine.pose).
 """
 
@@ -128,11 +129,8 @@ DEFAULT_MARGIN_WEIGHT = 0.25  # logit per robust s.d. beyond that
 MAX_MARGIN_LOGIT = 50.0
 # The smallest robust s.d. a margin uses, per unit: the pose's own repeatability (0.17 px s.d. of a part's length
 # over 12 rotations of its photo), so that a measurement all good parts share exactly (a synthetic screw's
-# straightness) does not turn a tenth of a pixel into tens of s.d.
-MIN_MARGIN_SCALE = {
-    "px": 0.17,
-    "px2": 0.17 * 200.0,
-}  # px2: the repeatability times a ~200 px wide part's edge
+# straightness) does not turn a tenth of a pixel into tens of s.d. (px2: that times a ~200 px wide part's edge.)
+MIN_MARGIN_SCALE = {"px": 0.17, "px2": 0.17 * 200.0}
 _SIDES = ("both", "high", "low")
 
 
