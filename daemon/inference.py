@@ -25,6 +25,7 @@ of one that finds every other worker idle runs on the model's lone-frame session
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -288,18 +289,23 @@ class InferenceWorker(StageThread):
                 "late results (after the deadline): REJECT deadline", n=late, infer_ms=round(infer_ms, 2)
             )
         if self._batch_lines:
-            log.info(
-                "batch",
-                n=len(rows),
-                passed=passed,
-                rejected=rejected,
-                late=late,
-                infer_ms=round(infer_ms, 2),
-                wait_ms=round((t0 - jobs[rows[0]].frame.t_arrival) * 1000.0, 2),
-                **({"lone": True} if alone else {}),
-                first=jobs[rows[0]].frame.frame_id,
-                last=jobs[rows[-1]].frame.frame_id,
-                model=served.model_id,
+            # Logged by the publisher after this batch's verdicts are out: the line costs a cold lone frame ~0.6 ms
+            # of Python, which the publisher would otherwise wait for (docs/benchmarks.md, run 15).
+            self.ledger.after_published(
+                functools.partial(
+                    log.info,
+                    "batch",
+                    n=len(rows),
+                    passed=passed,
+                    rejected=rejected,
+                    late=late,
+                    infer_ms=round(infer_ms, 2),
+                    wait_ms=round((t0 - jobs[rows[0]].frame.t_arrival) * 1000.0, 2),
+                    **({"lone": True} if alone else {}),
+                    first=jobs[rows[0]].frame.frame_id,
+                    last=jobs[rows[-1]].frame.frame_id,
+                    model=served.model_id,
+                )
             )
         return offered
 

@@ -25,7 +25,7 @@ from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.decision import Decider
 from daemon.inference import InferenceWorker
 from daemon.intake import IntakeQueue
-from daemon.ledger import Job, Ledger, Settled
+from daemon.ledger import Deferred, Job, Ledger, Settled
 from daemon.logs import get_logger
 from daemon.lone_frame import (
     LONE_FRAME_MAX_BUSY,
@@ -220,7 +220,7 @@ class Pipeline:
         return self.batch_limit.value
 
     @property
-    def settled(self) -> queue.SimpleQueue[Settled | None]:
+    def settled(self) -> queue.SimpleQueue[Settled | Deferred | None]:
         return self.ledger.out
 
     # -- the Intake protocol sources use -------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from daemon.clock import SYSTEM_CLOCK, Clock
-from daemon.ledger import Settled
+from daemon.ledger import Deferred, Settled
 from daemon.logs import get_logger
 from daemon.metrics import MetricsSink
 from daemon.peers import PeerMonitor, bind_server
@@ -39,7 +39,7 @@ class VerdictPublisher(StageThread):
         self,
         settings: PublisherSettings,
         ctx: zmq.Context[Any],
-        settled: queue.SimpleQueue[Settled | None],
+        settled: queue.SimpleQueue[Settled | Deferred | None],
         *,
         line: str,
         boot_id: str,
@@ -95,12 +95,22 @@ class VerdictPublisher(StageThread):
                 if item is None:  # end of stream: every admitted frame has been published
                     self._heartbeat(final=True)
                     return
+                if isinstance(item, Deferred):
+                    self._deferred(item)
+                    continue
                 self._publish(item)
         except Exception:
             log.exception("publisher failed")
             raise
         finally:
             self._sock.close(linger=self.settings.linger_ms)
+
+    def _deferred(self, item: Deferred) -> None:
+        """Work queued behind verdicts (Ledger.after_published): its failure is logged, never the publisher's."""
+        try:
+            item.run()
+        except Exception:
+            log.exception("deferred work after publishing failed")
 
     def _publish(self, item: Settled) -> None:
         v = item.verdict

@@ -134,6 +134,12 @@ class OnnxRuntimeBackend(Backend):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        if self.options.intra_op_threads != 1:
+            # The pool's threads spin while a Run() lasts (its many small parallel regions need them awake) but
+            # stop when it returns: a session's threads that kept spinning after a lone frame's Run() held both
+            # of a 2-core machine's CPUs, so the publisher thread waited 2–3 ms (p90) for a CPU to send the
+            # verdict on (docs/benchmarks.md, run 15). The next Run() wakes them again (µs).
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         providers = self._providers(ort)
         model_bytes = path.read_bytes()
         if path.name == self.package.onnx_path.name:

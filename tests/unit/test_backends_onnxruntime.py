@@ -163,3 +163,20 @@ def test_the_layout_is_timed_once_per_model_and_the_faster_graph_is_served(
         assert full.disabled_optimizers == () and "disabled_optimizers" not in full.describe()
         np.testing.assert_allclose(full.infer(x), fast, rtol=1e-5, atol=1e-5)
     assert len(timed) == 2
+
+
+def test_a_multi_threaded_session_stops_spinning_when_a_run_returns(tmp_path: Path) -> None:
+    """Its pool's threads would otherwise keep spinning after a lone frame's run and hold the CPUs the
+    publisher needs (docs/benchmarks.md, run 15); a 1-thread session has no pool to stop."""
+    tiny_package(tmp_path / "pkg", input_size=(32, 32))
+    pkg = load_package(tmp_path / "pkg")
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    for threads, expected in ((2, "1"), (0, "1"), (1, None)):
+        with create_backend("onnxruntime", pkg, max_batch=1, intra_op_threads=threads) as b:
+            b.infer(x)
+            entries = b._session.get_session_options().get_session_config_entry  # type: ignore[attr-defined]
+            if expected is None:
+                with pytest.raises(Exception, match="force_spinning_stop"):
+                    entries("session.force_spinning_stop")
+            else:
+                assert entries("session.force_spinning_stop") == expected

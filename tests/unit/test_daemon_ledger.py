@@ -212,3 +212,15 @@ def test_a_settled_frame_lets_its_pixels_go_unless_something_after_publish_needs
         held = job.frame.image is not None or job.frame.data is not None
         assert held is keep
     assert decided.frame.path == "/x/f1.png" and refused.frame.label == "NG" and expiring.frame.seq == 3
+
+
+def test_work_after_published_queues_behind_the_verdicts_and_takes_no_seq() -> None:
+    ledger = make_ledger()
+    jobs = [ledger.admit(frame(i)) for i in range(2)]
+    ledger.settle(jobs[0], DECIDER.reject(jobs[0].frame, Reason.DEADLINE))
+    ledger.after_published(lambda: None)
+    ledger.settle(jobs[1], DECIDER.reject(jobs[1].frame, Reason.DEADLINE))
+    items = [ledger.out.get_nowait() for _ in range(3)]
+    assert [type(i).__name__ for i in items] == ["Settled", "Deferred", "Settled"]
+    with ledger.exclusive() as seq:
+        assert seq == 2  # the two verdicts only
