@@ -167,6 +167,17 @@ class VerdictCollector:
             return {v["frame_id"]: v for v in self.verdicts}
 
 
+@contextlib.contextmanager
+def serving(settings: Settings, **kwargs: Any) -> Iterator[tuple[App, VerdictCollector, CameraPusher]]:
+    """A running app with a subscribed collector of its verdicts and a camera pushing to it."""
+    with (
+        running_app(settings, **kwargs) as app,
+        VerdictCollector(app.publisher_endpoint, settings.line) as sub,
+        CameraPusher(app.camera_endpoint) as cam,
+    ):
+        yield app, sub, cam
+
+
 class CameraPusher:
     """The camera's side: a PUSH socket that connects to the daemon's PULL endpoint."""
 

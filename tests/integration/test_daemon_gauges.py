@@ -13,7 +13,7 @@ from engine.gauges import Band, GaugeSet, learn_margins
 from engine.package import Decision, ModelPackage, load_package, write_meta
 from engine.pose import PoseParams, estimate_pose
 from tests.helpers import tiny_package
-from tests.integration.daemon_harness import CameraPusher, VerdictCollector, daemon_settings, running_app
+from tests.integration.daemon_harness import daemon_settings, serving
 from tools.synth import render_screw
 from training.gauge_fit import learn_bands
 
@@ -50,11 +50,7 @@ def test_gauges_reject_out_of_tolerance_and_unmeasurable_parts(
     frames += [(f"short-{i}", img) for i, img in enumerate(parts["short"])]
     frames.append(("empty-tray", np.full((1024, 1024), 190, np.uint8)))
     settings = daemon_settings(package.directory, batching={"max_batch": 4, "max_wait_ms": 2})
-    with (
-        running_app(settings) as app,
-        VerdictCollector(app.publisher_endpoint, settings.line) as sub,
-        CameraPusher(app.camera_endpoint) as cam,
-    ):
+    with serving(settings) as (app, sub, cam):
         cam.stream(frames, fps=30)
         by_id = {v["frame_id"]: v for v in sub.wait_verdicts(len(frames), timeout=60)}
     # The drift window measured every part that was found (not the empty tray): the length quantiles sit in the
@@ -116,11 +112,7 @@ def test_gauge_margins_raise_the_score_of_a_part_far_outside_the_good_parts(
     frames = [(f"ok-{i}", img) for i, img in enumerate(parts["ok"])]
     frames += [(f"short-{i}", img) for i, img in enumerate(parts["short"])]
     settings = daemon_settings(d, batching={"max_batch": 4, "max_wait_ms": 2})
-    with (
-        running_app(settings) as app,
-        VerdictCollector(app.publisher_endpoint, settings.line) as sub,
-        CameraPusher(app.camera_endpoint) as cam,
-    ):
+    with serving(settings) as (app, sub, cam):
         cam.stream(frames, fps=30)
         by_id = {v["frame_id"]: v for v in sub.wait_verdicts(len(frames), timeout=60)}
         assert app.pipeline is not None
