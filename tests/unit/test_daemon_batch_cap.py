@@ -19,7 +19,7 @@ from daemon.settings import Backpressure, Settings
 from daemon.types import Frame, Reason
 from engine.backend import Backend, BackendOptions
 from engine.package import ModelPackage, load_package
-from tests.helpers import pipeline_for, tiny_package
+from tests.helpers import next_settled, pipeline_for, tiny_package
 
 
 class PerFrameOptions(BackendOptions):
@@ -137,7 +137,7 @@ def test_the_pipeline_never_forms_a_batch_over_the_cap(package: ModelPackage) ->
             p.submit(Frame("camera", i, f"f{i}", t_far, time.time(), image=img), Backpressure.BLOCK)
         items = []
         while len(items) < 24:
-            item = p.settled.get(timeout=10)
+            item = next_settled(p.settled)
             assert item is not None
             items.append(item)
     finally:

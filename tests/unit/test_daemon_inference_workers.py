@@ -17,7 +17,7 @@ from daemon.settings import AUTO_CPU_WORKERS, Backpressure, BatchingSettings, Se
 from daemon.types import Frame, Reason
 from engine.backend import Backend, BackendOptions
 from engine.package import ModelPackage, load_package
-from tests.helpers import pipeline_for, settled_items, tiny_package
+from tests.helpers import next_settled, pipeline_for, settled_items, tiny_package
 
 
 class SlowOptions(BackendOptions):
@@ -189,7 +189,7 @@ def test_a_result_after_the_deadline_is_published_as_a_deadline_reject_even_if_t
     p.start()
     try:
         p.submit(Frame("camera", 0, "late", now[0], time.time(), image=img), Backpressure.BLOCK)
-        item = p.settled.get(timeout=10)
+        item = next_settled(p.settled)
     finally:
         p.drain(5.0)
     assert item is not None

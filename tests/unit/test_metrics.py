@@ -251,7 +251,7 @@ def test_the_pipeline_reports_to_any_metrics_sink(tmp_path: Path) -> None:
     from daemon.settings import Backpressure, Settings
     from engine.backend import create_backend
     from engine.package import load_package
-    from tests.helpers import pipeline_for, tiny_package
+    from tests.helpers import next_settled, pipeline_for, tiny_package
 
     tiny_package(tmp_path / "pkg", input_size=(16, 16))
     package = load_package(tmp_path / "pkg")
@@ -271,7 +271,7 @@ def test_the_pipeline_reports_to_any_metrics_sink(tmp_path: Path) -> None:
         p.submit(Frame("camera", 0, "f0", time.monotonic(), time.time(), image=img), Backpressure.BLOCK)
         p.submit(Frame("camera", 1, "f1", time.monotonic(), time.time(), error="bad"), Backpressure.BLOCK)
         p.message_error("header")
-        items = [p.settled.get(timeout=10) for _ in range(2)]
+        items = [next_settled(p.settled) for _ in range(2)]
     finally:
         p.drain(5.0)
     assert sorted(i.verdict.reason for i in items if i is not None) == sorted(

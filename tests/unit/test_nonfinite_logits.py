@@ -21,7 +21,7 @@ from daemon.settings import Backpressure, Settings
 from daemon.types import Frame, Outcome, Reason
 from engine.backend import Backend, sigmoid
 from engine.package import Decision, ModelPackage, load_package
-from tests.helpers import pipeline_for, tiny_package
+from tests.helpers import next_settled, pipeline_for, tiny_package
 
 FRAME = Frame("cam", 1, "part-1", time.monotonic(), time.time())
 DECIDER = Decider(Decision(threshold=0.5), "m@1")
@@ -122,7 +122,7 @@ def _run(p: Pipeline, n: int) -> dict[str, Any]:
             p.submit(
                 Frame("camera", i, f"f{i}", time.monotonic(), time.time(), image=img), Backpressure.BLOCK
             )
-        items = [p.settled.get(timeout=10) for _ in range(n)]
+        items = [next_settled(p.settled) for _ in range(n)]
     finally:
         p.drain(5.0)
     return {i.verdict.frame_id: i.verdict for i in items if i is not None}
@@ -167,9 +167,9 @@ def test_an_output_that_is_not_one_number_per_frame_rejects_the_batch_and_the_wo
     p.start()
     try:
         p.submit(Frame("camera", 0, "f0", time.monotonic(), time.time(), image=img), Backpressure.BLOCK)
-        first = p.settled.get(timeout=10)
+        first = next_settled(p.settled)
         p.submit(Frame("camera", 1, "f1", time.monotonic(), time.time(), image=img), Backpressure.BLOCK)
-        after = p.settled.get(timeout=10)
+        after = next_settled(p.settled)
         assert p.worker.alive  # the malformed output did not kill the inference stage
     finally:
         p.drain(5.0)
