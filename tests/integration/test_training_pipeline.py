@@ -173,7 +173,7 @@ def screws(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
-    screws: Path, tmp_path: Path
+    screws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``train`` + ``export`` with their defaults: the package holds the bands learnt from the training OK
     parts, its threshold was calibrated knowing which NG they reject, its calibration carries the escape
@@ -201,7 +201,11 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
     assert cal["escapes"] == 0 and cal["escape_rate_upper"] == pytest.approx(1 - 0.05 ** (1 / cal["n_ng"]))
     assert {0.0, 0.05, 0.2} <= {r["budget"] for r in cal["grey_zone_budgets"]}
 
+    capsys.readouterr()
     assert main(["export", str(run), "--out", str(model_dir)]) == 0
+    assert (
+        "their margins add to the score: length_px, straightness_px, crest_dip_px" in capsys.readouterr().out
+    )
     pkg = load_package(model_dir)
     assert pkg.meta.gauges == gauges.to_dict()
     # The drift reference: the calibration's OK logits, sorted, from the run to the package.

@@ -36,5 +36,10 @@ def run(args: argparse.Namespace) -> int:
         + (f", grey zone {meta.decision.grey_zone}" if meta.decision.grey_zone else "")
     )
     bands = [Band.from_dict(b) for b in (meta.gauges or {}).get("bands", [])]
-    print("gauges: " + (", ".join(f"{b.name} {b.describe()}" for b in bands) or "none (the model alone)"))
+    margins = [m["name"] for m in ((meta.gauges or {}).get("margins") or {}).get("margins", [])]
+    print(
+        "gauges: "
+        + (", ".join(f"{b.name} {b.describe()}" for b in bands) or "none (the model alone)")
+        + (f"; their margins add to the score: {', '.join(margins)}" if margins else "")
+    )
     return 0
