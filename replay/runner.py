@@ -55,6 +55,8 @@ class VerdictRecorder:
             "error": detail.get("error"),
             "gauges": detail.get("gauges"),  # out_of_tolerance: the measurements outside their bands
             "rejected_by": detail.get("rejected_by"),
+            # what the gauges' margins added to the model's logit, per measurement (None: nothing)
+            "margins": detail.get("margins"),
         }
         with self._cv:
             if verdict.frame_id in self.records:

@@ -257,6 +257,9 @@ def test_default_train_and_export_ship_the_gauges_with_one_calibrated_decision(
     for name, r in served.items():
         assert r["score"] == pytest.approx(offline[name]["p_ng"], abs=1e-4), name
     assert offline[Path(short["file"]).name]["margin_logit"] > 0
+    assert sum(short["margins"].values()) == pytest.approx(
+        offline[Path(short["file"]).name]["margin_logit"], abs=1e-3
+    )
     assert report["summary"]["by_source"]["ng"]["gauges"] == 1 and report["model"]["gauges"] == [
         "length_px",
         "straightness_px",
