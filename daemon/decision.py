@@ -23,7 +23,7 @@ import numpy as np
 
 from daemon.types import Frame, Outcome, Reason, Verdict
 from engine.backend import BackendError, sigmoid
-from engine.gauges import MAX_MARGIN_LOGIT, GaugeSet, Violation, check
+from engine.gauges import GaugeSet, Violation, check
 from engine.package import Call, Decision
 from engine.pose import Measurements
 
@@ -97,7 +97,7 @@ class Decider:
                 )
             added = margins.contributions(measurements)
             if added:
-                score = float(sigmoid(np.array([logit + min(MAX_MARGIN_LOGIT, sum(added.values()))]))[0])
+                score = float(sigmoid(np.array([logit + margins.total(added)]))[0])
         if not (math.isfinite(score) and 0.0 <= score <= 1.0):
             return self.reject(
                 frame, Reason.ENGINE_ERROR, {"error": f"model returned score {score!r}"}, timings_ms

@@ -208,7 +208,12 @@ class Margins:
 
     def term(self, measurements: Measurements) -> float:
         """What this part's measurements add to its logit: 0.0 within every margin."""
-        return min(MAX_MARGIN_LOGIT, sum(self.contributions(measurements).values()))
+        return self.total(self.contributions(measurements))
+
+    @staticmethod
+    def total(contributions: Mapping[str, float]) -> float:
+        """What :meth:`contributions` add up to on a logit (at most ``MAX_MARGIN_LOGIT``)."""
+        return min(MAX_MARGIN_LOGIT, sum(contributions.values()))
 
     def terms(self, measurements: Sequence[Measurements]) -> np.ndarray:
         """:meth:`term` of many parts (float64)."""

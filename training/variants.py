@@ -430,6 +430,11 @@ def fused_z(
     return total
 
 
+def margin_terms(margins: Margins, meas: Sequence[Measurements | None], idx: np.ndarray) -> np.ndarray:
+    """What the gauges' margins add to the logits of the parts ``idx`` (a part without a pose: the cap)."""
+    return np.array([MAX_MARGIN_LOGIT if (m := meas[i]) is None else margins.term(m) for i in idx])
+
+
 def frr_at_full_recall(z: np.ndarray, y: np.ndarray, caught: np.ndarray | None = None) -> float:
     """Share of OK parts rejected when the threshold catches every NG not already ``caught`` (by gauges);
     OK parts ``caught`` count as rejected."""
@@ -663,11 +668,9 @@ def decide(
                 good = [m for i in ok_idx if (m := meas[i]) is not None]
                 names = dec.get("bands", DEFAULT_BANDS)
                 mg = learn_margins(good, names, dec.get("one_sided") or DEFAULT_ONE_SIDED, **margins)
-
-                def added(idx: np.ndarray, mg: Margins = mg) -> np.ndarray:
-                    return np.array([MAX_MARGIN_LOGIT if (m := meas[i]) is None else mg.term(m) for i in idx])
-
-                z_test, z_ng, z_loo = z_test + added(test_idx), z_ng + added(ng_idx), z_loo + added(ok_idx)
+                z_test = z_test + margin_terms(mg, meas, test_idx)
+                z_ng = z_ng + margin_terms(mg, meas, ng_idx)
+                z_loo = z_loo + margin_terms(mg, meas, ok_idx)
             if dec.get("fuse"):
                 wgt = float(dec.get("fuse_weight", 1.0))
                 z_test = z_test + wgt * fused_z(meas, dec["fuse"], ok_idx, test_idx)
