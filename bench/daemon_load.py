@@ -37,6 +37,22 @@ INSPECTED = frozenset({"model", "grey_zone", "out_of_tolerance"})
 PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "n")  # latency_ms and daemon_latency_ms in bench.json
 Payload = np.ndarray | bytes
 
+SAT_SUFFIX = "pct_sat"  # the name of the rate at a fraction of the measured saturation: "80pct_sat"
+
+
+def line_rates(fps: Sequence[float], sat_fraction: float, saturation_img_s: float) -> list[tuple[str, float]]:
+    """The open-loop phases, (name, fps): each fixed rate ("5fps"), then ``sat_fraction`` of the saturation
+    measured before ("80pct_sat") when both are positive."""
+    rates = [(f"{r:g}fps", float(r)) for r in fps]
+    if saturation_img_s > 0 and sat_fraction > 0:
+        rates.append((f"{round(100 * sat_fraction)}{SAT_SUFFIX}", sat_fraction * saturation_img_s))
+    return rates
+
+
+def sat_percent(name: str) -> str | None:
+    """The percentage of saturation a rate named by :func:`line_rates` runs at ("80"), or None for a fixed rate."""
+    return name[: -len(SAT_SUFFIX)] if name.endswith(SAT_SUFFIX) else None
+
 
 @dataclass(slots=True)
 class _Phase:

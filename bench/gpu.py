@@ -328,7 +328,7 @@ def device_preprocessing_cost(package: Any, images: Images, cfg: GpuCheckConfig)
 
 # -- the daemon ------------------------------------------------------------------------------------------------
 def daemon_runs(package: Any, images: Images, cfg: GpuCheckConfig, work: Path, log: Log) -> dict[str, Any]:
-    from bench.daemon_load import LoadClient
+    from bench.daemon_load import LoadClient, line_rates
     from bench.daemon_proc import bench_settings
     from tools.daemon_process import DaemonProcess
 
@@ -378,9 +378,7 @@ def daemon_runs(package: Any, images: Images, cfg: GpuCheckConfig, work: Path, l
                 log(
                     f"    saturation {sat['img_s']} img/s, daemon {sat['daemon_cores']} cores, p99 {sat['latency_ms']['p99']} ms"
                 )
-                rates = [(f"{r:g}fps", r) for r in cfg.rates]
-                if sat["img_s"] > 0 and cfg.sat_fraction > 0:
-                    rates.append((f"{round(100 * cfg.sat_fraction)}pct_sat", cfg.sat_fraction * sat["img_s"]))
+                rates = line_rates(cfg.rates, cfg.sat_fraction, sat["img_s"])
                 run["latency"] = {}
                 for label, fps in rates:
                     r = client.open_loop(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.baseline import naive_loop
-from bench.daemon_load import INSPECTED, LoadClient
+from bench.daemon_load import INSPECTED, LoadClient, line_rates
 from bench.daemon_proc import bench_settings
 from bench.images import BenchImages, load_images
 from bench.model import Int8Status, default_cache, generated_package, int8_status
@@ -398,9 +398,7 @@ def _daemon_runs(
             log(f"    {sat['png']['img_s']} img/s")
         out["saturation"] = sat
         lat: dict[str, Any] = {}
-        rates = [(f"{r:g}fps", r) for r in cfg.rates]
-        if sat["raw"]["img_s"] > 0 and cfg.sat_fraction > 0:
-            rates.append((f"{round(100 * cfg.sat_fraction)}pct_sat", cfg.sat_fraction * sat["raw"]["img_s"]))
+        rates = line_rates(cfg.rates, cfg.sat_fraction, sat["raw"]["img_s"])
         for i, (name, fps) in enumerate(rates):
             log(f"  line rate {name} ({fps:.1f} fps, raw) …")
             with _profiled(cfg if i == 0 else None, d, f"rate-{name}", cfg.seconds, profiles):
