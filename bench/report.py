@@ -57,7 +57,7 @@ def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
             False,
         )
     below = [v for v in r.get("latency", {}).values() if v.get("below_saturation")]
-    add("deadline misses below saturation", float(sum(v["deadline_misses"] for v in below)), 0.0, False)
+    add("deadline misses below saturation", int(sum(v["deadline_misses"] for v in below)), 0, False)
     add("peak RSS (MB)", r.get("peak_rss_mb"), TARGET_PEAK_RSS_MB, False)
     return out
 
@@ -83,6 +83,12 @@ def _fmt(v: Any, digits: int = 1) -> str:
     if isinstance(v, float):
         return f"{v:,.{digits}f}"
     return str(v)
+
+
+def _fmt_value(v: Any) -> str:
+    """A target's value: a ratio with the three digits it is stored with ("0.90 ≥ 0.90: no" was 0.898), a count
+    as it is, anything larger with one decimal."""
+    return _fmt(v, 3 if isinstance(v, float) and abs(v) < 10 else 1)
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -311,7 +317,7 @@ def markdown(r: dict[str, Any]) -> str:
         [
             [
                 k,
-                _fmt(v["value"], 2),
+                _fmt_value(v["value"]),
                 ("≥ " if v["higher"] else "≤ ") + _fmt(v["target"], 2),
                 _fmt(v["met"]),
                 v["note"],

@@ -152,6 +152,9 @@ def test_bench_writes_the_documented_json(tmp_path: Path, capsys: pytest.Capture
 
     text = md.read_text()
     assert "**Headline**" in text and "| machine limit (fp32, raw) |" in text
+    # A target's ratio prints with the digits that decided it (0.898 is not "0.90 ≥ 0.90: no").
+    png_ratio = r["targets"]["ratio_to_limit (PNG)"]["value"]
+    assert f"| ratio_to_limit (PNG) | {png_ratio:.3f} | ≥ 0.90 |" in text
     assert "| machine limit, every core busy (fp32, raw) |" in text
     assert "Where a frame's time goes at each rate" in text
     assert "| naive loop, ONNX Runtime default thread(s), package model.onnx" in text
